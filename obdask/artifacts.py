@@ -1,0 +1,112 @@
+"""Content-addressed artifact store on any fsspec filesystem.
+
+Layout under the store URL::
+
+    by-hash/<sha1>              raw content (stdout, stderr, model replies, diffs)
+    by-hash/<dedupe>.result.json the result of a job whose dedupe key is <dedupe>
+
+An artifact stored under a hash marks every job with that dedupe key as
+already done (the single-machine tool's rule).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import posixpath
+from collections.abc import Iterable
+from typing import Any
+
+import fsspec
+
+from obdask.exceptions import PayloadError
+
+logger = logging.getLogger(__name__)
+
+BY_HASH = "by-hash"
+
+
+def sha1_bytes(data: bytes) -> str:
+    """Hex sha1 of ``data``."""
+    return hashlib.sha1(data).hexdigest()
+
+
+class ArtifactStore:
+    """Put and get content by sha1 on an fsspec URL.
+
+    Parameters
+    ----------
+    url
+        Root of the store, e.g. ``/data/obdask``, ``s3://bucket/obdask``, ``memory://a``.
+    storage_options
+        Passed to :func:`fsspec.core.url_to_fs` (``endpoint_url`` etc.).
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url
+        self.storage_options = dict(storage_options or {})
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(url, **self.storage_options)
+        except (ImportError, ValueError) as exc:
+            raise PayloadError(f"artifact store {url!r}: {exc}") from exc
+        self._made: set[str] = set()
+
+    def __reduce__(self):
+        return (type(self), (self.url, self.storage_options))
+
+    def _path(self, name: str) -> str:
+        return posixpath.join(self.root, BY_HASH, name)
+
+    def _makedirs(self, path: str) -> None:
+        folder = posixpath.dirname(path)
+        if folder not in self._made:
+            self.fs.makedirs(folder, exist_ok=True)
+            self._made.add(folder)
+
+    def put(self, data: bytes) -> str:
+        """Store ``data`` under its sha1 (once) and return the sha1."""
+        digest = sha1_bytes(data)
+        path = self._path(digest)
+        if not self.fs.exists(path):
+            self._makedirs(path)
+            self.fs.pipe_file(path, data)
+        return digest
+
+    def get(self, digest: str) -> bytes:
+        """Content stored under ``digest``; verifies it on the way out."""
+        try:
+            data = self.fs.cat_file(self._path(digest))
+        except FileNotFoundError as exc:
+            raise PayloadError(f"artifact {digest} not found in {self.url}") from exc
+        if sha1_bytes(data) != digest:
+            raise PayloadError(f"artifact {digest} in {self.url} is corrupt (sha1 differs)")
+        return data
+
+    def exists(self, digest: str) -> bool:
+        return self.fs.exists(self._path(digest))
+
+    def put_result(self, dedupe: str, record: dict[str, Any]) -> None:
+        """Mark ``dedupe`` as done by storing the job result beside the content."""
+        path = self._path(f"{dedupe}.result.json")
+        self._makedirs(path)
+        self.fs.pipe_file(path, json.dumps(record, default=str).encode())
+
+    def done_keys(self, keys: Iterable[str]) -> set[str]:
+        """Which of ``keys`` already have an artifact (``by-hash/<key>`` or ``<key>.*``)."""
+        wanted = set(keys)
+        if not wanted:
+            return set()
+        try:
+            names = self.fs.ls(posixpath.join(self.root, BY_HASH), detail=False)
+        except FileNotFoundError:
+            return set()
+        present = {posixpath.basename(n.rstrip("/")).split(".", 1)[0] for n in names}
+        return wanted & present
+
+    def result(self, dedupe: str) -> dict[str, Any] | None:
+        """The stored result for a dedupe key, if a job stored one."""
+        try:
+            return json.loads(self.fs.cat_file(self._path(f"{dedupe}.result.json")))
+        except FileNotFoundError:
+            return None

@@ -1,0 +1,189 @@
+"""The ``obdask`` command line (also ``dask obdask ...``).
+
+User mistakes (bad plans, missing files, unreachable schedulers) print one
+``error:`` line on stderr and exit 2; a run with failed jobs exits 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from obdask.exceptions import ObdaskError
+
+logger = logging.getLogger(__name__)
+
+EXIT_FAILED_JOBS = 1
+EXIT_USAGE = 2
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+def _guard(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn obdask errors and OS errors into a one-line message, no traceback."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ObdaskError as exc:
+            _fail(str(exc))
+        except (OSError, TimeoutError) as exc:
+            _fail(f"{type(exc).__name__}: {exc}")
+
+    return wrapper
+
+
+def _load(path: str):
+    from obdask.plan import Plan
+
+    return Plan.from_file(path)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="obdask")
+def main() -> None:
+    """Run plans of coding jobs on a Dask cluster."""
+
+
+@main.command()
+@click.argument("plan", type=click.Path(dir_okay=False))
+@_guard
+def validate(plan: str) -> None:
+    """Parse and check PLAN; list every problem found."""
+    from obdask.exceptions import PlanError
+
+    try:
+        parsed = _load(plan)
+    except PlanError as exc:
+        for line in getattr(exc, "errors", [str(exc)]):
+            click.echo(f"error: {line}", err=True)
+        sys.exit(EXIT_USAGE)
+    click.echo(f"{plan}: ok, plan {parsed.plan_id!r}, {len(parsed.steps)} steps")
+
+
+@main.command()
+@click.argument("plan", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the compiled jobs as JSON.")
+@_guard
+def explain(plan: str, as_json: bool) -> None:
+    """Print the compiled jobs of PLAN with deps and annotations (no cluster)."""
+    from obdask.compile import compile_plan
+    from obdask.runner import _resources_policy
+
+    parsed = _load(plan)
+    jobs = compile_plan(parsed, resources_for=_resources_policy()).explain()
+    if as_json:
+        click.echo(json.dumps({"plan": parsed.plan_id, "jobs": jobs}, indent=1))
+        return
+    click.echo(f"plan {parsed.plan_id}: {len(jobs)} jobs")
+    for job in jobs:
+        extras = [f"{k}={job[k]}" for k in ("resources", "retries", "timeout", "model",
+                                             "locality", "dedupe") if job[k]]
+        deps = ",".join(job["deps"]) or "-"
+        click.echo(f"  {job['key']}  lane={job['lane']}  deps={deps}  [{job['action']}]  "
+                   f"{job['payload']}  {' '.join(extras)}".rstrip())
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False))
+@_guard
+def hash(path: str) -> None:  # noqa: A001
+    """Print the sha1 of PATH (local path or fsspec URL), for #sha1= pins."""
+    import fsspec
+
+    from obdask.artifacts import sha1_bytes
+
+    try:
+        with fsspec.open(path, "rb") as f:
+            digest = sha1_bytes(f.read())
+    except FileNotFoundError:
+        _fail(f"{path}: file not found")
+    click.echo(f"{digest}  {path}")
+
+
+@main.command()
+@click.argument("plan", type=click.Path(dir_okay=False))
+@click.option("--scheduler", default=None, help="Scheduler address or scheduler-file .json; "
+              "default: an embedded LocalCluster.")
+@click.option("--workers", type=int, default=None, help="Workers of the embedded cluster.")
+@click.option("--workspace", default=None, help="Folder the jobs run in (default: the plan's).")
+@click.option("--resume", is_flag=True, help="Skip jobs an earlier run of this plan completed.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object and nothing else.")
+@_guard
+def run(plan: str, scheduler: str | None, workers: int | None, workspace: str | None,
+        resume: bool, as_json: bool) -> None:
+    """Run PLAN on Dask; exits 1 if any job failed."""
+    from obdask.cluster import connect
+    from obdask.runner import run as run_plan
+
+    parsed = _load(plan)
+    bar = None if as_json else _ProgressBar(parsed.plan_id)
+    try:
+        with connect(scheduler, workers) as client:
+            result = run_plan(parsed, client, workspace=workspace, resume=resume,
+                              progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        click.echo(json.dumps(result.to_json(), default=str))
+    else:
+        _print_summary(result)
+    sys.exit(0 if result.ok else EXIT_FAILED_JOBS)
+
+
+class _ProgressBar:
+    """tqdm on stderr, created at the first update."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.label, unit="job", file=sys.stderr,
+                            leave=False)
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _print_summary(result: Any, limit: int = 40) -> None:
+    rows = result.records
+    shown = [r for r in rows if r["status"] in ("failed", "skipped")] if len(rows) > limit \
+        else rows
+    header = f"{'job':<28} {'status':<16} {'worker':<22} {'exit':>4} {'secs':>7}  error"
+    click.echo(header)
+    for r in shown[:limit]:
+        secs = r.get("duration_s")
+        exit_code = r.get("exit_code")
+        click.echo(f"{r['id'][:28]:<28} {r['status']:<16} {str(r.get('worker') or '-')[:22]:<22} "
+                   f"{'-' if exit_code is None else exit_code:>4} "
+                   f"{'-' if secs is None else f'{secs:.2f}':>7}  {r.get('error') or ''}")
+    if len(shown) > limit or len(rows) > len(shown):
+        click.echo(f"... {len(rows) - min(len(shown), limit)} more jobs not shown")
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(result.summary["counts"].items()))
+    verdict = "ok" if result.ok else "FAILED"
+    click.echo(f"{result.plan_id}: {verdict} ({counts}) in {result.duration_s:.1f}s; "
+               f"records: {result.location}")
+    if result.summary.get("warm_hit_rate") is not None:
+        click.echo(f"warm-worker hit rate: {result.summary['warm_hit_rate']:.0%}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

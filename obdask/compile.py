@@ -1,0 +1,216 @@
+"""Compile a plan into Dask tasks with per-key annotations (no cluster needed).
+
+Every runnable step becomes one task whose key is the global job id
+``{plan_id}::{step_id}``; its Dask dependencies are the step's ``deps``.
+Steps already done (``- [x]``), metadata payloads (``@doc:``, ``@url:``,
+``@git:``, ``@gh:``), resumed and deduplicated steps complete here, at
+compile time: they never become tasks and their dependents do not wait.
+
+Annotations (resources, retries, priority, worker affinity) differ per key,
+while Dask applies annotations per submitted graph, so :func:`batches`
+groups tasks with identical annotations into as few graphs as possible,
+each submitted whole.  The scheduler therefore holds each key's restrictions
+directly; no graph optimisation can drop them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from obdask.plan import Payload, Plan, Step, topological_order
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a worker needs to run one job; shipped inside its task."""
+
+    key: str
+    plan_id: str
+    step_id: str
+    lane: int
+    payload: Payload
+    deps: tuple[str, ...] = ()
+    timeout: float | None = None
+    dedupe: str | None = None
+    model: str | None = None
+    locality: str | None = None
+    fingerprint: str = ""
+
+
+@dataclass
+class Job:
+    """A compiled step: its spec, annotations and compile-time outcome."""
+
+    spec: JobSpec
+    step: Step
+    resources: dict[str, float] = field(default_factory=dict)
+    retries: int = 0
+    status: str | None = None  # set when the job completes at compile time
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.spec.key
+
+    @property
+    def runnable(self) -> bool:
+        return self.status is None
+
+
+@dataclass
+class CompiledPlan:
+    """Jobs in dependency order, plus the plan they came from."""
+
+    plan: Plan
+    jobs: list[Job]
+
+    @property
+    def runnable(self) -> list[Job]:
+        return [j for j in self.jobs if j.runnable]
+
+    @property
+    def precompleted(self) -> list[Job]:
+        return [j for j in self.jobs if not j.runnable]
+
+    def explain(self) -> list[dict[str, Any]]:
+        """One plain dict per job: what ``obdask explain`` prints."""
+        return [
+            {
+                "key": j.key,
+                "lane": j.spec.lane,
+                "deps": list(j.spec.deps),
+                "payload": j.spec.payload.raw,
+                "resources": j.resources,
+                "retries": j.retries,
+                "timeout": j.spec.timeout,
+                "dedupe": j.spec.dedupe,
+                "model": j.spec.model,
+                "locality": j.spec.locality,
+                "action": j.status or "run",
+            }
+            for j in self.jobs
+        ]
+
+
+def fingerprint(step: Step) -> str:
+    """Hash of what a step does: a resumed record only counts if it is unchanged."""
+    blob = json.dumps([step.payload.raw, sorted(step.deps), step.dedupe, step.lane,
+                       step.resources, step.model], sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def compile_plan(
+    plan: Plan,
+    *,
+    completed: Mapping[str, dict[str, Any]] | None = None,
+    deduplicated: Iterable[str] = (),
+    default_retries: int = 0,
+    default_timeout: float | None = None,
+    resources_for: Callable[[Step], dict[str, float]] | None = None,
+) -> CompiledPlan:
+    """Turn a validated plan into jobs.
+
+    Parameters
+    ----------
+    completed
+        Step id -> record of an earlier run (``--resume``); used only when the
+        recorded fingerprint matches the step.
+    deduplicated
+        Step ids whose dedupe key already has an artifact.
+    resources_for
+        Placement policy: the Dask resources a step needs (default: its own
+        ``resources=``).
+    """
+    completed = completed or {}
+    deduplicated = set(deduplicated)
+    resources_for = resources_for or (lambda step: dict(step.resources))
+    jobs: list[Job] = []
+    for step in topological_order(plan.steps):
+        fp = fingerprint(step)
+        spec = JobSpec(
+            key=plan.key(step.id), plan_id=plan.plan_id, step_id=step.id, lane=step.lane,
+            payload=step.payload, deps=tuple(plan.key(d) for d in step.deps),
+            timeout=step.timeout if step.timeout is not None else default_timeout,
+            dedupe=step.dedupe_key, model=step.model, locality=step.locality, fingerprint=fp,
+        )
+        job = Job(spec=spec, step=step,
+                  retries=step.retries if step.retries is not None else default_retries)
+        previous = completed.get(step.id)
+        if step.done:
+            job.status = "done-at-compile"
+            job.record = {"reason": "marked [x] in the plan"}
+        elif step.payload.is_metadata:
+            job.status = "done-at-compile"
+            job.record = {"metadata": {"kind": step.payload.prefix, "ref": step.payload.body}}
+        elif previous is not None and previous.get("fingerprint") == fp:
+            job.status = "resumed"
+            job.record = {"resumed_from": previous.get("run_id"),
+                          "artifacts": previous.get("artifacts", {})}
+        elif step.id in deduplicated:
+            job.status = "deduplicated"
+            job.record = {"dedupe": step.dedupe_key}
+        else:
+            job.resources = resources_for(step)
+        jobs.append(job)
+    return CompiledPlan(plan=plan, jobs=jobs)
+
+
+@dataclass
+class Batch:
+    """Tasks submitted together in one graph, sharing one set of annotations."""
+
+    annotations: dict[str, Any]
+    jobs: list[Job]
+
+
+def _signature(annotations: dict[str, Any]) -> str:
+    return json.dumps(annotations, sort_keys=True, default=str)
+
+
+def batches(
+    compiled: CompiledPlan,
+    annotations_for: Callable[[Job], dict[str, Any]],
+) -> list[Batch]:
+    """Group runnable jobs into graphs of identical annotations.
+
+    A job's batch depth is the largest depth of its dependencies, plus one
+    where a dependency's annotations differ; submitting batches by depth then
+    always submits a dependency before (or with) its dependents.
+    """
+    runnable = {j.key: j for j in compiled.runnable}
+    depth: dict[str, int] = {}
+    sigs: dict[str, str] = {}
+    groups: dict[tuple[int, str], Batch] = {}
+    for job in compiled.runnable:  # already in topological order
+        ann = annotations_for(job)
+        sig = sigs[job.key] = _signature(ann)
+        d = 0
+        for dep in job.spec.deps:
+            if dep in runnable:
+                d = max(d, depth[dep] + (sigs[dep] != sig))
+        depth[job.key] = d
+        groups.setdefault((d, sig), Batch(annotations=ann, jobs=[])).jobs.append(job)
+    return [groups[k] for k in sorted(groups, key=lambda k: k[0])]
+
+
+def annotations(job: Job, priority: int = 0, workers: list[str] | None = None,
+                allow_other_workers: bool | None = None) -> dict[str, Any]:
+    """Dask annotations of a job, in the keyword form of ``Client.get``."""
+    ann: dict[str, Any] = {}
+    if job.resources:
+        ann["resources"] = job.resources
+    if job.retries:
+        ann["retries"] = job.retries
+    if priority:
+        ann["priority"] = priority
+    if workers:
+        ann["workers"] = workers
+        ann["allow_other_workers"] = bool(allow_other_workers)
+    return ann

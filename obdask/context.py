@@ -1,0 +1,68 @@
+"""The run context shipped to workers with every job (picklable, config snapshot).
+
+Workers on a remote cluster have their own ``dask.config``; the context
+carries the client's resolved settings so a run behaves the same wherever
+its jobs land.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from obdask import config
+from obdask.artifacts import ArtifactStore
+from obdask.records import RunStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CommandPolicy:
+    """Resolved ``obdask.cmd`` settings."""
+
+    allowlist: tuple[str, ...]
+    allow_substitution: bool
+    env_allowlist: tuple[str, ...]
+    max_output: int
+    limits: dict[str, Any]
+    timeout: float
+
+    @classmethod
+    def from_config(cls) -> CommandPolicy:
+        return cls(
+            allowlist=tuple(config.get("cmd.allowlist")),
+            allow_substitution=bool(config.get("cmd.allow-substitution")),
+            env_allowlist=tuple(config.get("cmd.env-allowlist")),
+            max_output=config.get_bytes("cmd.max-output"),
+            limits=dict(config.get("cmd.limits")),
+            timeout=config.get_seconds("run.timeout"),
+        )
+
+
+@dataclass
+class RunContext:
+    """Everything a job needs besides its own spec."""
+
+    run_id: str
+    plan_id: str
+    workspace: str
+    plan_folder: str
+    artifacts: ArtifactStore
+    records: RunStore
+    command: CommandPolicy
+    storage_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def options_for(self, url: str) -> dict[str, Any]:
+        """fsspec storage options for ``url``'s protocol (``obdask.storage-options``)."""
+        protocol = url.split("://", 1)[0] if "://" in url else "file"
+        return dict(self.storage_options.get(protocol, {}))
+
+    def resolve(self, path: str) -> str:
+        """A payload path as a URL: relative paths are relative to the plan's folder."""
+        if "://" in path or path.startswith("/"):
+            return path
+        return os.path.join(self.plan_folder, path)

@@ -1,0 +1,76 @@
+"""The function every obdask task runs on a worker: ledger, payload, record.
+
+A task first looks up its step in the run's ledger: if the step already
+completed (the task is re-run after a worker was lost), the recorded result
+is returned and the payload is not applied again.  Otherwise it runs the
+payload, writes the ledger entry, and returns the job record.  A failing
+payload raises :class:`~obdask.exceptions.JobFailed`, so Dask's own retries
+and failure propagation (dependents never run) apply.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from obdask.exceptions import JobFailed, ObdaskError
+from obdask.payloads import execute
+
+if TYPE_CHECKING:
+    from obdask.compile import JobSpec
+    from obdask.context import RunContext
+
+logger = logging.getLogger(__name__)
+
+EVENT_TOPIC = "obdask-jobs"
+
+
+def _worker():
+    try:
+        from distributed import get_worker
+
+        return get_worker()
+    except (ImportError, ValueError):
+        return None
+
+
+def _emit(worker, event: dict[str, Any]) -> None:
+    if worker is not None:
+        worker.log_event(EVENT_TOPIC, event)
+
+
+def run_job(spec: JobSpec, ctx: RunContext, *deps: dict[str, Any]) -> dict[str, Any]:
+    """Run one job on a worker and return its record (see module docstring)."""
+    worker = _worker()
+    where = worker.address if worker is not None else socket.gethostname()
+    previous = ctx.records.ledger_get(spec.step_id)
+    if previous is not None and previous.get("status") == "done":
+        _emit(worker, {"key": spec.key, "run": ctx.run_id, "event": "replayed", "worker": where})
+        return {**previous, "replayed": True}
+    started = time.time()
+    _emit(worker, {"key": spec.key, "run": ctx.run_id, "event": "start", "worker": where,
+                   "ts": started})
+    record: dict[str, Any] = {
+        "key": spec.key, "step": spec.step_id, "plan": spec.plan_id, "run_id": ctx.run_id,
+        "fingerprint": spec.fingerprint, "worker": where, "started": started,
+    }
+    try:
+        result = execute(spec, ctx, deps)
+    except ObdaskError as exc:
+        record.update(status="failed", error=str(exc), finished=time.time(),
+                      exit_code=getattr(exc, "exit_code", None))
+        record["duration_s"] = record["finished"] - started
+        record.update(getattr(exc, "fields", {}))
+        _emit(worker, {"key": spec.key, "run": ctx.run_id, "event": "failed",
+                       "worker": where, "error": str(exc)})
+        raise JobFailed(str(exc), record) from None
+    finished = time.time()
+    record.update(result)
+    record.update(status="done", finished=finished, duration_s=finished - started)
+    ctx.records.ledger_put(spec.step_id, record)
+    if spec.dedupe:
+        ctx.artifacts.put_result(spec.dedupe, record)
+    _emit(worker, {"key": spec.key, "run": ctx.run_id, "event": "done", "worker": where})
+    return record

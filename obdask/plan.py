@@ -1,0 +1,457 @@
+"""Parse and validate plans: the markdown job DSL of the single-machine tool.
+
+A plan is a markdown file: a ``# Plan:`` title, an optional ``policy:`` line,
+optional ``plan_id=`` and ``workspace=`` lines, and one step per checklist
+line (``- [ ]`` to run, ``- [x]`` already done)::
+
+    - [ ] id=build lane=2 deps=fetch payload=@cmd:make -j4 retries=2
+
+This module imports no Dask: parsing is pure Python so ``obdask validate``
+and ``obdask explain`` work without a cluster.  Every problem is reported as
+a :class:`~obdask.exceptions.PlanError` naming file, line and cause.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from obdask.exceptions import PlanError
+from obdask.units import parse_bytes, parse_duration
+
+logger = logging.getLogger(__name__)
+
+PREFIXES = ("@cmd:", "@file:", "@doc:", "@url:", "@git:", "@gh:")
+METADATA_PREFIXES = ("@doc:", "@url:", "@git:", "@gh:")
+FIELDS = (
+    "id", "lane", "deps", "dedupe", "payload",
+    "resources", "retries", "timeout", "model", "locality",
+)
+REQUIRED = ("id", "lane", "payload")
+# Fields the single-machine tool still reads when they trail the payload.
+TRAILING_FIELDS = ("deps", "dedupe")
+
+_STEP_RE = re.compile(r"^\s*[-*]\s+\[( |x|X)\]\s+(.*?)\s*$")
+_TRAILING_RE = re.compile(r"\s+(deps|dedupe)=(\S*)$")
+_ID_RE = re.compile(r"^[\w.\-]+$")
+_SHA1_RE = re.compile(r"^[0-9a-fA-F]{40}$")
+_SLUG_RE = re.compile(r"[^a-zA-Z0-9_.\-]")
+_PLAN_ID_RE = re.compile(r"^\s*plan_id\s*=\s*(\S+)\s*$")
+_WORKSPACE_RE = re.compile(r"^\s*workspace\s*=\s*(\S+)\s*$")
+_POLICY_RE = re.compile(r"^\s*policy\s*:(.*)$", re.IGNORECASE)
+_TITLE_RE = re.compile(r"^\s*#\s*plan\s*:\s*(.*?)\s*$", re.IGNORECASE)
+_TRUE = {"true", "yes", "1", "on"}
+_FALSE = {"false", "no", "0", "off"}
+
+
+@dataclass(frozen=True)
+class Payload:
+    """A parsed pointer payload.
+
+    Attributes
+    ----------
+    prefix
+        One of :data:`PREFIXES` without the ``@`` and ``:`` (``"cmd"``, ``"file"``...).
+    body
+        Everything after the prefix (for ``@file:`` without the ``#`` fragment).
+    apply, test
+        ``@file:...#apply`` / ``#test`` flags.
+    sha1
+        Pinned content hash from ``#sha1=<hex>``, lower case.
+    """
+
+    prefix: str
+    body: str
+    raw: str
+    apply: bool = False
+    test: bool = False
+    sha1: str | None = None
+
+    @property
+    def is_metadata(self) -> bool:
+        """True for payloads that complete at compile time (``@doc:``, ``@url:``...)."""
+        return f"@{self.prefix}:" in METADATA_PREFIXES
+
+    @property
+    def is_model_task(self) -> bool:
+        """True for a bare ``@file:`` (a spec for a language model)."""
+        return self.prefix == "file" and not (self.apply or self.test)
+
+
+@dataclass
+class Step:
+    """One checklist line of a plan."""
+
+    id: str
+    lane: int
+    payload: Payload
+    line: int
+    deps: tuple[str, ...] = ()
+    dedupe: str | None = None
+    done: bool = False
+    resources: dict[str, float] = field(default_factory=dict)
+    retries: int | None = None
+    timeout: float | None = None
+    model: str | None = None
+    locality: str | None = None
+
+    @property
+    def is_model_task(self) -> bool:
+        """True when the step is a task for a language model."""
+        return self.payload.is_model_task
+
+    @property
+    def dedupe_key(self) -> str | None:
+        """The content key that marks this step done: ``dedupe=`` or ``#sha1=``."""
+        return self.dedupe or self.payload.sha1
+
+
+@dataclass
+class Plan:
+    """A parsed, validated plan.
+
+    Build one with :meth:`from_file` or :meth:`from_text`.
+    """
+
+    plan_id: str
+    steps: list[Step]
+    path: str | None = None
+    title: str | None = None
+    policy: dict[str, bool] = field(default_factory=dict)
+    workspace: str | None = None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Plan:
+        """Read and validate a plan file (local path)."""
+        path = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError as exc:
+            raise PlanError(f"{path}: plan file not found") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PlanError(f"{path}: cannot read plan file: {exc}") from exc
+        return cls.from_text(text, path=path)
+
+    @classmethod
+    def from_text(cls, text: str, path: str | None = None, plan_id: str | None = None) -> Plan:
+        """Parse and validate plan text; ``path`` names the file in errors."""
+        return parse(text, path=path, plan_id=plan_id)
+
+    @property
+    def folder(self) -> str:
+        """The folder relative paths in the plan resolve against."""
+        return os.path.dirname(os.path.abspath(self.path)) if self.path else os.getcwd()
+
+    @property
+    def steps_by_id(self) -> dict[str, Step]:
+        return {s.id: s for s in self.steps}
+
+    def key(self, step_id: str) -> str:
+        """Global job id ``{plan_id}::{step_id}``."""
+        return f"{self.plan_id}::{step_id}"
+
+
+def slugify(name: str) -> str:
+    """Plan id from a file name: characters outside ``[a-zA-Z0-9_.-]`` become ``_``."""
+    return _SLUG_RE.sub("_", name) or "plan"
+
+
+class _Errors:
+    """Collects every problem so ``obdask validate`` can list them all."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.items: list[str] = []
+
+    def add(self, line: int | None, message: str) -> None:
+        loc = f"{self.where}:{line}" if line else self.where
+        self.items.append(f"{loc}: {message}")
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            more = f" (and {len(self.items) - 1} more problems)" if len(self.items) > 1 else ""
+            err = PlanError(self.items[0] + more)
+            err.errors = list(self.items)  # type: ignore[attr-defined]
+            raise err
+
+
+def parse(text: str, path: str | None = None, plan_id: str | None = None) -> Plan:
+    """Parse plan ``text`` into a validated :class:`Plan`.
+
+    Raises
+    ------
+    PlanError
+        With every problem found, each naming file, line and cause.
+    """
+    where = path or "<plan>"
+    errors = _Errors(where)
+    if not isinstance(text, str):
+        raise PlanError(f"{where}: plan text must be a string, not {type(text).__name__}")
+    title = policy_line = None
+    found_id = workspace = None
+    policy: dict[str, bool] = {}
+    steps: list[Step] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        m = _STEP_RE.match(line)
+        if m:
+            step = _parse_step(m.group(2), m.group(1) != " ", lineno, errors)
+            if step is not None:
+                steps.append(step)
+        elif (m := _PLAN_ID_RE.match(line)) and found_id is None:
+            found_id = m.group(1)
+        elif (m := _WORKSPACE_RE.match(line)) and workspace is None:
+            workspace = m.group(1)
+        elif (m := _POLICY_RE.match(line)) and policy_line is None:
+            policy_line = lineno
+            policy = _parse_policy(m.group(1), lineno, errors)
+        elif title is None and (m := _TITLE_RE.match(line)):
+            title = m.group(1)
+    if plan_id is None:
+        plan_id = found_id or slugify(os.path.splitext(os.path.basename(path))[0] if path else "plan")
+    if not _ID_RE.match(plan_id):
+        errors.add(None, f"plan_id {plan_id!r} may only hold letters, digits, '_', '.', '-'")
+    if policy.get("accrue_all_ideas"):
+        _check_orphans(text, errors)
+    _validate(steps, errors)
+    errors.raise_if_any()
+    return Plan(plan_id=plan_id, steps=steps, path=path, title=title, policy=policy,
+                workspace=workspace)
+
+
+def _parse_policy(body: str, lineno: int, errors: _Errors) -> dict[str, bool]:
+    policy: dict[str, bool] = {}
+    for item in filter(None, (p.strip() for p in body.replace(";", ",").split(","))):
+        key, sep, value = item.partition("=")
+        key, value = key.strip().lower(), value.strip().lower()
+        if not sep or value not in _TRUE | _FALSE:
+            errors.add(lineno, f"policy item {item!r} must look like name=true or name=false")
+            continue
+        policy[key] = value in _TRUE
+    return policy
+
+
+def _check_orphans(text: str, errors: _Errors) -> None:
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if "TODO_ORPHAN:" in line:
+            errors.add(lineno, "policy accrue_all_ideas=true forbids TODO_ORPHAN: markers; "
+                               "turn the idea into a step or remove the marker")
+
+
+def _split_fields(body: str, lineno: int, errors: _Errors) -> dict[str, str] | None:
+    """Split a step body into fields; ``payload=`` runs to the end of the line."""
+    fields: dict[str, str] = {}
+    head, sep, payload = body.partition("payload=")
+    if sep and head and not head[-1].isspace():
+        # "xpayload=" is not the payload field; treat the whole as a head token
+        head, payload, sep = body, "", ""
+    if sep:
+        # Trailing deps=/dedupe= still count as fields (single-machine compatibility).
+        while m := _TRAILING_RE.search(payload):
+            if m.group(1) in fields:
+                break
+            fields[m.group(1)] = m.group(2)
+            payload = payload[: m.start()]
+        fields["payload"] = payload.strip()
+    for token in head.split():
+        key, eq, value = token.partition("=")
+        if not eq:
+            errors.add(lineno, f"expected key=value, got {token!r}")
+            return None
+        if key not in FIELDS:
+            hint = difflib.get_close_matches(key, FIELDS, n=1)
+            tip = f" (did you mean {hint[0]!r}?)" if hint else f" (known: {', '.join(FIELDS)})"
+            errors.add(lineno, f"unknown field {key!r}{tip}")
+            return None
+        if key in fields:
+            errors.add(lineno, f"field {key!r} given twice")
+            return None
+        fields[key] = value
+    return fields
+
+
+def _parse_step(body: str, done: bool, lineno: int, errors: _Errors) -> Step | None:
+    fields = _split_fields(body, lineno, errors)
+    if fields is None:
+        return None
+    missing = [f for f in REQUIRED if not fields.get(f)]
+    if missing:
+        sid = f" {fields['id']!r}" if fields.get("id") else ""
+        errors.add(lineno, f"step{sid} is missing required field(s): {', '.join(missing)}")
+        return None
+    sid = fields["id"]
+    n_before = len(errors.items)
+    if not _ID_RE.match(sid):
+        errors.add(lineno, f"step id {sid!r} may only hold letters, digits, '_', '.', '-'")
+    lane = _parse_int(fields["lane"], "lane", sid, lineno, errors)
+    payload = parse_payload(fields["payload"], sid, lineno, errors)
+    deps = tuple(d for d in fields.get("deps", "").split(",") if d)
+    step = Step(id=sid, lane=lane or 0, payload=payload, line=lineno, deps=deps,
+                dedupe=fields.get("dedupe") or None, done=done,
+                model=fields.get("model") or None, locality=fields.get("locality") or None)
+    if "retries" in fields:
+        step.retries = _parse_int(fields["retries"], "retries", sid, lineno, errors)
+    if "timeout" in fields:
+        step.timeout = _parse_value(parse_duration, fields["timeout"], "timeout", sid, lineno,
+                                    errors, "a duration such as 90s or 5m")
+    if "resources" in fields:
+        step.resources = _parse_resources(fields["resources"], sid, lineno, errors)
+    return step if len(errors.items) == n_before else None
+
+
+def _parse_int(value: str, name: str, sid: str, lineno: int, errors: _Errors) -> int | None:
+    try:
+        number = int(value)
+    except ValueError:
+        errors.add(lineno, f"step {sid!r}: {name}={value!r} is not an integer")
+        return None
+    if number < 0:
+        errors.add(lineno, f"step {sid!r}: {name}={value!r} must not be negative")
+        return None
+    return number
+
+
+def _parse_value(parser, value, name, sid, lineno, errors, expected):  # noqa: ANN001
+    try:
+        return parser(value)
+    except ValueError:
+        errors.add(lineno, f"step {sid!r}: {name}={value!r} is not {expected}")
+        return None
+
+
+def _parse_resources(value: str, sid: str, lineno: int, errors: _Errors) -> dict[str, float]:
+    """``GPU:1,VRAM:16GB`` -> ``{"GPU": 1.0, "VRAM": 16e9}``."""
+    resources: dict[str, float] = {}
+    for item in filter(None, value.split(",")):
+        name, sep, amount = item.partition(":")
+        if not sep or not name:
+            errors.add(lineno, f"step {sid!r}: resources item {item!r} must be NAME:AMOUNT "
+                               "(e.g. resources=GPU:1,VRAM:16GB)")
+            continue
+        parsed = _parse_value(parse_bytes, amount, f"resources {name}", sid, lineno, errors,
+                              "a number or size (e.g. GPU:1,VRAM:16GB)")
+        if parsed is not None:
+            resources[name] = float(parsed)
+    return resources
+
+
+def parse_payload(raw: str, sid: str = "?", lineno: int | None = None,
+                  errors: _Errors | None = None) -> Payload:
+    """Parse a pointer payload such as ``@file:specs/x.diff#sha1=<hex>#apply``."""
+    own = errors is None
+    errors = errors or _Errors("<payload>")
+    prefix = next((p for p in PREFIXES if raw.startswith(p)), None)
+    if prefix is None:
+        got = raw.split(":", 1)[0] + ":" if ":" in raw else raw[:20]
+        errors.add(lineno, f"step {sid!r}: invalid payload prefix {got!r} "
+                           f"(use one of {', '.join(PREFIXES)})")
+        if own:
+            errors.raise_if_any()
+        return Payload(prefix="invalid", body=raw, raw=raw)
+    name, body = prefix[1:-1], raw[len(prefix):].strip()
+    if not body and name in ("cmd", "file"):
+        errors.add(lineno, f"step {sid!r}: {prefix} payload is empty")
+    payload = Payload(prefix=name, body=body, raw=raw)
+    if name == "file" and "#" in body:
+        payload = _parse_file_fragment(payload, sid, lineno, errors)
+    if own:
+        errors.raise_if_any()
+    return payload
+
+
+def _parse_file_fragment(payload: Payload, sid: str, lineno: int | None,
+                         errors: _Errors) -> Payload:
+    path, *parts = payload.body.split("#")
+    apply = test = False
+    sha1 = None
+    for part in parts:
+        if part == "apply":
+            apply = True
+        elif part == "test":
+            test = True
+        elif part.startswith("sha1=") and _SHA1_RE.match(part[5:]):
+            sha1 = part[5:].lower()
+        elif part.startswith("sha1="):
+            errors.add(lineno, f"step {sid!r}: #sha1= needs 40 hex digits, got {part[5:]!r}")
+        else:
+            errors.add(lineno, f"step {sid!r}: unknown @file: fragment #{part} "
+                               "(use #apply, #test or #sha1=<hex>)")
+    if apply and test:
+        errors.add(lineno, f"step {sid!r}: #apply and #test cannot be combined")
+    if not path:
+        errors.add(lineno, f"step {sid!r}: @file: payload names no file")
+    return Payload(prefix="file", body=path, raw=payload.raw, apply=apply, test=test, sha1=sha1)
+
+
+def _validate(steps: list[Step], errors: _Errors) -> None:
+    by_id: dict[str, Step] = {}
+    for step in steps:
+        if step.id in by_id:
+            errors.add(step.line, f"duplicate step id {step.id!r} "
+                                  f"(first defined on line {by_id[step.id].line})")
+        else:
+            by_id[step.id] = step
+    for step in steps:
+        for dep in step.deps:
+            if dep not in by_id:
+                hint = difflib.get_close_matches(dep, list(by_id), n=1)
+                tip = f" (did you mean {hint[0]!r}?)" if hint else ""
+                errors.add(step.line, f"step {step.id!r} depends on unknown step {dep!r}{tip}")
+            elif dep == step.id:
+                errors.add(step.line, f"step {step.id!r} depends on itself")
+    if not errors.items:
+        cycle = find_cycle(by_id)
+        if cycle:
+            errors.add(by_id[cycle[0]].line,
+                       "dependency cycle: " + " -> ".join(cycle + [cycle[0]]))
+
+
+def find_cycle(by_id: dict[str, Step]) -> list[str] | None:
+    """Return the ids of one dependency cycle, or None (iterative DFS)."""
+    state: dict[str, int] = {}  # 1 = on stack, 2 = finished
+    for root in by_id:
+        if root in state:
+            continue
+        stack: list[tuple[str, Iterable[str]]] = [(root, iter(by_id[root].deps))]
+        path = [root]
+        state[root] = 1
+        while stack:
+            node, it = stack[-1]
+            dep = next(it, None)
+            if dep is None:
+                state[node] = 2
+                stack.pop()
+                path.pop()
+            elif state.get(dep) == 1:
+                return path[path.index(dep):]
+            elif dep not in state:
+                state[dep] = 1
+                path.append(dep)
+                stack.append((dep, iter(by_id[dep].deps)))
+    return None
+
+
+def topological_order(steps: list[Step]) -> list[Step]:
+    """Steps ordered so that every step comes after its dependencies (stable)."""
+    by_id = {s.id: s for s in steps}
+    seen: set[str] = set()
+    order: list[Step] = []
+    for root in steps:
+        if root.id in seen:
+            continue
+        stack = [(root, iter(root.deps))]
+        seen.add(root.id)
+        while stack:
+            node, it = stack[-1]
+            dep = next(it, None)
+            if dep is None:
+                order.append(node)
+                stack.pop()
+            elif dep not in seen:
+                seen.add(dep)
+                stack.append((by_id[dep], iter(by_id[dep].deps)))
+    return order

@@ -1,0 +1,355 @@
+"""Run a plan on a Dask cluster from a client: ``obdask.run``.
+
+The runner resolves stores and workspace, compiles the plan, submits the
+tasks (one graph per annotation batch), waits, and turns futures and worker
+events into one record per job, written durably through fsspec.  It works
+with any ``distributed.Client``, synchronous or asynchronous, or starts an
+embedded ``LocalCluster`` when none is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from obdask import config
+from obdask.artifacts import ArtifactStore
+from obdask.compile import CompiledPlan, Job, annotations, batches, compile_plan
+from obdask.context import CommandPolicy, RunContext
+from obdask.exceptions import JobFailed, ObdaskError, PlanError
+from obdask.plan import Plan
+from obdask.records import RunStore, new_run_id
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from distributed import Client, Future
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+COLUMNS = ["id", "key", "status", "worker", "attempts", "exit_code", "duration_s",
+           "error", "warm"]
+
+
+@dataclass
+class RunResult:
+    """Outcome of one run: ``ok``, per-job ``records`` and a pandas ``frame``."""
+
+    plan_id: str
+    run_id: str
+    records: list[dict[str, Any]]
+    location: str
+    duration_s: float = 0.0
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when no job failed or was skipped."""
+        return all(r["status"] not in ("failed", "skipped") for r in self.records)
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        """One row per job (columns: id, key, status, worker, attempts, ...)."""
+        import pandas as pd
+
+        frame = pd.DataFrame.from_records(self.records)
+        for column in COLUMNS:
+            if column not in frame:
+                frame[column] = None
+        return frame.set_index("id", drop=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``obdask run --json`` object."""
+        keep = ("id", "status", "worker", "exit_code", "duration_s", "error")
+        return {"ok": self.ok, "plan": self.plan_id, "run_id": self.run_id,
+                "records": self.location,
+                "jobs": [{k: r.get(k) for k in keep} for r in self.records]}
+
+
+def _store_url(kind: str, explicit: str | None, plan: Plan) -> str:
+    url = config.get(f"store.{kind}", explicit)
+    return url or os.path.join(plan.folder, ".obdask", kind)
+
+
+def resolve_workspace(plan: Plan, workspace: str | None) -> str:
+    """Workspace folder: argument, plan's ``workspace=``, config, or the plan's folder."""
+    chosen = workspace or plan.workspace or config.get("workspace")
+    if not chosen:
+        return plan.folder
+    if chosen.startswith("git:"):
+        raise PlanError(f"{plan.path or plan.plan_id}: git workspaces ({chosen}) need a "
+                        "cluster with obdask's worker preload; use a local folder for now")
+    path = chosen if os.path.isabs(chosen) else os.path.join(plan.folder, chosen)
+    if not os.path.isdir(path):
+        raise PlanError(f"{plan.path or plan.plan_id}: workspace {path} is not a folder")
+    return path
+
+
+def prepare(plan: Plan, *, workspace: str | None = None, resume: bool = False,
+            artifacts: str | None = None, records: str | None = None,
+            run_id: str | None = None) -> tuple[CompiledPlan, RunContext]:
+    """Resolve stores, resume and dedupe state, and compile (no cluster needed)."""
+    storage_options = dict(config.get("storage-options") or {})
+
+    def options(url: str) -> dict[str, Any]:
+        return dict(storage_options.get(url.split("://", 1)[0] if "://" in url else "file", {}))
+
+    art_url, rec_url = _store_url("artifacts", artifacts, plan), _store_url("records", records, plan)
+    art = ArtifactStore(art_url, options(art_url))
+    store = RunStore(rec_url, plan.plan_id, run_id or new_run_id(), options(rec_url))
+    completed = store.completed_before() if resume else {}
+    dedupe = {s.dedupe_key: s.id for s in plan.steps if s.dedupe_key and not s.done}
+    deduplicated = [dedupe[k] for k in art.done_keys(dedupe)]
+    compiled = compile_plan(
+        plan, completed=completed, deduplicated=deduplicated,
+        default_retries=int(config.get("run.retries")),
+        default_timeout=config.get_seconds("run.timeout"),
+        resources_for=_resources_policy(),
+    )
+    ctx = RunContext(run_id=store.run_id, plan_id=plan.plan_id,
+                     workspace=resolve_workspace(plan, workspace), plan_folder=plan.folder,
+                     artifacts=art, records=store, command=CommandPolicy.from_config(),
+                     storage_options=storage_options)
+    return compiled, ctx
+
+
+def _resources_policy():
+    try:
+        from obdask.placement import step_resources
+    except ImportError:
+        return None
+    return lambda step: step_resources(step, lanes_active=False)
+
+
+def run(plan: Plan | str | os.PathLike[str], client: Client | None = None, *,
+        workspace: str | None = None, resume: bool = False, artifacts: str | None = None,
+        records: str | None = None, priority: int = 0, progress: Progress | None = None,
+        n_workers: int | None = None) -> RunResult:
+    """Run ``plan`` on Dask and return a :class:`RunResult`.
+
+    Parameters
+    ----------
+    plan
+        A :class:`~obdask.plan.Plan` or a path to a plan file.
+    client
+        Any ``distributed.Client``; with an asynchronous client this returns
+        an awaitable.  None: the current default client, else an embedded
+        ``LocalCluster`` started (and closed) for this run.
+    workspace
+        Folder ``@cmd:`` steps run in and ``#apply`` diffs apply to.
+    resume
+        Skip jobs that an earlier run of the same plan completed.
+    artifacts, records
+        fsspec URLs of the artifact store and run records (default: config,
+        else ``<plan folder>/.obdask/...``).
+    priority
+        Dask priority of every job of this run.
+    progress
+        Called as ``progress(finished, total)`` while the run goes on.
+    """
+    if not isinstance(plan, Plan):
+        plan = Plan.from_file(plan)
+    kwargs = dict(workspace=workspace, resume=resume, artifacts=artifacts, records=records,
+                  priority=priority, progress=progress)
+    if client is None:
+        from distributed import default_client
+
+        try:
+            client = default_client()
+        except ValueError:
+            return _run_embedded(plan, n_workers, kwargs)
+    return client.sync(_run, client, plan, **kwargs)
+
+
+def _run_embedded(plan: Plan, n_workers: int | None, kwargs: dict[str, Any]) -> RunResult:
+    from obdask.cluster import embedded_cluster
+
+    with embedded_cluster(n_workers) as client:
+        return client.sync(_run, client, plan, **kwargs)
+
+
+async def _run(client: Client, plan: Plan, *, workspace: str | None, resume: bool,
+               artifacts: str | None, records: str | None, priority: int,
+               progress: Progress | None) -> RunResult:
+    started = time.time()
+    compiled, ctx = prepare(plan, workspace=workspace, resume=resume,
+                            artifacts=artifacts, records=records)
+    await _install_plugins(client)
+    await _check_placeable(client, compiled)
+    await _wait_keys_free(client, [j.key for j in compiled.runnable], plan)
+    futures = _submit(client, compiled, ctx, priority)
+    await _wait(client, futures, progress)
+    outcomes = await _collect(client, compiled, futures, ctx)
+    del futures
+    duration = time.time() - started
+    summary = _summary(plan, ctx, outcomes, duration)
+    location = ctx.records.write_records(outcomes, summary)
+    return RunResult(plan_id=plan.plan_id, run_id=ctx.run_id, records=outcomes,
+                     location=location, duration_s=duration, summary=summary)
+
+
+async def _install_plugins(client: Client) -> None:
+    try:
+        from obdask.diagnostics.plugin import install
+    except ImportError:
+        return
+    result = install(client)
+    if asyncio.iscoroutine(result):
+        await result
+
+
+async def _check_placeable(client: Client, compiled: CompiledPlan) -> None:
+    needs = [(j.key, j.step.line, j.resources) for j in compiled.runnable if j.resources]
+    if not needs:
+        return
+    try:
+        from obdask.placement import check_placeable
+    except ImportError:
+        return
+    info = await client.scheduler.identity(n_workers=-1)
+    check_placeable(needs, info.get("workers", {}))
+
+
+async def _wait_keys_free(client: Client, keys: list[str], plan: Plan,
+                          timeout: float = 10.0) -> None:
+    """Refuse to start while another run of the same plan holds its keys."""
+    if not keys:
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        held = await client.run_on_scheduler(_keys_held, keys=keys)
+        if not held:
+            return
+        if time.monotonic() > deadline:
+            raise ObdaskError(
+                f"plan {plan.plan_id!r} is already running on this cluster ({held[0]} is "
+                "still held); wait for that run to finish or give this plan another plan_id="
+            )
+        await asyncio.sleep(0.05)
+
+
+def _keys_held(dask_scheduler, keys: list[str]) -> list[str]:  # noqa: ANN001
+    tasks = dask_scheduler.tasks
+    return [k for k in keys if k in tasks]
+
+
+def _submit(client: Client, compiled: CompiledPlan, ctx: RunContext,
+            priority: int) -> dict[str, Future]:
+    from dask._task_spec import Task, TaskRef
+
+    from obdask.execute import run_job
+
+    runnable = {j.key for j in compiled.runnable}
+    futures: dict[str, Future] = {}
+    for batch in batches(compiled, lambda job: annotations(job, priority=priority)):
+        dsk = {
+            job.key: Task(job.key, run_job, job.spec, ctx,
+                          *[TaskRef(d) for d in job.spec.deps if d in runnable])
+            for job in batch.jobs
+        }
+        submitted = client.get(dsk, list(dsk), sync=False, **batch.annotations)
+        futures.update((f.key, f) for f in submitted)
+    return futures
+
+
+async def _wait(client: Client, futures: dict[str, Future], progress: Progress | None) -> None:
+    from distributed import as_completed, wait
+
+    total = len(futures)
+    if progress is None or not total:
+        await wait(list(futures.values()))
+        return
+    done = 0
+    progress(0, total)
+    async for _ in as_completed(list(futures.values())):
+        done += 1
+        progress(done, total)
+
+
+async def _collect(client: Client, compiled: CompiledPlan, futures: dict[str, Future],
+                   ctx: RunContext) -> list[dict[str, Any]]:
+    finished = [k for k, f in futures.items() if f.status == "finished"]
+    results = dict(zip(finished, await client.gather([futures[k] for k in finished]),
+                       strict=True))
+    events = await _events(client, ctx.run_id)
+    outcomes = []
+    for job in compiled.jobs:
+        if not job.runnable:
+            record = {"key": job.key, "step": job.spec.step_id, "status": job.status,
+                      "fingerprint": job.spec.fingerprint, **job.record}
+        elif job.key in results:
+            record = dict(results[job.key])
+        else:
+            record = await _failure_record(job, futures[job.key])
+        record.update(id=job.spec.step_id, run_id=ctx.run_id, plan=ctx.plan_id)
+        _attempts(record, events.get(job.key, []))
+        outcomes.append(record)
+    return outcomes
+
+
+async def _failure_record(job: Job, future: Future) -> dict[str, Any]:
+    from distributed import KilledWorker
+
+    base = {"key": job.key, "step": job.spec.step_id, "fingerprint": job.spec.fingerprint}
+    if future.status == "cancelled":
+        return {**base, "status": "failed", "error": f"job {job.key}: cancelled"}
+    exc = await future.exception()
+    if isinstance(exc, JobFailed):
+        culprit = exc.record.get("key")
+        if culprit and culprit != job.key:
+            return {**base, "status": "skipped", "error": f"dependency {culprit} failed"}
+        return {**exc.record, **base, "status": "failed"}
+    if isinstance(exc, KilledWorker):
+        culprit = getattr(exc, "task", None)
+        if culprit and culprit != job.key:
+            return {**base, "status": "skipped", "error": f"dependency {culprit} failed"}
+        return {**base, "status": "failed",
+                "error": f"job {job.key}: its worker died on every attempt ({exc})"}
+    return {**base, "status": "failed", "error": f"job {job.key}: {type(exc).__name__}: {exc}"}
+
+
+async def _events(client: Client, run_id: str) -> dict[str, list[dict[str, Any]]]:
+    from obdask.execute import EVENT_TOPIC
+
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    for _, event in await client.get_events(EVENT_TOPIC):
+        if isinstance(event, dict) and event.get("run") == run_id:
+            by_key.setdefault(event["key"], []).append(event)
+    return by_key
+
+
+def _attempts(record: dict[str, Any], events: list[dict[str, Any]]) -> None:
+    """Attempts and retry reasons from the worker events of one job."""
+    starts = [e for e in events if e["event"] == "start"]
+    record["attempts"] = len(starts)
+    reasons = []
+    for i, start in enumerate(starts[:-1]):
+        ended = [e for e in events if e["event"] in ("failed", "done")
+                 and e["worker"] == start["worker"]]
+        failed = [e for e in ended if e["event"] == "failed"]
+        if failed:
+            reasons.append(f"attempt {i + 1} failed: {failed[0].get('error')}")
+        else:
+            reasons.append(f"attempt {i + 1}: worker {start['worker']} lost")
+    if any(e["event"] == "replayed" for e in events):
+        reasons.append("re-run after worker loss: result replayed from the ledger")
+    if reasons:
+        record["retries"] = reasons
+
+
+def _summary(plan: Plan, ctx: RunContext, outcomes: list[dict[str, Any]],
+             duration: float) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for r in outcomes:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    warm = [r["warm"] for r in outcomes if r.get("warm") is not None]
+    return {"plan": plan.plan_id, "run_id": ctx.run_id, "ok": not (
+        counts.get("failed") or counts.get("skipped")), "counts": counts,
+        "duration_s": duration, "workspace": ctx.workspace,
+        "warm_hit_rate": (sum(warm) / len(warm)) if warm else None,
+        "artifacts": ctx.artifacts.url}
