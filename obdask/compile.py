@@ -40,7 +40,8 @@ class JobSpec:
     timeout: float | None = None
     dedupe: str | None = None
     model: str | None = None
-    locality: str | None = None
+    localities: tuple[str, ...] = ()
+    checkout: str | None = None
     fingerprint: str = ""
 
 
@@ -92,7 +93,8 @@ class CompiledPlan:
                 "timeout": j.spec.timeout,
                 "dedupe": j.spec.dedupe,
                 "model": j.spec.model,
-                "locality": j.spec.locality,
+                "locality": list(j.spec.localities),
+                "checkout": j.spec.checkout,
                 "action": j.status or "run",
             }
             for j in self.jobs
@@ -106,6 +108,21 @@ def fingerprint(step: Step) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
+def checkout_of(step: Step, plan: Plan) -> str | None:
+    """The ``git:<url>@<rev>`` a step runs in: its ``locality=``, an ``@git:``
+    dependency, or the plan's ``workspace=git:...``; None for the plain workspace."""
+    if step.locality and step.locality.startswith("git:"):
+        return step.locality
+    by_id = plan.steps_by_id
+    for dep in step.deps:
+        payload = by_id[dep].payload
+        if payload.prefix == "git":
+            return f"git:{payload.body}"
+    if plan.workspace and plan.workspace.startswith("git:"):
+        return plan.workspace
+    return None
+
+
 def compile_plan(
     plan: Plan,
     *,
@@ -114,6 +131,7 @@ def compile_plan(
     default_retries: int = 0,
     default_timeout: float | None = None,
     resources_for: Callable[[Step], dict[str, float]] | None = None,
+    localities_for: Callable[[Step], list[str]] | None = None,
 ) -> CompiledPlan:
     """Turn a validated plan into jobs.
 
@@ -127,18 +145,26 @@ def compile_plan(
     resources_for
         Placement policy: the Dask resources a step needs (default: its own
         ``resources=``).
+    localities_for
+        Keys a worker can be warm for (checkouts, models); default none.
     """
     completed = completed or {}
     deduplicated = set(deduplicated)
     resources_for = resources_for or (lambda step: dict(step.resources))
     jobs: list[Job] = []
+    by_id = plan.steps_by_id
     for step in topological_order(plan.steps):
         fp = fingerprint(step)
+        checkout = checkout_of(step, plan) if by_id else None
+        localities = tuple(localities_for(step)) if localities_for else ()
+        if checkout and checkout not in localities:
+            localities = (checkout, *localities)
         spec = JobSpec(
             key=plan.key(step.id), plan_id=plan.plan_id, step_id=step.id, lane=step.lane,
             payload=step.payload, deps=tuple(plan.key(d) for d in step.deps),
             timeout=step.timeout if step.timeout is not None else default_timeout,
-            dedupe=step.dedupe_key, model=step.model, locality=step.locality, fingerprint=fp,
+            dedupe=step.dedupe_key, model=step.model, localities=localities,
+            checkout=checkout, fingerprint=fp,
         )
         job = Job(spec=spec, step=step,
                   retries=step.retries if step.retries is not None else default_retries)

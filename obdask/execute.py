@@ -10,6 +10,7 @@ and failure propagation (dependents never run) apply.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import time
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from obdask.exceptions import JobFailed, ObdaskError
 from obdask.payloads import execute
+from obdask.workspace import job_workspace
 
 if TYPE_CHECKING:
     from obdask.compile import JobSpec
@@ -57,6 +59,11 @@ def run_job(spec: JobSpec, ctx: RunContext, *deps: dict[str, Any]) -> dict[str, 
         "fingerprint": spec.fingerprint, "worker": where, "started": started,
     }
     try:
+        workspace, clone_warm = job_workspace(spec, ctx.workspace)
+        record["warm"] = _warmth(spec, worker, clone_warm)
+        if workspace != ctx.workspace:
+            ctx = dataclasses.replace(ctx, workspace=workspace)
+            record["workspace"] = workspace
         result = execute(spec, ctx, deps)
     except ObdaskError as exc:
         record.update(status="failed", error=str(exc), finished=time.time(),
@@ -66,6 +73,7 @@ def run_job(spec: JobSpec, ctx: RunContext, *deps: dict[str, Any]) -> dict[str, 
         _emit(worker, {"key": spec.key, "run": ctx.run_id, "event": "failed",
                        "worker": where, "error": str(exc)})
         raise JobFailed(str(exc), record) from None
+    _report_localities(spec)
     finished = time.time()
     record.update(result)
     record.update(status="done", finished=finished, duration_s=finished - started)
@@ -74,3 +82,28 @@ def run_job(spec: JobSpec, ctx: RunContext, *deps: dict[str, Any]) -> dict[str, 
         ctx.artifacts.put_result(spec.dedupe, record)
     _emit(worker, {"key": spec.key, "run": ctx.run_id, "event": "done", "worker": where})
     return record
+
+
+def _warmth(spec: JobSpec, worker, clone_warm: bool | None) -> bool | None:  # noqa: ANN001
+    """Whether this worker was warm for the job's locality (None: no locality)."""
+    if not spec.localities:
+        return None
+    if clone_warm is not None:
+        return clone_warm
+    if worker is None:
+        return False
+    reported = {key for _, key in getattr(worker, "_obdask_reported", ())}
+    plugin = worker.plugins.get("obdask-worker")
+    loaded = {f"model:{m}" for m in (getattr(plugin, "models", None) or ())}
+    return any(key in reported or key in loaded for key in spec.localities)
+
+
+def _report_localities(spec: JobSpec) -> None:
+    """Tell the scheduler this worker now holds the job's checkout / repo files."""
+    if not spec.localities:
+        return
+    from obdask.diagnostics.plugin import report_warm
+
+    for key in spec.localities:
+        if not key.startswith("model:"):
+            report_warm("clone", key)

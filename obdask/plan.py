@@ -212,7 +212,8 @@ def parse(text: str, path: str | None = None, plan_id: str | None = None) -> Pla
         elif title is None and (m := _TITLE_RE.match(line)):
             title = m.group(1)
     if plan_id is None:
-        plan_id = found_id or slugify(os.path.splitext(os.path.basename(path))[0] if path else "plan")
+        stem = os.path.splitext(os.path.basename(path))[0] if path else "plan"
+        plan_id = found_id or slugify(stem)
     if not _ID_RE.match(plan_id):
         errors.add(None, f"plan_id {plan_id!r} may only hold letters, digits, '_', '.', '-'")
     if policy.get("accrue_all_ideas"):

@@ -82,8 +82,7 @@ def resolve_workspace(plan: Plan, workspace: str | None) -> str:
     if not chosen:
         return plan.folder
     if chosen.startswith("git:"):
-        raise PlanError(f"{plan.path or plan.plan_id}: git workspaces ({chosen}) need a "
-                        "cluster with obdask's worker preload; use a local folder for now")
+        return chosen  # each job runs in its worker's checkout (obdask.workspace)
     path = chosen if os.path.isabs(chosen) else os.path.join(plan.folder, chosen)
     if not os.path.isdir(path):
         raise PlanError(f"{plan.path or plan.plan_id}: workspace {path} is not a folder")
@@ -92,14 +91,16 @@ def resolve_workspace(plan: Plan, workspace: str | None) -> str:
 
 def prepare(plan: Plan, *, workspace: str | None = None, resume: bool = False,
             artifacts: str | None = None, records: str | None = None,
-            run_id: str | None = None) -> tuple[CompiledPlan, RunContext]:
+            run_id: str | None = None,
+            lanes_active: bool = False) -> tuple[CompiledPlan, RunContext]:
     """Resolve stores, resume and dedupe state, and compile (no cluster needed)."""
     storage_options = dict(config.get("storage-options") or {})
 
     def options(url: str) -> dict[str, Any]:
         return dict(storage_options.get(url.split("://", 1)[0] if "://" in url else "file", {}))
 
-    art_url, rec_url = _store_url("artifacts", artifacts, plan), _store_url("records", records, plan)
+    art_url = _store_url("artifacts", artifacts, plan)
+    rec_url = _store_url("records", records, plan)
     art = ArtifactStore(art_url, options(art_url))
     store = RunStore(rec_url, plan.plan_id, run_id or new_run_id(), options(rec_url))
     completed = store.completed_before() if resume else {}
@@ -109,7 +110,8 @@ def prepare(plan: Plan, *, workspace: str | None = None, resume: bool = False,
         plan, completed=completed, deduplicated=deduplicated,
         default_retries=int(config.get("run.retries")),
         default_timeout=config.get_seconds("run.timeout"),
-        resources_for=_resources_policy(),
+        resources_for=_resources_policy(lanes_active),
+        localities_for=_localities_policy(plan),
     )
     ctx = RunContext(run_id=store.run_id, plan_id=plan.plan_id,
                      workspace=resolve_workspace(plan, workspace), plan_folder=plan.folder,
@@ -118,12 +120,19 @@ def prepare(plan: Plan, *, workspace: str | None = None, resume: bool = False,
     return compiled, ctx
 
 
-def _resources_policy():
-    try:
-        from obdask.placement import step_resources
-    except ImportError:
+def _resources_policy(lanes_active: bool = False):
+    from obdask.placement import step_resources
+
+    return lambda step: step_resources(step, lanes_active=lanes_active)
+
+
+def _localities_policy(plan: Plan):
+    from obdask.placement import locality_keys
+
+    if not config.get("placement.locality"):
         return None
-    return lambda step: step_resources(step, lanes_active=False)
+    steps_by_id = plan.steps_by_id
+    return lambda step: locality_keys(step, steps_by_id, base=plan.folder)
 
 
 def run(plan: Plan | str | os.PathLike[str], client: Client | None = None, *,
@@ -176,13 +185,17 @@ def _run_embedded(plan: Plan, n_workers: int | None, kwargs: dict[str, Any]) -> 
 async def _run(client: Client, plan: Plan, *, workspace: str | None, resume: bool,
                artifacts: str | None, records: str | None, priority: int,
                progress: Progress | None) -> RunResult:
+    from obdask.placement import lanes_in_use
+
     started = time.time()
-    compiled, ctx = prepare(plan, workspace=workspace, resume=resume,
-                            artifacts=artifacts, records=records)
     await _install_plugins(client)
+    workers = (await client.scheduler.identity(n_workers=-1)).get("workers", {})
+    compiled, ctx = prepare(plan, workspace=workspace, resume=resume, artifacts=artifacts,
+                            records=records, lanes_active=lanes_in_use(workers))
     await _check_placeable(client, compiled)
     await _wait_keys_free(client, [j.key for j in compiled.runnable], plan)
-    futures = _submit(client, compiled, ctx, priority)
+    routes = await _routes(client, compiled, workers)
+    futures = _submit(client, compiled, ctx, priority, routes)
     await _wait(client, futures, progress)
     outcomes = await _collect(client, compiled, futures, ctx)
     del futures
@@ -194,25 +207,19 @@ async def _run(client: Client, plan: Plan, *, workspace: str | None, resume: boo
 
 
 async def _install_plugins(client: Client) -> None:
-    try:
-        from obdask.diagnostics.plugin import install
-    except ImportError:
-        return
+    from obdask.diagnostics.plugin import install
+
     result = install(client)
     if asyncio.iscoroutine(result):
         await result
 
 
 async def _check_placeable(client: Client, compiled: CompiledPlan) -> None:
+    from obdask.placement import wait_for_placeable
+
     needs = [(j.key, j.step.line, j.resources) for j in compiled.runnable if j.resources]
-    if not needs:
-        return
-    try:
-        from obdask.placement import check_placeable
-    except ImportError:
-        return
-    info = await client.scheduler.identity(n_workers=-1)
-    check_placeable(needs, info.get("workers", {}))
+    if needs:
+        await wait_for_placeable(client, needs)
 
 
 async def _wait_keys_free(client: Client, keys: list[str], plan: Plan,
@@ -238,15 +245,36 @@ def _keys_held(dask_scheduler, keys: list[str]) -> list[str]:  # noqa: ANN001
     return [k for k in keys if k in tasks]
 
 
-def _submit(client: Client, compiled: CompiledPlan, ctx: RunContext,
-            priority: int) -> dict[str, Future]:
+async def _routes(client: Client, compiled: CompiledPlan,
+                  workers: dict[str, Any]) -> dict[str, list[str]]:
+    """Preferred workers per job key, from warm clones and loaded models."""
+    from obdask.diagnostics.plugin import warm_workers
+    from obdask.placement import route
+
+    keyed = [j for j in compiled.runnable if j.spec.localities]
+    if not keyed:
+        return {}
+    wanted = sorted({k for j in keyed for k in j.spec.localities})
+    warm = await warm_workers(client, wanted)
+    return route([(j.key, j.spec.localities, j.resources) for j in keyed], warm, workers)
+
+
+def _submit(client: Client, compiled: CompiledPlan, ctx: RunContext, priority: int,
+            routes: dict[str, list[str]] | None = None) -> dict[str, Future]:
     from dask._task_spec import Task, TaskRef
 
     from obdask.execute import run_job
 
     runnable = {j.key for j in compiled.runnable}
     futures: dict[str, Future] = {}
-    for batch in batches(compiled, lambda job: annotations(job, priority=priority)):
+    routes = routes or {}
+
+    def annotate(job: Job) -> dict[str, Any]:
+        preferred = routes.get(job.key)
+        return annotations(job, priority=priority, workers=preferred,
+                           allow_other_workers=True if preferred else None)
+
+    for batch in batches(compiled, annotate):
         dsk = {
             job.key: Task(job.key, run_job, job.spec, ctx,
                           *[TaskRef(d) for d in job.spec.deps if d in runnable])

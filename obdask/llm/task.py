@@ -22,7 +22,7 @@ def run_model_task(
     """Send the role's system prompt, the spec and dependency outputs to the model."""
     if not config.get("llm.endpoints"):
         raise ModelError(
-            f"job {spec.key}: @file:{spec.payload.body} is a model task but no model backend "
-            "is configured (set obdask.llm.endpoints or OLLAMA_HOST)"
+            f"job {spec.key}: @file:{spec.payload.body} is a model task but there is no model backend configured "
+            "(set obdask.llm.endpoints or OLLAMA_HOST)"
         )
     raise ModelError(f"job {spec.key}: model tasks are not available in this build")

@@ -1,0 +1,78 @@
+"""Shared fixtures: a real LocalCluster, a real S3 API server (moto) on loopback."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import uuid
+
+import dask
+import pytest
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples")
+
+
+@pytest.fixture(scope="module")
+def cluster_client():
+    """A LocalCluster of 2 worker processes (1 thread each) shared by a test module."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=":0", silence_logs=logging.CRITICAL,
+                      resources={"GPU": 1, "VRAM": 24e9}) as cluster:
+        with Client(cluster) as client:
+            yield client
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 API server on loopback; yields fsspec storage options for s3://."""
+    pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"endpoint_url": f"http://{host}:{port}", "key": "testing",
+               "secret": "testing", "client_kwargs": {"region_name": "us-east-1"}}
+    yield options
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket; obdask's config points s3:// at the loopback server meanwhile."""
+    import boto3
+    import s3fs
+
+    name = f"obdask-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_server["endpoint_url"], region_name="us-east-1",
+                 aws_access_key_id="testing", aws_secret_access_key="testing",
+                 ).create_bucket(Bucket=name)
+    fs = s3fs.S3FileSystem(**s3_server)
+    with dask.config.set({"obdask.storage-options": {"s3": s3_server}}):
+        yield name, fs
+
+
+@pytest.fixture
+def quickstart(tmp_path):
+    """A private copy of examples/quickstart (runs must not touch the repository)."""
+    target = tmp_path / "quickstart"
+    shutil.copytree(os.path.join(EXAMPLES, "quickstart"), target,
+                    ignore=shutil.ignore_patterns(".obdask", "build"))
+    return target
+
+
+@pytest.fixture
+def git_repo(tmp_path):
+    """A real git repository with one committed file."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "app.py").write_text("def answer():\n    return 41\n")
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    for args in (["init", "-q"], ["add", "app.py"], ["commit", "-qm", "init"]):
+        subprocess.run(["git", *args], cwd=repo, check=True, env=env)
+    return repo

@@ -1,0 +1,251 @@
+"""End-to-end runs on a real LocalCluster: propagation, dedupe, resume, apply, S3."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+
+import dask
+import pytest
+
+import obdask
+from obdask.artifacts import ArtifactStore, sha1_bytes
+from obdask.plan import Plan
+from obdask.records import read_run
+from tests.conftest import EXAMPLES
+
+
+def write_plan(folder, text, name="plan.md"):
+    path = folder / name
+    path.write_text(text)
+    return Plan.from_file(path)
+
+
+def statuses(result):
+    return {r["id"]: r["status"] for r in result.records}
+
+
+@pytest.mark.parametrize("example", sorted(glob.glob(os.path.join(EXAMPLES, "*", "plan.md"))))
+def test_every_example_plan_runs(example, tmp_path, cluster_client):
+    import shutil
+
+    folder = tmp_path / "ex"
+    shutil.copytree(os.path.dirname(example), folder,
+                    ignore=shutil.ignore_patterns(".obdask", "build"))
+    result = obdask.run(folder / "plan.md", cluster_client)
+    assert result.ok, result.frame[["status", "error"]]
+    assert set(statuses(result).values()) <= {"done", "done-at-compile", "deduplicated"}
+
+
+def test_quickstart_applies_and_records(quickstart, cluster_client):
+    result = obdask.run(quickstart / "plan.md", cluster_client)
+    assert result.ok
+    assert (quickstart / "build" / "out.txt").read_text() == "hello, world!\n"
+    frame = result.frame
+    assert frame.loc["bootstrap", "status"] == "done-at-compile"
+    assert frame.loc["context", "status"] == "done-at-compile"
+    assert frame.loc["verify", "exit_code"] == 0
+    assert frame.loc["code.feature", "files"] == ["build/greeting.py"]
+    # The durable record holds the same jobs.
+    stored = read_run(str(quickstart / ".obdask" / "records"), "plan", result.run_id)
+    assert {r["id"]: r["status"] for r in stored} == statuses(result)
+    # stdout is an artifact, content addressed.
+    store = ArtifactStore(str(quickstart / ".obdask" / "artifacts"))
+    out = store.get(frame.loc["verify", "stdout"])
+    assert out.strip() == b"1 build/out.txt"
+
+
+def test_failure_stops_only_dependents(tmp_path, cluster_client):
+    plan = write_plan(tmp_path, (
+        "- [ ] id=ok1 lane=1 payload=@cmd:echo one > one.txt\n"
+        "- [ ] id=bad lane=1 payload=@cmd:false\n"
+        "- [ ] id=after.bad lane=1 deps=bad payload=@cmd:touch never.txt\n"
+        "- [ ] id=after.after lane=1 deps=after.bad payload=@cmd:touch never2.txt\n"
+        "- [ ] id=after.ok lane=1 deps=ok1 payload=@cmd:cat one.txt\n"
+    ))
+    result = obdask.run(plan, cluster_client)
+    assert not result.ok
+    assert statuses(result) == {"ok1": "done", "bad": "failed", "after.bad": "skipped",
+                                "after.after": "skipped", "after.ok": "done"}
+    frame = result.frame
+    assert frame.loc["bad", "exit_code"] == 1
+    assert "exit code 1" in frame.loc["bad", "error"] and "plan::bad" in frame.loc["bad", "error"]
+    assert "plan::bad" in frame.loc["after.after", "error"]
+    assert not (tmp_path / "never.txt").exists()
+
+
+def test_disallowed_command_refused_nothing_runs(tmp_path, cluster_client):
+    plan = write_plan(tmp_path, "- [ ] id=sneaky lane=1 payload=@cmd:touch made && "
+                                "curl http://127.0.0.1:9/x | sh\n")
+    result = obdask.run(plan, cluster_client)
+    error = result.frame.loc["sneaky", "error"]
+    assert result.frame.loc["sneaky", "status"] == "failed"
+    assert "curl" in error and "allowlist" in error
+    assert not (tmp_path / "made").exists()
+
+
+def test_payload_text_that_looks_like_fields(tmp_path, cluster_client):
+    plan = write_plan(tmp_path, "- [ ] id=a lane=1 payload=@cmd:echo id=x lane=9 > f.txt\n")
+    result = obdask.run(plan, cluster_client)
+    assert statuses(result) == {"a": "done"}
+    assert (tmp_path / "f.txt").read_text() == "id=x lane=9\n"
+
+
+def test_step_timeout_fails_the_job(tmp_path, cluster_client):
+    plan = write_plan(tmp_path, "- [ ] id=slow lane=1 timeout=1s payload=@cmd:sleep 30\n")
+    result = obdask.run(plan, cluster_client)
+    assert result.frame.loc["slow", "status"] == "failed"
+    assert "timed out" in result.frame.loc["slow", "error"]
+    assert result.frame.loc["slow", "duration_s"] < 15
+
+
+def test_dedupe_key_with_artifact_completes_at_once(tmp_path, cluster_client):
+    store = ArtifactStore(str(tmp_path / ".obdask" / "artifacts"))
+    key = store.put(b"already produced")
+    plan = write_plan(tmp_path, (
+        f"- [ ] id=cached lane=1 payload=@cmd:touch ran.txt dedupe={key}\n"
+        "- [ ] id=fresh lane=1 payload=@cmd:echo new dedupe=k-fresh\n"
+        "- [ ] id=next lane=1 deps=cached payload=@cmd:touch next.txt\n"
+    ))
+    first = obdask.run(plan, cluster_client)
+    assert statuses(first) == {"cached": "deduplicated", "fresh": "done", "next": "done"}
+    assert not (tmp_path / "ran.txt").exists() and (tmp_path / "next.txt").exists()
+    second = obdask.run(plan, cluster_client)
+    assert statuses(second)["fresh"] == "deduplicated"
+
+
+def test_resume_skips_completed_jobs(tmp_path, cluster_client):
+    plan = write_plan(tmp_path, (
+        "- [ ] id=count lane=1 payload=@cmd:echo x >> count.txt\n"
+        "- [ ] id=gate lane=1 deps=count payload=@cmd:test -f go.flag\n"
+        "- [ ] id=last lane=1 deps=gate payload=@cmd:echo done > last.txt\n"
+    ))
+    first = obdask.run(plan, cluster_client)
+    assert statuses(first) == {"count": "done", "gate": "failed", "last": "skipped"}
+    (tmp_path / "go.flag").write_text("")
+    second = obdask.run(plan, cluster_client, resume=True)
+    assert statuses(second) == {"count": "resumed", "gate": "done", "last": "done"}
+    assert (tmp_path / "count.txt").read_text() == "x\n"
+    third = obdask.run(plan, cluster_client, resume=True)
+    assert set(statuses(third).values()) == {"resumed"}
+    # Without --resume everything runs again.
+    fourth = obdask.run(plan, cluster_client)
+    assert statuses(fourth)["count"] == "done"
+    assert (tmp_path / "count.txt").read_text() == "x\nx\n"
+
+
+def test_changed_step_is_not_resumed(tmp_path, cluster_client):
+    write_plan(tmp_path, "- [ ] id=a lane=1 payload=@cmd:echo v1 > v.txt\n")
+    obdask.run(Plan.from_file(tmp_path / "plan.md"), cluster_client)
+    plan = write_plan(tmp_path, "- [ ] id=a lane=1 payload=@cmd:echo v2 > v.txt\n")
+    result = obdask.run(plan, cluster_client, resume=True)
+    assert statuses(result) == {"a": "done"}
+    assert (tmp_path / "v.txt").read_text() == "v2\n"
+
+
+def test_ledger_replays_a_completed_job_instead_of_rerunning(tmp_path):
+    """A task Dask re-runs after the job completed returns the recorded result."""
+    from obdask.execute import run_job
+    from obdask.runner import prepare
+
+    plan = write_plan(tmp_path, "- [ ] id=append lane=1 payload=@cmd:echo line >> log.txt\n")
+    compiled, ctx = prepare(plan)
+    job = compiled.jobs[0]
+    first = run_job(job.spec, ctx)
+    again = run_job(job.spec, ctx)
+    assert (tmp_path / "log.txt").read_text() == "line\n"
+    assert again["replayed"] and again["started"] == first["started"]
+
+
+def test_apply_good_and_bad_diff_in_git_repo(tmp_path, git_repo, cluster_client):
+    good = tmp_path / "good.diff"
+    good.write_text("--- a/app.py\n+++ b/app.py\n@@ -1,2 +1,2 @@\n def answer():\n"
+                    "-    return 41\n+    return 42\n")
+    bad = tmp_path / "bad.diff"
+    bad.write_text("--- a/app.py\n+++ b/app.py\n@@ -1,2 +1,2 @@\n def answer():\n"
+                   "-    return 40\n+    return 43\n")
+    sha = sha1_bytes(good.read_bytes())
+    plan = write_plan(tmp_path, (
+        f"- [ ] id=good lane=2 payload=@file:good.diff#sha1={sha}#apply\n"
+        "- [ ] id=bad lane=2 deps=good payload=@file:bad.diff#apply\n"
+    ))
+    result = obdask.run(plan, cluster_client, workspace=str(git_repo))
+    assert statuses(result) == {"good": "done", "bad": "failed"}
+    assert "does not apply" in result.frame.loc["bad", "error"]
+    assert (git_repo / "app.py").read_text() == "def answer():\n    return 42\n"
+    diff = subprocess.run(["git", "diff", "--stat"], cwd=git_repo, capture_output=True,
+                          text=True).stdout
+    assert "1 file changed" in diff
+
+
+def test_sha1_mismatch_is_a_clear_error(tmp_path, cluster_client):
+    (tmp_path / "spec.md").write_text("content")
+    plan = write_plan(tmp_path, f"- [ ] id=pinned lane=1 payload=@file:spec.md#sha1={'0' * 40}"
+                                "#test\n")
+    result = obdask.run(plan, cluster_client)
+    error = result.frame.loc["pinned", "error"]
+    assert "plan::pinned" in error and "sha1" in error and "0" * 40 in error
+
+
+def test_model_task_without_backend_fails_clearly(tmp_path, cluster_client):
+    (tmp_path / "spec.md").write_text("write a function")
+    plan = write_plan(tmp_path, "- [ ] id=llm lane=2 payload=@file:spec.md\n")
+    with dask.config.set({"obdask.llm.endpoints": []}):
+        result = obdask.run(plan, cluster_client)
+    assert "no model backend configured" in result.frame.loc["llm", "error"]
+
+
+def test_s3_payloads_and_s3_stores(tmp_path, s3_bucket, cluster_client):
+    bucket, fs = s3_bucket
+    fs.pipe(f"{bucket}/specs/note.md", b"remote spec")
+    sha = sha1_bytes(b"remote spec")
+    plan = write_plan(tmp_path, (
+        f"- [ ] id=remote lane=1 payload=@file:s3://{bucket}/specs/note.md#sha1={sha}#test\n"
+        f"- [ ] id=missing lane=1 payload=@file:s3://{bucket}/specs/none.md#test\n"
+        "- [ ] id=out lane=1 deps=remote payload=@cmd:echo stored in s3\n"
+    ))
+    result = obdask.run(plan, cluster_client, artifacts=f"s3://{bucket}/artifacts",
+                        records=f"s3://{bucket}/runs")
+    assert statuses(result) == {"remote": "done", "missing": "failed", "out": "done"}
+    assert "file not found" in result.frame.loc["missing", "error"]
+    stdout_key = result.frame.loc["out", "stdout"]
+    assert fs.cat(f"{bucket}/artifacts/by-hash/{stdout_key}") == b"stored in s3\n"
+    lines = fs.cat(f"{bucket}/runs/plan/{result.run_id}/records.jsonl").decode().splitlines()
+    assert {json.loads(line)["id"] for line in lines} == {"remote", "missing", "out"}
+    # The pinned spec is now a dedupe hit for a new run only if an artifact has that hash.
+    assert not fs.exists(f"{bucket}/artifacts/by-hash/{sha}")
+
+
+def test_annotations_reach_the_scheduler_for_every_key(tmp_path, cluster_client):
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    class Recorder(SchedulerPlugin):
+        name = "restriction-recorder"
+
+        def __init__(self):
+            self.seen = {}
+
+        def update_graph(self, scheduler, *, keys, **kwargs):
+            for key in keys:
+                ts = scheduler.tasks[key]
+                self.seen[key] = (ts.resource_restrictions, ts.retries, ts.priority[0])
+
+    cluster_client.register_plugin(Recorder())
+    plan = write_plan(tmp_path, (
+        "- [ ] id=gpu lane=1 resources=GPU:1,VRAM:8GB retries=2 payload=@cmd:true\n"
+        "- [ ] id=plain lane=1 deps=gpu payload=@cmd:true\n"
+        "- [ ] id=meta lane=1 payload=@doc:nothing to run\n"
+        "- [ ] id=gpu2 lane=1 deps=plain,meta resources=GPU:1 payload=@cmd:true\n"
+    ))
+    result = obdask.run(plan, cluster_client, priority=7)
+    assert result.ok
+    seen = cluster_client.run_on_scheduler(
+        lambda dask_scheduler: dask_scheduler.plugins["restriction-recorder"].seen)
+    assert "plan::meta" not in seen  # metadata costs no task
+    assert seen["plan::gpu"][0] == {"GPU": 1.0, "VRAM": 8e9} and seen["plan::gpu"][1] == 2
+    assert not seen["plan::plain"][0] and seen["plan::plain"][1] == 0
+    assert seen["plan::gpu2"][0] == {"GPU": 1.0}
+    assert all(priority == -7 for _, _, priority in seen.values())
+    cluster_client.unregister_scheduler_plugin("restriction-recorder")
