@@ -49,7 +49,7 @@ def _load(path: str):
     return Plan.from_file(path)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="obdask", context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="obdask")
 def main() -> None:
     """Run plans of coding jobs on a Dask cluster."""
@@ -154,7 +154,7 @@ class _ProgressBar:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=self.label, unit="job", file=sys.stderr,
-                            leave=False)
+                            leave=False, disable=None)  # None: off when not a TTY
         self.bar.n = done
         self.bar.refresh()
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from obdask import config
+from obdask.resources import host_resources
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -23,10 +25,31 @@ def embedded_cluster(n_workers: int | None = None,
 
     n_workers = int(config.get("run.n-workers", n_workers))
     threads = int(config.get("run.threads-per-worker", threads_per_worker))
-    with LocalCluster(n_workers=n_workers, threads_per_worker=threads, processes=True,
+    with LocalCluster(n_workers=0, threads_per_worker=threads, processes=True,
                       dashboard_address=":0", silence_logs=logging.CRITICAL) as cluster:
+        # Each worker gets its share of this host (GPUs whole), declared at start
+        # so the scheduler can place resource-restricted steps from the first task.
+        for i, resources in enumerate(split_resources(host_resources(), n_workers)):
+            spec = copy.deepcopy(cluster.new_spec)
+            spec["options"]["resources"] = resources
+            cluster.worker_spec[f"obdask-{i}"] = spec
+        cluster.sync(cluster._correct_state)
         with Client(cluster) as client:
+            client.wait_for_workers(n_workers, timeout=60)
             yield client
+
+
+def split_resources(total: dict[str, float], n: int) -> list[dict[str, float]]:
+    """Share a host's resources among ``n`` workers; GPUs are not split."""
+    n = max(n, 1)
+    gpus = int(total.get("GPU", 0))
+    vram_per_gpu = total.get("VRAM", 0) / gpus if gpus else 0
+    shares = []
+    for i in range(n):
+        mine = gpus // n + (1 if i < gpus % n else 0)
+        shares.append({"CPU": total.get("CPU", 1) / n, "MEM": total.get("MEM", 0) / n,
+                       "GPU": float(mine), "VRAM": mine * vram_per_gpu})
+    return shares
 
 
 @contextlib.contextmanager
@@ -40,5 +63,5 @@ def connect(scheduler: str | None = None, n_workers: int | None = None) -> Itera
 
     kwargs = {"scheduler_file": scheduler} if scheduler.endswith(".json") else {
         "address": scheduler}
-    with Client(timeout="30s", **kwargs) as client:
+    with Client(timeout=config.get_seconds("run.connect-timeout"), **kwargs) as client:
         yield client

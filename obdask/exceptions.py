@@ -24,7 +24,7 @@ class PayloadError(ObdaskError, RuntimeError):
     """A payload could not be executed (missing file, failing command, ...)."""
 
 
-class CommandRefused(PayloadError, PermissionError):
+class CommandRefused(PayloadError):
     """A ``@cmd:`` payload names an executable that is not on the allowlist."""
 
 

@@ -66,13 +66,18 @@ def run_job(spec: JobSpec, ctx: RunContext, *deps: dict[str, Any]) -> dict[str, 
             record["workspace"] = workspace
         result = execute(spec, ctx, deps)
     except ObdaskError as exc:
-        record.update(status="failed", error=str(exc), finished=time.time(),
-                      exit_code=getattr(exc, "exit_code", None))
+        failure = exc
+    else:
+        failure = None
+    if failure is not None:
+        # Raised outside the except block: no chained context to pickle back.
+        record.update(status="failed", error=str(failure), finished=time.time(),
+                      exit_code=getattr(failure, "exit_code", None))
         record["duration_s"] = record["finished"] - started
-        record.update(getattr(exc, "fields", {}))
+        record.update(getattr(failure, "fields", {}))
         _emit(worker, {"key": spec.key, "run": ctx.run_id, "event": "failed",
-                       "worker": where, "error": str(exc)})
-        raise JobFailed(str(exc), record) from None
+                       "worker": where, "error": str(failure)})
+        raise JobFailed(str(failure), record)
     _report_localities(spec)
     finished = time.time()
     record.update(result)

@@ -1,0 +1,107 @@
+"""The ``obdask`` command line, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def obdask(*args, cwd=None, timeout=120, env=None):
+    return subprocess.run([sys.executable, "-m", "obdask.cli", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def plan_file(tmp_path):
+    path = tmp_path / "demo.md"
+    path.write_text(
+        "# Plan: demo\n"
+        "- [ ] id=hello lane=1 payload=@cmd:echo hi > hi.txt\n"
+        "- [ ] id=note lane=1 deps=hello payload=@doc:just a note\n"
+        "- [ ] id=bye lane=2 deps=note resources=CPU:1 retries=1 payload=@cmd:cat hi.txt\n"
+    )
+    return path
+
+
+def test_validate_ok_and_errors(plan_file, tmp_path):
+    done = obdask("validate", plan_file)
+    assert done.returncode == 0 and "3 steps" in done.stdout
+    bad = tmp_path / "bad.md"
+    bad.write_text("- [ ] id=a lane=x payload=@cmd:true\n"
+                   "- [ ] id=b lane=1 deps=zz payload=@cmd:true\n")
+    failed = obdask("validate", bad)
+    assert failed.returncode == 2
+    lines = failed.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("error: ") for line in lines)
+    assert "bad.md:1" in lines[0] and "bad.md:2" in lines[1]
+    assert "Traceback" not in failed.stderr
+
+
+def test_missing_plan_file_is_one_line(tmp_path):
+    result = obdask("run", tmp_path / "nope.md")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {tmp_path / 'nope.md'}: plan file not found"
+
+
+def test_explain_json_needs_no_cluster(plan_file):
+    result = obdask("explain", plan_file, "--json")
+    assert result.returncode == 0
+    jobs = {j["key"]: j for j in json.loads(result.stdout)["jobs"]}
+    assert jobs["demo::note"]["action"] == "done-at-compile"
+    assert jobs["demo::bye"]["deps"] == ["demo::note"]
+    assert jobs["demo::bye"]["resources"] == {"CPU": 1.0} and jobs["demo::bye"]["retries"] == 1
+    text = obdask("explain", plan_file)
+    assert "demo::hello" in text.stdout and "[done-at-compile]" in text.stdout
+
+
+def test_hash_prints_sha1(tmp_path):
+    path = tmp_path / "f.txt"
+    path.write_bytes(b"abc")
+    result = obdask("hash", path)
+    assert result.stdout.split()[0] == "a9993e364706816aba3e25717850c26c9cd0d89d"
+    assert obdask("hash", tmp_path / "none").returncode == 2
+
+
+def test_run_json_prints_only_json(plan_file, tmp_path):
+    result = obdask("run", plan_file, "--json", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)  # nothing but one JSON object on stdout
+    assert payload["ok"] is True and payload["plan"] == "demo"
+    statuses = {j["id"]: j["status"] for j in payload["jobs"]}
+    assert statuses == {"hello": "done", "note": "done-at-compile", "bye": "done"}
+    assert set(payload["jobs"][0]) >= {"id", "status", "worker", "exit_code", "duration_s",
+                                       "error"}
+    assert (tmp_path / "hi.txt").read_text() == "hi\n"
+
+
+def test_run_failure_exits_one_with_summary(tmp_path):
+    path = tmp_path / "fails.md"
+    path.write_text("- [ ] id=ok lane=1 payload=@cmd:true\n"
+                    "- [ ] id=bad lane=1 payload=@cmd:rm -rf /tmp/whatever\n"
+                    "- [ ] id=dep lane=1 deps=bad payload=@cmd:true\n")
+    result = obdask("run", path, "--workers", "1")
+    assert result.returncode == 1
+    assert "FAILED" in result.stdout and "rm" in result.stdout and "skipped" in result.stdout
+    assert "Traceback" not in result.stderr
+    resumed = obdask("run", path, "--workers", "1", "--resume", "--json")
+    statuses = {j["id"]: j["status"] for j in json.loads(resumed.stdout)["jobs"]}
+    assert statuses["ok"] == "resumed" and statuses["bad"] == "failed"
+
+
+def test_unreachable_scheduler_is_a_clear_error(plan_file):
+    result = obdask("run", plan_file, "--scheduler", "tcp://127.0.0.1:9",
+                    env={"DASK_OBDASK__RUN__CONNECT_TIMEOUT": "2s"})
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+def test_dask_cli_entry_point(plan_file):
+    result = subprocess.run(["dask", "obdask", "validate", str(plan_file)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "3 steps" in result.stdout
