@@ -95,6 +95,8 @@ def compare(client, folder, name, payload, func, deps, repeat):
     row = {"case": name, "jobs": len(deps), "raw_s": statistics.median(raw),
            "obdask_s": statistics.median(ours)}
     row["ratio"] = row["obdask_s"] / row["raw_s"]
+    print(f"{row['case']:<24}{row['jobs']:>6}{row['raw_s']:>9.3f}{row['obdask_s']:>10.3f}"
+          f"{row['ratio']:>8.2f}", flush=True)
     return row
 
 
@@ -120,6 +122,7 @@ def main(argv=None) -> int:
     from distributed import Client, LocalCluster
 
     rows = []
+    print(f"{'case':<24}{'jobs':>6}{'raw s':>9}{'obdask s':>10}{'ratio':>8}", flush=True)
     with tempfile.TemporaryDirectory() as folder, \
             LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                          dashboard_address=":0", silence_logs=logging.CRITICAL) as cluster, \
@@ -130,10 +133,6 @@ def main(argv=None) -> int:
             rows.append(compare(client, folder, f"cmd-true-{shape}", "@cmd:true", sh_true,
                                 shape_edges(shape, args.cmd_jobs), args.repeat))
     compiles = compile_times()
-    print(f"{'case':<24}{'jobs':>6}{'raw s':>9}{'obdask s':>10}{'ratio':>8}")
-    for r in rows:
-        print(f"{r['case']:<24}{r['jobs']:>6}{r['raw_s']:>9.3f}{r['obdask_s']:>10.3f}"
-              f"{r['ratio']:>8.2f}")
     print(f"\n{'steps':>8}{'compile s':>11}{'us/step':>9}")
     for c in compiles:
         print(f"{c['steps']:>8}{c['compile_s']:>11.3f}{c['us_per_step']:>9.1f}")

@@ -108,12 +108,12 @@ def fingerprint(step: Step) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def checkout_of(step: Step, plan: Plan) -> str | None:
+def checkout_of(step: Step, plan: Plan, by_id: Mapping[str, Step] | None = None) -> str | None:
     """The ``git:<url>@<rev>`` a step runs in: its ``locality=``, an ``@git:``
     dependency, or the plan's ``workspace=git:...``; None for the plain workspace."""
     if step.locality and step.locality.startswith("git:"):
         return step.locality
-    by_id = plan.steps_by_id
+    by_id = by_id if by_id is not None else plan.steps_by_id
     for dep in step.deps:
         payload = by_id[dep].payload
         if payload.prefix == "git":
@@ -155,7 +155,7 @@ def compile_plan(
     by_id = plan.steps_by_id
     for step in topological_order(plan.steps):
         fp = fingerprint(step)
-        checkout = checkout_of(step, plan) if by_id else None
+        checkout = checkout_of(step, plan, by_id)
         localities = tuple(localities_for(step)) if localities_for else ()
         if checkout and checkout not in localities:
             localities = (checkout, *localities)

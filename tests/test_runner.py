@@ -49,7 +49,7 @@ def test_quickstart_applies_and_records(quickstart, cluster_client):
     assert frame.loc["verify", "exit_code"] == 0
     assert frame.loc["code.feature", "files"] == ["build/greeting.py"]
     # The durable record holds the same jobs.
-    stored = read_run(str(quickstart / ".obdask" / "records"), "plan", result.run_id)
+    stored = read_run(str(quickstart / ".obdask" / "records"), result.plan_id, result.run_id)
     assert {r["id"]: r["status"] for r in stored} == statuses(result)
     # stdout is an artifact, content addressed.
     store = ArtifactStore(str(quickstart / ".obdask" / "artifacts"))
