@@ -118,18 +118,25 @@ def hash(path: str) -> None:  # noqa: A001
 @click.option("--workers", type=int, default=None, help="Workers of the embedded cluster.")
 @click.option("--workspace", default=None, help="Folder the jobs run in (default: the plan's).")
 @click.option("--resume", is_flag=True, help="Skip jobs an earlier run of this plan completed.")
+@click.option("--wait-for-resources", default=None, metavar="DURATION",
+              help="Wait this long for a worker with a missing resource (default: fail at "
+                   "once; config obdask.run.wait-for-resources).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object and nothing else.")
 @_guard
 def run(plan: str, scheduler: str | None, workers: int | None, workspace: str | None,
-        resume: bool, as_json: bool) -> None:
+        resume: bool, wait_for_resources: str | None, as_json: bool) -> None:
     """Run PLAN on Dask; exits 1 if any job failed."""
+    import dask
+
     from obdask.cluster import connect
     from obdask.runner import run as run_plan
 
     parsed = _load(plan)
     bar = None if as_json else _ProgressBar(parsed.plan_id)
+    overrides = {} if wait_for_resources is None else {
+        "obdask.run.wait-for-resources": wait_for_resources}
     try:
-        with connect(scheduler, workers) as client:
+        with dask.config.set(overrides), connect(scheduler, workers) as client:
             result = run_plan(parsed, client, workspace=workspace, resume=resume,
                               progress=bar)
     finally:
