@@ -149,6 +149,31 @@ def run(plan: str, scheduler: str | None, workers: int | None, workspace: str | 
     sys.exit(0 if result.ok else EXIT_FAILED_JOBS)
 
 
+@main.command()
+@click.option("--scheduler", default=None, help="Scheduler address or scheduler-file .json; "
+              "default: the budgets configured in this process (obdask.llm.budgets).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON records.")
+@_guard
+def budgets(scheduler: str | None, as_json: bool) -> None:
+    """Show token budgets: limit, used, reserved in flight, available."""
+    from obdask.llm import budget
+
+    if scheduler is None:
+        frame = budget.budgets()
+    else:
+        from obdask.cluster import connect
+
+        with connect(scheduler) as client:
+            budget.install(client)
+            frame = budget.budgets(client)
+    if as_json:
+        click.echo(frame.reset_index().to_json(orient="records"))
+    elif frame.empty:
+        click.echo("no budgets (set obdask.llm.budgets or obdask.llm.budget.set_budget)")
+    else:
+        click.echo(frame.to_string())
+
+
 class _ProgressBar:
     """tqdm on stderr, created at the first update."""
 

@@ -162,7 +162,9 @@ def compile_plan(
         spec = JobSpec(
             key=plan.key(step.id), plan_id=plan.plan_id, step_id=step.id, lane=step.lane,
             payload=step.payload, deps=tuple(plan.key(d) for d in step.deps),
-            timeout=step.timeout if step.timeout is not None else default_timeout,
+            # Model calls use obdask.llm.timeout unless the step sets its own.
+            timeout=step.timeout if step.timeout is not None else (
+                None if step.is_model_task else default_timeout),
             dedupe=step.dedupe_key, model=step.model, localities=localities,
             checkout=checkout, fingerprint=fp,
         )

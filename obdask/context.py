@@ -55,6 +55,18 @@ class RunContext:
     command: CommandPolicy
     storage_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    llm_endpoints: tuple[str, ...] = ()  # the client's Ollama endpoints; () = the worker's
+    llm_models: dict[str, str] = field(default_factory=dict)  # role -> model name
+
+    @staticmethod
+    def llm_from_config() -> tuple[tuple[str, ...], dict[str, str]]:
+        """The client's endpoints (config + ``OLLAMA_HOST``) and role -> model names."""
+        endpoints = list(config.get("llm.endpoints") or [])
+        if os.environ.get("OLLAMA_HOST"):
+            endpoints.append(os.environ["OLLAMA_HOST"])
+        models = {role: entry.get("model") if isinstance(entry, dict) else entry
+                  for role, entry in (config.get("placement.models") or {}).items()}
+        return tuple(endpoints), {k: v for k, v in models.items() if v}
 
     def options_for(self, url: str) -> dict[str, Any]:
         """fsspec storage options for ``url``'s protocol (``obdask.storage-options``)."""

@@ -404,6 +404,11 @@ def _validate(steps: list[Step], errors: _Errors) -> None:
                 errors.add(step.line, f"step {step.id!r} depends on unknown step {dep!r}{tip}")
             elif dep == step.id:
                 errors.add(step.line, f"step {step.id!r} depends on itself")
+        body = step.payload.body
+        if step.payload.prefix == "file" and body.startswith("job:") and \
+                body[4:] not in step.deps:
+            errors.add(step.line, f"step {step.id!r} reads @file:{body} but {body[4:]!r} is "
+                                  f"not in its deps (add deps={body[4:]})")
     if not errors.items:
         cycle = find_cycle(by_id)
         if cycle:

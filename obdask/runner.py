@@ -113,10 +113,12 @@ def prepare(plan: Plan, *, workspace: str | None = None, resume: bool = False,
         resources_for=_resources_policy(lanes_active),
         localities_for=_localities_policy(plan),
     )
+    endpoints, models = RunContext.llm_from_config()
     ctx = RunContext(run_id=store.run_id, plan_id=plan.plan_id,
                      workspace=resolve_workspace(plan, workspace), plan_folder=plan.folder,
                      artifacts=art, records=store, command=CommandPolicy.from_config(),
-                     storage_options=storage_options)
+                     storage_options=storage_options, llm_endpoints=endpoints,
+                     llm_models=models)
     return compiled, ctx
 
 
@@ -188,17 +190,21 @@ async def _run(client: Client, plan: Plan, *, workspace: str | None, resume: boo
     from obdask.placement import lanes_in_use
 
     started = time.time()
-    await _install_plugins(client)
+    await _install_plugins(client, plan)
     workers = (await client.scheduler.identity(n_workers=-1)).get("workers", {})
     compiled, ctx = prepare(plan, workspace=workspace, resume=resume, artifacts=artifacts,
                             records=records, lanes_active=lanes_in_use(workers))
     await _check_placeable(client, compiled)
     await _wait_keys_free(client, [j.key for j in compiled.runnable], plan)
-    routes = await _routes(client, compiled, workers)
-    futures = _submit(client, compiled, ctx, priority, routes)
-    await _wait(client, futures, progress)
-    outcomes = await _collect(client, compiled, futures, ctx)
-    del futures
+    events = _subscribe_events(client, ctx.run_id)
+    try:
+        routes = await _routes(client, compiled, workers)
+        futures = _submit(client, compiled, ctx, priority, routes)
+        await _wait(client, futures, progress)
+        outcomes = await _collect(client, compiled, futures, ctx, events)
+        del futures
+    finally:
+        _unsubscribe_events(client, ctx.run_id)
     duration = time.time() - started
     summary = _summary(plan, ctx, outcomes, duration)
     location = ctx.records.write_records(outcomes, summary)
@@ -206,12 +212,18 @@ async def _run(client: Client, plan: Plan, *, workspace: str | None, resume: boo
                      location=location, duration_s=duration, summary=summary)
 
 
-async def _install_plugins(client: Client) -> None:
+async def _install_plugins(client: Client, plan: Plan) -> None:
+    """The obdask scheduler plugin always; the budget plugin when models are called."""
     from obdask.diagnostics.plugin import install
 
-    result = install(client)
-    if asyncio.iscoroutine(result):
-        await result
+    installs = [install(client)]
+    if any(s.is_model_task for s in plan.steps) or config.get("llm.budgets"):
+        from obdask.llm import budget
+
+        installs.append(budget.install(client))
+    for result in installs:
+        if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+            await result
 
 
 async def _check_placeable(client: Client, compiled: CompiledPlan) -> None:
@@ -252,7 +264,7 @@ async def _routes(client: Client, compiled: CompiledPlan,
     from obdask.placement import route
 
     keyed = [j for j in compiled.runnable if j.spec.localities]
-    if not keyed:
+    if not keyed or not config.get("placement.locality"):
         return {}
     wanted = sorted({k for j in keyed for k in j.spec.localities})
     warm = await warm_workers(client, wanted)
@@ -300,11 +312,15 @@ async def _wait(client: Client, futures: dict[str, Future], progress: Progress |
 
 
 async def _collect(client: Client, compiled: CompiledPlan, futures: dict[str, Future],
-                   ctx: RunContext) -> list[dict[str, Any]]:
+                   ctx: RunContext,
+                   received: dict[str, list[dict[str, Any]]] | None = None,
+                   ) -> list[dict[str, Any]]:
     finished = [k for k, f in futures.items() if f.status == "finished"]
     results = dict(zip(finished, await client.gather([futures[k] for k in finished]),
                        strict=True))
-    events = await _events(client, ctx.run_id)
+    # Events received while the run went on; the scheduler's own log of the topic
+    # keeps only the last distributed.admin.low-level-log-length (1000) events.
+    events = {**await _events(client, ctx.run_id), **(received or {})}
     outcomes = []
     for job in compiled.jobs:
         if not job.runnable:
@@ -337,6 +353,7 @@ async def _failure_record(job: Job, future: Future) -> dict[str, Any]:
         if culprit and culprit != job.key:
             return {**base, "status": "skipped", "error": f"dependency {culprit} failed"}
         return {**base, "status": "failed",
+                "worker": getattr(getattr(exc, "last_worker", None), "address", None),
                 "error": f"job {job.key}: its worker died on every attempt ({exc})"}
     return {**base, "status": "failed", "error": f"job {job.key}: {type(exc).__name__}: {exc}"}
 
@@ -349,6 +366,35 @@ async def _events(client: Client, run_id: str) -> dict[str, list[dict[str, Any]]
         if isinstance(event, dict) and event.get("run") == run_id:
             by_key.setdefault(event["key"], []).append(event)
     return by_key
+
+
+def _subscribe_events(client: Client, run_id: str) -> dict[str, list[dict[str, Any]]]:
+    """Collect this run's worker events as the scheduler publishes them.
+
+    One topic handler per client fans out to every run in flight on it.
+    """
+    from obdask.execute import EVENT_TOPIC
+
+    runs = client.__dict__.setdefault("_obdask_event_runs", {})
+    received: dict[str, list[dict[str, Any]]] = {}
+    runs[run_id] = received
+    if len(runs) == 1:
+        def handler(event: tuple[float, Any]) -> None:
+            msg = event[1]
+            if isinstance(msg, dict) and msg.get("run") in runs:
+                runs[msg["run"]].setdefault(msg["key"], []).append(msg)
+
+        client.subscribe_topic(EVENT_TOPIC, handler)
+    return received
+
+
+def _unsubscribe_events(client: Client, run_id: str) -> None:
+    from obdask.execute import EVENT_TOPIC
+
+    runs = client.__dict__.get("_obdask_event_runs", {})
+    runs.pop(run_id, None)
+    if not runs:
+        client.unsubscribe_topic(EVENT_TOPIC)
 
 
 def _attempts(record: dict[str, Any], events: list[dict[str, Any]]) -> None:

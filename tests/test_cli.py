@@ -105,3 +105,17 @@ def test_dask_cli_entry_point(plan_file):
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "3 steps" in result.stdout
+
+
+def test_budgets_from_config_and_from_the_scheduler(cluster_client):
+    from obdask.llm.budget import set_budget
+
+    env = {"DASK_OBDASK__LLM__BUDGETS":
+           '[{"name": "daily", "scope": "cluster", "tokens": 2000000, "window": "1d"}]'}
+    local = obdask("budgets", env=env)
+    assert local.returncode == 0 and "daily" in local.stdout and "2000000" in local.stdout
+    set_budget(cluster_client, "plan-x", 5000, scope="plan", match="x")
+    remote = obdask("budgets", "--scheduler", cluster_client.scheduler.address, "--json")
+    assert remote.returncode == 0, remote.stderr
+    rows = {r["name"]: r for r in json.loads(remote.stdout)}
+    assert rows["plan-x"]["tokens"] == 5000 and rows["plan-x"]["available"] == 5000

@@ -30,9 +30,28 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+JOB_PREFIX = "job:"  # @file:job:<step> reads a dependency's stored output
 
-def read_payload_file(spec: JobSpec, ctx: RunContext) -> bytes:
+
+def _job_output(spec: JobSpec, ctx: RunContext, deps: Sequence[dict[str, Any]]) -> bytes:
+    """``@file:job:<step>``: the reply (or stdout) a dependency stored as an artifact."""
+    step = spec.payload.body[len(JOB_PREFIX):]
+    for dep in deps:
+        if dep.get("step") == step:
+            key = dep.get("reply") or dep.get("stdout")
+            if not key:
+                raise PayloadError(f"job {spec.key}: step {step!r} produced no output")
+            return ctx.artifacts.get(key)
+    raise PayloadError(f"job {spec.key}: the output of step {step!r} is not available here "
+                       "(it must be a dependency that ran in this run; resumed or "
+                       "deduplicated steps pass no output)")
+
+
+def read_payload_file(spec: JobSpec, ctx: RunContext,
+                      deps: Sequence[dict[str, Any]] = ()) -> bytes:
     """Content of the step's file, verified against ``#sha1=`` when pinned."""
+    if spec.payload.body.startswith(JOB_PREFIX):
+        return _verify(spec, f"output of {spec.payload.body}", _job_output(spec, ctx, deps))
     url = ctx.resolve(spec.payload.body)
     try:
         with fsspec.open(url, "rb", **ctx.options_for(url)) as f:
@@ -43,10 +62,14 @@ def read_payload_file(spec: JobSpec, ctx: RunContext) -> bytes:
         raise PayloadError(f"job {spec.key}: {url} is a folder, not a file") from exc
     except (OSError, ValueError, ImportError) as exc:
         raise PayloadError(f"job {spec.key}: cannot read {url}: {exc}") from exc
+    return _verify(spec, url, data)
+
+
+def _verify(spec: JobSpec, what: str, data: bytes) -> bytes:
     pinned = spec.payload.sha1
     if pinned and sha1_bytes(data) != pinned:
         raise IntegrityError(
-            f"job {spec.key}: {url} has sha1 {sha1_bytes(data)}, the plan pins {pinned}; "
+            f"job {spec.key}: {what} has sha1 {sha1_bytes(data)}, the plan pins {pinned}; "
             "update #sha1= or restore the file"
         )
     return data
@@ -60,7 +83,7 @@ def execute_file(spec: JobSpec, ctx: RunContext,
         from obdask.llm.task import run_model_task
 
         return run_model_task(spec, ctx, deps)
-    data = read_payload_file(spec, ctx)
+    data = read_payload_file(spec, ctx, deps)
     result: dict[str, Any] = {"input_sha1": sha1_bytes(data), "input_bytes": len(data)}
     if payload.apply:
         result.update(apply_diff(spec, ctx, data))

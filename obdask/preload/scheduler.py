@@ -13,11 +13,12 @@ from typing import Any
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from obdask.diagnostics.plugin import ObdaskSchedulerPlugin
+from obdask.llm.budget import BudgetPlugin
 
 logger = logging.getLogger(__name__)
 
 #: Factories of the scheduler plugins to install, in order.  Append to extend.
-EXTENSIONS: list[Callable[[], SchedulerPlugin]] = [ObdaskSchedulerPlugin]
+EXTENSIONS: list[Callable[[], SchedulerPlugin]] = [ObdaskSchedulerPlugin, BudgetPlugin]
 
 
 async def dask_setup(scheduler: Any) -> None:

@@ -1,0 +1,484 @@
+"""Ollama endpoints as a pool: discovery, health, model lists and concurrency slots.
+
+Endpoints come from ``obdask.llm.endpoints`` plus ``OLLAMA_HOST`` (when set),
+with a per-worker preferred endpoint (``obdask.llm.local-endpoint``) tried
+first.  Each process keeps one :class:`EndpointPool` per endpoint list (see
+:func:`get_pool`) holding:
+
+* health: an endpoint that refused a connection, answered 5xx or timed out is
+  *down* for ``obdask.llm.cool-off`` seconds and is only tried when no healthy
+  endpoint has the model;
+* model lists: ``/api/tags`` per endpoint, cached for ``obdask.llm.tags-ttl``;
+* slots: concurrent calls per ``(endpoint, model)`` are capped cluster-wide by
+  a :class:`distributed.Semaphore` named ``obdask-llm-<endpoint>-<model>``
+  with ``obdask.llm.slots`` (or ``model-slots``) leases, or by a process-local semaphore when the
+  caller is neither inside a Dask task nor has a Dask client.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+
+from obdask import config
+from obdask.exceptions import ConfigError, ModelError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HOST = "http://127.0.0.1:11434"
+_POLL = 0.25  # seconds between scans of all candidate endpoints for a free slot
+
+
+def canonical_model(name: str) -> str:
+    """Return ``name`` with ``:latest`` added when it has no tag."""
+    last = name.rsplit("/", 1)[-1]
+    return name if ":" in last else f"{name}:latest"
+
+
+def normalize_url(host: str) -> str:
+    """Turn ``host[:port]`` or a URL into ``scheme://host:port`` like the ollama client does.
+
+    Examples
+    --------
+    >>> normalize_url("127.0.0.1:5000")
+    'http://127.0.0.1:5000'
+    >>> normalize_url("gpu1")
+    'http://gpu1:11434'
+    """
+    host = host.strip().rstrip("/")
+    scheme, sep, rest = host.partition("://")
+    if not sep:
+        scheme, rest = "http", host
+    hostport, slash, path = rest.partition("/")
+    default_port = {"http": 80, "https": 443}[scheme] if sep else 11434
+    if hostport.startswith("["):
+        has_port = "]:" in hostport
+    else:
+        has_port = ":" in hostport
+    if not has_port:
+        hostport = f"{hostport or '127.0.0.1'}:{default_port}"
+    elif hostport.startswith(":"):
+        hostport = "127.0.0.1" + hostport
+    return f"{scheme}://{hostport}" + (f"/{path}" if slash and path else "")
+
+
+def endpoint_urls(
+    endpoints: str | Iterable[str] | None = None, local: str | None = None
+) -> list[str]:
+    """The endpoints to use, preferred first, without duplicates.
+
+    Parameters
+    ----------
+    endpoints : str or list of str, optional
+        Base URLs; default ``obdask.llm.endpoints`` plus ``OLLAMA_HOST`` when set.
+        A string may hold several, separated by commas.
+    local : str, optional
+        This worker's preferred endpoint; default ``obdask.llm.local-endpoint``.
+
+    Returns
+    -------
+    list of str
+        Normalised URLs; ``http://127.0.0.1:11434`` when nothing is configured.
+    """
+    if endpoints is None:
+        endpoints = config.get("llm.endpoints") or []
+        if isinstance(endpoints, str):
+            endpoints = [endpoints]
+        endpoints = list(endpoints)
+        if os.environ.get("OLLAMA_HOST"):
+            endpoints.append(os.environ["OLLAMA_HOST"])
+    if isinstance(endpoints, str):
+        endpoints = endpoints.split(",")
+    local = local if local is not None else config.get("llm.local-endpoint")
+    urls = [normalize_url(local)] if local else []
+    for e in endpoints:
+        if e and e.strip() and normalize_url(e) not in urls:
+            urls.append(normalize_url(e))
+    return urls or [DEFAULT_HOST]
+
+
+def slots_for(model: str) -> int:
+    """Concurrent calls allowed per endpoint for ``model``.
+
+    ``obdask.llm.model-slots`` (``{"qwen2.5-coder:14b": 2}``) overrides
+    ``obdask.llm.slots`` (an int for every model; a mapping with a
+    ``default`` key is accepted too).
+    """
+    overrides = config.get("llm.model-slots") or {}
+    raw = config.get("llm.slots")
+    if isinstance(raw, dict):
+        overrides = {**raw, **overrides}
+        raw = raw.get("default", 1)
+    value = overrides.get(model, overrides.get(canonical_model(model), raw))
+    if model.endswith(":latest"):
+        value = overrides.get(model.removesuffix(":latest"), value)
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise ConfigError(f"obdask.llm.slots for model {model!r} is {value!r}; use an integer >= 1")
+    return n
+
+
+@dataclass
+class EndpointState:
+    """Health and model list of one endpoint, as this process sees it."""
+
+    url: str
+    down_until: float = 0.0
+    reason: str = ""
+    failures: int = 0
+    tags: frozenset[str] | None = None
+    tags_at: float = 0.0
+
+    def healthy(self, now: float | None = None) -> bool:
+        """True unless the endpoint is cooling off after a failure."""
+        return (now or time.monotonic()) >= self.down_until
+
+
+class SlotLease:
+    """A held concurrency slot on one endpoint; call :meth:`release` exactly once."""
+
+    def __init__(self, url: str, model: str, semaphore: Any) -> None:
+        self.url = url
+        self.model = model
+        self._semaphore = semaphore
+        self._held = True
+
+    def release(self) -> None:
+        """Give the slot back (idempotent)."""
+        if self._held:
+            self._held = False
+            try:
+                self._semaphore.release()
+            except Exception:  # the lease times out on the scheduler anyway
+                logger.warning(
+                    "could not release slot %s on %s", self.model, self.url, exc_info=True
+                )
+
+    def __enter__(self) -> SlotLease:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def dask_context() -> tuple[str, Any]:
+    """Where this runs: ``("worker", Worker)``, ``("client", Client)`` or ``("local", None)``.
+
+    ``"worker"`` inside a Dask task; ``"client"`` when a synchronous default
+    client exists; ``"local"`` otherwise (process-local slots and budgets).
+    """
+    try:
+        from distributed import get_worker
+        from distributed.client import default_client
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        return "local", None
+    try:
+        return "worker", get_worker()
+    except ValueError:
+        pass
+    try:
+        client = default_client()
+    except ValueError:
+        return "local", None
+    # An asynchronous client cannot serve blocking calls from this thread.
+    if client.status in ("running", "connecting", "newly-created") and not client.asynchronous:
+        return "client", client
+    return "local", None
+
+
+_local_semaphores: dict[tuple[str, str, int], threading.BoundedSemaphore] = {}
+_dask_semaphores: dict[tuple[Any, ...], Any] = {}
+_sem_lock = threading.Lock()
+
+
+class _LocalSlot:
+    """Adapter giving a threading semaphore the ``acquire(timeout)`` of a Dask one."""
+
+    def __init__(self, sem: threading.BoundedSemaphore) -> None:
+        self._sem = sem
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        if timeout is not None and timeout <= 0:
+            return self._sem.acquire(blocking=False)
+        return self._sem.acquire(timeout=timeout)
+
+    def release(self) -> None:
+        self._sem.release()
+
+
+def slot_semaphore(url: str, model: str) -> Any:
+    """The semaphore capping calls of ``model`` on ``url`` (Dask-wide when possible).
+
+    Returns
+    -------
+    object
+        A :class:`distributed.Semaphore` named ``obdask-llm-<url>-<model>``
+        inside a Dask worker or client context, else a process-local semaphore
+        with the same ``acquire(timeout)`` / ``release()`` methods.
+    """
+    model = canonical_model(model)
+    n = slots_for(model)
+    kind, ctx = dask_context()
+    with _sem_lock:
+        if kind == "local":
+            key = (url, model, n)
+            if key not in _local_semaphores:
+                _local_semaphores[key] = threading.BoundedSemaphore(n)
+            return _LocalSlot(_local_semaphores[key])
+        from distributed import Semaphore
+
+        ckey = (id(ctx), getattr(ctx, "address", None) or getattr(ctx, "id", None), url, model, n)
+        sem = _dask_semaphores.get(ckey)
+        if sem is None:
+            sem = Semaphore(max_leases=n, name=f"obdask-llm-{url}-{model}")
+            _dask_semaphores[ckey] = sem
+        return sem
+
+
+def _acquire(sem: Any, url: str, model: str, timeout: float | None) -> bool:
+    try:
+        return bool(sem.acquire(timeout=timeout))
+    except ValueError as exc:
+        if "Inconsistent max leases" in str(exc):
+            raise ConfigError(
+                f"obdask.llm.slots for {model!r} on {url} differs between processes ({exc}); "
+                "set the same obdask.llm.slots on every worker and client"
+            ) from exc
+        raise
+
+
+class EndpointPool:
+    """Endpoints with health state, cached model lists and slot acquisition.
+
+    Parameters
+    ----------
+    urls : sequence of str
+        Endpoint base URLs, preferred first (see :func:`endpoint_urls`).
+    cool_off : float, optional
+        Seconds an endpoint stays down after a failure (``obdask.llm.cool-off``).
+    tags_ttl : float, optional
+        Seconds a ``/api/tags`` answer is reused (``obdask.llm.tags-ttl``).
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        cool_off: float | None = None,
+        tags_ttl: float | None = None,
+    ) -> None:
+        self.urls = [normalize_url(u) for u in urls]
+        self.cool_off = config.get_seconds("llm.cool-off", cool_off)
+        self.tags_ttl = config.get_seconds("llm.tags-ttl", tags_ttl)
+        self.states = {u: EndpointState(u) for u in self.urls}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        now = time.monotonic()
+        health = ", ".join(
+            f"{u} {'up' if s.healthy(now) else 'down'}" for u, s in self.states.items()
+        )
+        return f"<EndpointPool {health}>"
+
+    # -- health --------------------------------------------------------------
+    def healthy(self, url: str) -> bool:
+        """True unless ``url`` is cooling off after a failure."""
+        return self.states[url].healthy()
+
+    def mark_down(self, url: str, reason: str) -> None:
+        """Skip ``url`` for ``cool_off`` seconds (connection refused, 5xx, timeout)."""
+        with self._lock:
+            state = self.states[url]
+            state.down_until = time.monotonic() + self.cool_off
+            state.reason = reason
+            state.failures += 1
+        logger.warning("Ollama endpoint %s marked down for %.0fs: %s", url, self.cool_off, reason)
+
+    def mark_up(self, url: str) -> None:
+        """Record a successful call on ``url``."""
+        state = self.states[url]
+        if state.failures or state.down_until:
+            with self._lock:
+                state.failures = 0
+                state.down_until = 0.0
+                state.reason = ""
+
+    # -- model lists ---------------------------------------------------------
+    def tags(self, url: str, refresh: bool = False) -> frozenset[str] | None:
+        """Models installed on ``url`` (canonical names), or None if it cannot be asked now."""
+        state = self.states[url]
+        now = time.monotonic()
+        if not refresh and state.tags is not None and now - state.tags_at < self.tags_ttl:
+            return state.tags
+        if not state.healthy(now) and not refresh:
+            return state.tags
+        try:
+            import ollama
+
+            with ollama.Client(host=url, timeout=min(10.0, self.cool_off or 10.0)) as client:
+                listing = client.list()
+        except Exception as exc:  # refused, timeout, 5xx, bad body: all mean "not usable"
+            self.mark_down(url, f"/api/tags failed: {type(exc).__name__}: {exc}")
+            return state.tags
+        names = frozenset(canonical_model(m.model) for m in listing.models if m.model)
+        with self._lock:
+            state.tags, state.tags_at = names, time.monotonic()
+        return names
+
+    def forget_tags(self, url: str) -> None:
+        """Drop the cached model list of ``url`` (after it answered 404 for a listed model)."""
+        with self._lock:
+            self.states[url].tags = None
+
+    def candidates(self, model: str, exclude: Iterable[str] = ()) -> list[str]:
+        """Endpoints to try for ``model``: healthy ones listing it, else down ones that might.
+
+        Parameters
+        ----------
+        model : str
+            Model name.
+        exclude : iterable of str
+            Endpoints not to return (e.g. ones that answered 404).
+
+        Returns
+        -------
+        list of str
+            Healthy endpoints whose ``/api/tags`` list ``model``, in preference
+            order; when there are none, the down endpoints whose last known
+            list had the model, soonest back first.  Empty if no endpoint has it.
+        """
+        model = canonical_model(model)
+        skip = set(exclude)
+        healthy = [u for u in self.urls if u not in skip and self.healthy(u)]
+        found = [u for u in healthy if model in (self.tags(u) or ())]
+        if found:
+            return found
+        down = [u for u in self.urls if u not in skip and not self.healthy(u)]
+        maybe = [u for u in down if self.states[u].tags is None or model in self.states[u].tags]
+        return sorted(maybe, key=lambda u: self.states[u].down_until)
+
+    def where_is(self, model: str) -> dict[str, str]:
+        """For error messages: each endpoint and whether it has ``model``."""
+        model = canonical_model(model)
+        out = {}
+        for url, state in self.states.items():
+            if not state.healthy():
+                out[url] = f"down ({state.reason})"
+            elif state.tags is None:
+                out[url] = "model list unknown"
+            else:
+                out[url] = "has it" if model in state.tags else "does not have it"
+        return out
+
+    # -- slots ---------------------------------------------------------------
+    def acquire_slot(
+        self, urls: Sequence[str], model: str, timeout: float | None = None
+    ) -> SlotLease:
+        """Hold a concurrency slot on the first of ``urls`` that has one free.
+
+        Parameters
+        ----------
+        urls : sequence of str
+            Candidate endpoints in preference order.
+        model : str
+            Model name (slots are per endpoint and model).
+        timeout : float, optional
+            Seconds to wait for a slot; None waits forever.
+
+        Raises
+        ------
+        TimeoutError
+            No slot became free in time.
+        """
+        if not urls:
+            raise ValueError("acquire_slot needs at least one endpoint")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sems = [(u, slot_semaphore(u, model)) for u in urls]
+        while True:
+            if len(sems) > 1:
+                for url, sem in sems:
+                    if _acquire(sem, url, model, 0):
+                        return SlotLease(url, model, sem)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(
+                    f"no free slot for model {model!r} on {', '.join(urls)} within {timeout}s; "
+                    "raise obdask.llm.slots or obdask.llm.slot-timeout"
+                )
+            wait = left if len(sems) == 1 else min(_POLL, left if left is not None else _POLL)
+            url, sem = sems[0]
+            if _acquire(sem, url, model, wait):
+                return SlotLease(url, model, sem)
+
+
+_pools: dict[tuple[tuple[str, ...], float, float], EndpointPool] = {}
+_pools_lock = threading.Lock()
+
+
+def get_pool(
+    endpoints: str | Iterable[str] | None = None, local: str | None = None
+) -> EndpointPool:
+    """The process-wide :class:`EndpointPool` for these endpoints (health is shared).
+
+    Parameters
+    ----------
+    endpoints : str or list of str, optional
+        See :func:`endpoint_urls`.
+    local : str, optional
+        Preferred endpoint; default ``obdask.llm.local-endpoint``.
+    """
+    urls = tuple(endpoint_urls(endpoints, local))
+    cool_off = config.get_seconds("llm.cool-off")
+    ttl = config.get_seconds("llm.tags-ttl")
+    key = (urls, cool_off, ttl)
+    with _pools_lock:
+        pool = _pools.get(key)
+        if pool is None:
+            pool = _pools[key] = EndpointPool(urls, cool_off=cool_off, tags_ttl=ttl)
+        return pool
+
+
+def reset_pools() -> None:
+    """Forget all pools and local semaphores (health, cached tags); for tests."""
+    with _pools_lock:
+        _pools.clear()
+    with _sem_lock:
+        _local_semaphores.clear()
+        for sem in _dask_semaphores.values():
+            callback = getattr(sem, "refresh_callback", None)
+            if callback is not None:
+                callback.stop()
+        _dask_semaphores.clear()
+
+
+def resolve_model(role_or_model: str) -> str:
+    """Map a role from ``obdask.placement.models`` to its model; other names pass through.
+
+    Raises
+    ------
+    ModelError
+        The role exists but names no model.
+    """
+    roles = dask.config.get("obdask.placement.models", default={}) or {}
+    if role_or_model in roles:
+        entry = roles[role_or_model]
+        model = entry.get("model") if isinstance(entry, dict) else entry
+        if not model:
+            raise ModelError(
+                f"role {role_or_model!r} has no model; set obdask.placement.models."
+                f"{role_or_model}.model"
+            )
+        return str(model)
+    if not role_or_model:
+        raise ModelError("no model or role given; pass a role from obdask.placement.models")
+    return role_or_model

@@ -1,0 +1,296 @@
+"""Endpoint pool and call_model against real test servers, in and out of Dask."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+
+import obdask  # noqa: F401
+
+pytest.importorskip("ollama")
+
+import dask  # noqa: E402
+from distributed import Client, LocalCluster, wait  # noqa: E402
+
+from obdask.exceptions import ConfigError, ModelError  # noqa: E402
+from obdask.llm import client as llm_client  # noqa: E402
+from obdask.llm.client import call_model, token_records  # noqa: E402
+from obdask.llm.pool import (  # noqa: E402
+    endpoint_urls,
+    get_pool,
+    normalize_url,
+    reset_pools,
+    resolve_model,
+    slots_for,
+)
+from obdask.testing import ModelSpec, OllamaTestServer  # noqa: E402
+
+FAST = {"obdask.llm.backoff": "10ms", "obdask.llm.backoff-max": "50ms"}
+SCHEMA = {
+    "type": "object",
+    "properties": {"summary": {"type": "string"}, "files": {"type": "array"}},
+    "required": ["summary", "files"],
+}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pools():
+    reset_pools()
+    with dask.config.set(FAST):
+        yield
+    reset_pools()
+
+
+def _call_dask(url_list, model, i, job=None):
+    reply = call_model(model, f"task {i}: fix the failing test", endpoints=url_list, job=job)
+    return reply.endpoint, reply.prompt_eval_count, reply.eval_count, reply.attempts
+
+
+@pytest.fixture(scope="module")
+def llm_cluster():
+    """Two worker processes x 4 threads; workers inherit the obdask.llm settings below."""
+    settings = {**FAST, "obdask.llm.slots": 2, "obdask.llm.cool-off": "30s"}
+    with (
+        dask.config.set(settings),
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=4,
+            processes=True,
+            dashboard_address=":0",
+            silence_logs=logging.CRITICAL,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+# -- configuration -------------------------------------------------------------------
+
+
+def test_endpoint_urls(monkeypatch):
+    monkeypatch.delenv("OLLAMA_HOST", raising=False)
+    assert endpoint_urls([]) == ["http://127.0.0.1:11434"]
+    assert normalize_url("gpu1") == "http://gpu1:11434"
+    assert normalize_url(":9") == "http://127.0.0.1:9"
+    assert normalize_url("https://h/") == "https://h:443"
+    with dask.config.set({"obdask.llm.endpoints": ["a:1", "b:2"]}):
+        monkeypatch.setenv("OLLAMA_HOST", "c:3")
+        assert endpoint_urls() == ["http://a:1", "http://b:2", "http://c:3"]
+        assert endpoint_urls(local="b:2") == ["http://b:2", "http://a:1", "http://c:3"]
+    with dask.config.set({"obdask.llm.local-endpoint": "http://z:1"}):
+        assert endpoint_urls("x:1,y:1") == ["http://z:1", "http://x:1", "http://y:1"]
+
+
+def test_slots_and_roles():
+    assert slots_for("m1") == 1
+    with dask.config.set({"obdask.llm.slots": 3, "obdask.llm.model-slots": {"big:70b": 1}}):
+        assert slots_for("m1") == 3 and slots_for("big:70b") == 1
+        assert slots_for("m1:latest") == 3
+    with dask.config.set({"obdask.llm.model-slots": {"small": 5}}):
+        assert slots_for("small:latest") == 5 and slots_for("small") == 5
+    with dask.config.set({"obdask.llm.slots": {"default": 2, "x:1b": 4}}):
+        assert slots_for("m1") == 2 and slots_for("x:1b") == 4
+    with dask.config.set({"obdask.llm.slots": 4}):
+        assert slots_for("anything") == 4
+    with dask.config.set({"obdask.llm.slots": 0}), pytest.raises(ConfigError, match="m1"):
+        slots_for("m1")
+    assert resolve_model("coder") == dask.config.get("obdask.placement.models.coder.model")
+    assert resolve_model("llama3.2:3b") == "llama3.2:3b"
+    with dask.config.set({"obdask.placement.models.ghost": {"vram": 0}}):
+        with pytest.raises(ModelError, match="obdask.placement.models.ghost.model"):
+            resolve_model("ghost")
+
+
+# -- single process ------------------------------------------------------------------
+
+
+def test_call_records_match_server_counts():
+    with OllamaTestServer(models=["m1"]) as srv:
+        before = len(token_records())
+        replies = [
+            call_model(
+                "m1",
+                [
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "content": f"question {i}?"},
+                ],
+                endpoints=[srv.url],
+                job=f"j{i}",
+                plan="p",
+            )
+            for i in range(3)
+        ]
+        records = token_records()[before:]
+        server = srv.stats.calls_for("m1")
+        assert [(r["prompt_eval_count"], r["eval_count"]) for r in records] == [
+            (c["prompt_eval_count"], c["eval_count"]) for c in server
+        ]
+        assert [r.record for r in replies] == records
+        assert records[0]["job"] == "j0" and records[0]["plan"] == "p"
+        assert records[0]["model"] == "m1:latest" and records[0]["endpoint"] == srv.url
+        assert replies[0].durations["total_duration"] == server[0]["total_duration"]
+        assert srv.stats.total("/api/tags") == 1  # cached for obdask.llm.tags-ttl
+
+
+def test_model_errors_name_model_and_endpoint():
+    vision = {"role": "user", "content": "look", "images": ["aGVsbG8="]}
+    with OllamaTestServer(models=["m1"]) as srv:
+        with pytest.raises(ModelError, match=r"'nope:1b'.*not available.*ollama pull nope:1b"):
+            call_model("nope:1b", "hi", endpoints=[srv.url])
+        with pytest.raises(ModelError, match=rf"'m1' on {srv.url}.*does not support vision"):
+            call_model("m1", [vision], endpoints=[srv.url])
+        call_model("m1", "warm the tag cache", endpoints=[srv.url])
+        srv.remove_model("m1")  # still listed in the cached /api/tags
+        with pytest.raises(ModelError, match=rf"'m1'.*{srv.url}: answered 404"):
+            call_model("m1", "hi", endpoints=[srv.url])
+
+
+def test_structured_output_retries_once():
+    bad, good = '{"summary": 1}', '{"summary": "ok", "files": []}'
+    with OllamaTestServer(models=["m1"], replies=[bad, good, "no json", "{}"]) as srv:
+        reply = call_model("m1", "summarise", endpoints=[srv.url], fmt=SCHEMA)
+        assert reply.data == {"summary": "ok", "files": []} and reply.attempts == 2
+        with pytest.raises(ModelError, match="does not match the requested format 2 times"):
+            call_model("m1", "summarise", endpoints=[srv.url], fmt=SCHEMA)
+        assert srv.stats.total("/api/chat") == 4
+        assert call_model("m1", "x", endpoints=[srv.url], fmt="json").data is not None
+
+
+def test_timeout_cancels_generation_and_fails_over():
+    with (
+        OllamaTestServer(models=["m1"], token_latency=0.2) as slow,
+        OllamaTestServer(models=["m1"]) as fast,
+    ):
+        t0 = time.monotonic()
+        reply = call_model("m1", "hi", endpoints=[slow.url, fast.url], timeout=0.5)
+        assert reply.endpoint == fast.url and reply.attempts == 2
+        assert time.monotonic() - t0 < 3
+        assert not get_pool([slow.url, fast.url]).healthy(slow.url)
+        assert slow.stats.calls == []  # the slow generation never finished
+        fast.stall(2, n=4)  # every attempt (obdask.llm.attempts) stalls
+        with pytest.raises(ModelError, match="attempts failed.*timed out"):
+            call_model("m1", "hi", endpoints=[fast.url], timeout=0.3)
+
+
+def test_local_endpoint_preferred_and_local_cap():
+    with (
+        OllamaTestServer(models=["m1"]) as a,
+        OllamaTestServer(models=[ModelSpec("m1", parallel=8)], token_latency=0.01) as b,
+        dask.config.set({"obdask.llm.slots": 2}),
+    ):
+        assert (
+            call_model("m1", "x", endpoints=[a.url, b.url], local_endpoint=b.url).endpoint == b.url
+        )
+        threads = [
+            threading.Thread(target=call_model, args=("m1", f"q{i}"), kwargs={"endpoints": [b.url]})
+            for i in range(6)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert b.stats.peak("m1") == 2 and len(b.stats.calls) == 7
+
+
+def test_overload_503_does_not_lose_calls():
+    with (
+        OllamaTestServer(models=["m1"], num_parallel=1, max_queue=1, token_latency=0.01) as srv,
+        dask.config.set({"obdask.llm.slots": 6, "obdask.llm.attempts": 20}),
+    ):
+        results: list = []
+        threads = [
+            threading.Thread(
+                target=lambda i=i: results.append(call_model("m1", f"q{i}", endpoints=[srv.url]))
+            )
+            for i in range(6)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(results) == 6 and len(srv.stats.calls) == 6
+        assert srv.stats.statuses[("/api/chat", 503)] >= 1
+        assert any(r.attempts > 1 for r in results)
+        assert get_pool([srv.url]).healthy(srv.url)  # busy is not down
+
+
+# -- on a LocalCluster ---------------------------------------------------------------
+
+
+def test_per_model_cap_across_workers(llm_cluster):
+    client = llm_cluster
+    with OllamaTestServer(models=[ModelSpec("capped", parallel=8)], token_latency=0.02) as srv:
+        futs = [
+            client.submit(_call_dask, [srv.url], "capped", i, f"job-{i}", pure=False)
+            for i in range(8)
+        ]
+        results = client.gather(futs)
+        assert srv.stats.peak("capped") == 2  # obdask.llm.slots is 2, cluster-wide
+        assert len(srv.stats.calls) == 8
+        events = [
+            msg for _, msg in client.get_events("obdask-tokens") if msg["endpoint"] == srv.url
+        ]
+        assert len(events) == 8 and {e["worker"] for e in events} <= set(
+            client.scheduler_info()["workers"]
+        )
+        server = sorted((c["prompt_eval_count"], c["eval_count"]) for c in srv.stats.calls)
+        assert sorted((e["prompt_eval_count"], e["eval_count"]) for e in events) == server
+        assert sorted((p, e) for _, p, e, _ in results) == server
+        assert {e["job"] for e in events} == {f"job-{i}" for i in range(8)}
+
+
+def test_failover_when_an_endpoint_stops_mid_run(llm_cluster):
+    client = llm_cluster
+    servers = [OllamaTestServer(models=["m1"], token_latency=0.01).start() for _ in range(3)]
+    urls = [s.url for s in servers]
+    try:
+        futs = [client.submit(_call_dask, urls, "m1", i, pure=False) for i in range(24)]
+        deadline = time.monotonic() + 20
+        while len(servers[0].stats.calls) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        servers[0].stop()
+        stopped_at = len(servers[0].stats.calls)
+        wait(futs)
+        results = client.gather(futs)
+        assert len(results) == 24
+        assert len(servers[0].stats.calls) == stopped_at
+        served = sum(len(s.stats.calls) for s in servers)
+        assert served == 24
+        assert {r[0] for r in results} <= set(urls)
+        assert any(r[3] > 1 for r in results)  # some calls hit the stopped endpoint first
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def _endpoint_of_call(urls):
+    return call_model("m1", "which endpoint?", endpoints=urls).endpoint
+
+
+def _set_local_endpoint(url, dask_worker=None):
+    dask_worker.obdask_ollama_endpoint = url  # what obdask.preload.worker --ollama-endpoint sets
+
+
+def test_worker_prefers_its_own_endpoint(llm_cluster):
+    client = llm_cluster
+    with OllamaTestServer(models=["m1"]) as one, OllamaTestServer(models=["m1"]) as two:
+        client.run(_set_local_endpoint, two.url)
+        try:
+            for _ in range(3):  # one at a time: a busy local endpoint spills over to others
+                fut = client.submit(_endpoint_of_call, [one.url, two.url], pure=False)
+                assert fut.result() == two.url
+        finally:
+            client.run(_set_local_endpoint, None)
+        assert one.stats.total("/api/chat") == 0
+
+
+def test_module_reexport():
+    import obdask.llm
+    import obdask.testing
+
+    assert obdask.llm.call_model is llm_client.call_model
+    assert obdask.testing.OllamaTestServer is obdask.llm.OllamaTestServer
