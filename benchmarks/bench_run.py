@@ -25,6 +25,8 @@ import sys
 import tempfile
 import time
 
+import dask
+
 import obdask
 from obdask.compile import compile_plan
 from obdask.plan import Plan
@@ -132,6 +134,11 @@ def main(argv=None) -> int:
         for shape in ("independent", "chain50", "fanout"):
             rows.append(compare(client, folder, f"cmd-true-{shape}", "@cmd:true", sh_true,
                                 shape_edges(shape, args.cmd_jobs), args.repeat))
+        # The same without kill-on-worker-death (no setpriv exec per command).
+        with dask.config.set({"obdask.cmd.pdeathsig": False}):
+            rows.append(compare(client, folder, "cmd-true-indep-nopdeath", "@cmd:true",
+                                sh_true, shape_edges("independent", args.cmd_jobs),
+                                args.repeat))
     compiles = compile_times()
     print(f"\n{'steps':>8}{'compile s':>11}{'us/step':>9}")
     for c in compiles:

@@ -11,6 +11,7 @@ already done (the single-machine tool's rule).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -25,6 +26,11 @@ from obdask.exceptions import PayloadError
 logger = logging.getLogger(__name__)
 
 BY_HASH = "by-hash"
+
+
+@functools.lru_cache(maxsize=64)
+def _open_store(url: str, options: str) -> ArtifactStore:
+    return ArtifactStore(url, json.loads(options))
 
 
 def sha1_bytes(data: bytes) -> str:
@@ -53,7 +59,9 @@ class ArtifactStore:
         self._made: set[str] = set()
 
     def __reduce__(self):
-        return (type(self), (self.url, self.storage_options))
+        # Every task carries the store: unpickle to one cached instance per process.
+        return (_open_store, (self.url, json.dumps(self.storage_options, sort_keys=True,
+                                                   default=str)))
 
     def _path(self, name: str) -> str:
         return posixpath.join(self.root, BY_HASH, name)

@@ -29,6 +29,7 @@ class CommandPolicy:
     max_output: int
     limits: dict[str, Any]
     timeout: float
+    pdeathsig: bool = True
 
     @classmethod
     def from_config(cls) -> CommandPolicy:
@@ -39,6 +40,7 @@ class CommandPolicy:
             max_output=config.get_bytes("cmd.max-output"),
             limits=dict(config.get("cmd.limits")),
             timeout=config.get_seconds("run.timeout"),
+            pdeathsig=bool(config.get("cmd.pdeathsig")),
         )
 
 

@@ -52,8 +52,6 @@ def run_job(spec: JobSpec, ctx: RunContext, *deps: dict[str, Any]) -> dict[str, 
         _emit(worker, {"key": spec.key, "run": ctx.run_id, "event": "replayed", "worker": where})
         return {**previous, "replayed": True}
     started = time.time()
-    _emit(worker, {"key": spec.key, "run": ctx.run_id, "event": "start", "worker": where,
-                   "ts": started})
     record: dict[str, Any] = {
         "key": spec.key, "step": spec.step_id, "plan": spec.plan_id, "run_id": ctx.run_id,
         "fingerprint": spec.fingerprint, "worker": where, "started": started,
@@ -85,7 +83,6 @@ def run_job(spec: JobSpec, ctx: RunContext, *deps: dict[str, Any]) -> dict[str, 
     ctx.records.ledger_put(spec.step_id, record)
     if spec.dedupe:
         ctx.artifacts.put_result(spec.dedupe, record)
-    _emit(worker, {"key": spec.key, "run": ctx.run_id, "event": "done", "worker": where})
     return record
 
 

@@ -16,6 +16,7 @@ finds its ledger entry and returns it instead of running the payload again.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -33,6 +34,11 @@ logger = logging.getLogger(__name__)
 # Statuses that mean "this job's work is complete" (resume and ledger replay).
 COMPLETE = frozenset({"done", "deduplicated", "done-at-compile", "resumed"})
 STATUSES = ("done", "failed", "skipped", "deduplicated", "done-at-compile", "resumed")
+
+
+@functools.lru_cache(maxsize=64)
+def _open_run_store(url: str, plan_id: str, run_id: str, options: str) -> RunStore:
+    return RunStore(url, plan_id, run_id, json.loads(options))
 
 
 def new_run_id() -> str:
@@ -65,7 +71,9 @@ class RunStore:
         self._local = isinstance(self.fs, LocalFileSystem)
 
     def __reduce__(self):
-        return (type(self), (self.url, self.plan_id, self.run_id, self.storage_options))
+        # Every task carries the store: unpickle to one cached instance per process.
+        return (_open_run_store, (self.url, self.plan_id, self.run_id,
+                                  json.dumps(self.storage_options, sort_keys=True, default=str)))
 
     @property
     def location(self) -> str:

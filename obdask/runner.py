@@ -214,9 +214,10 @@ async def _run(client: Client, plan: Plan, *, workspace: str | None, resume: boo
 
 async def _install_plugins(client: Client, plan: Plan) -> None:
     """The obdask scheduler plugin always; the budget plugin when models are called."""
+    from obdask.diagnostics.attempts import AttemptsPlugin
     from obdask.diagnostics.plugin import install
 
-    installs = [install(client)]
+    installs = [install(client), client.register_plugin(AttemptsPlugin())]
     if any(s.is_model_task for s in plan.steps) or config.get("llm.budgets"):
         from obdask.llm import budget
 
@@ -321,6 +322,7 @@ async def _collect(client: Client, compiled: CompiledPlan, futures: dict[str, Fu
     # Events received while the run went on; the scheduler's own log of the topic
     # keeps only the last distributed.admin.low-level-log-length (1000) events.
     events = {**await _events(client, ctx.run_id), **(received or {})}
+    tries = await client.scheduler.obdask_attempts_query(keys=list(futures)) if futures else {}
     outcomes = []
     for job in compiled.jobs:
         if not job.runnable:
@@ -331,7 +333,7 @@ async def _collect(client: Client, compiled: CompiledPlan, futures: dict[str, Fu
         else:
             record = await _failure_record(job, futures[job.key])
         record.update(id=job.spec.step_id, run_id=ctx.run_id, plan=ctx.plan_id)
-        _attempts(record, events.get(job.key, []))
+        _attempts(record, tries.get(job.key, []), events.get(job.key, []))
         outcomes.append(record)
     return outcomes
 
@@ -397,19 +399,14 @@ def _unsubscribe_events(client: Client, run_id: str) -> None:
         client.unsubscribe_topic(EVENT_TOPIC)
 
 
-def _attempts(record: dict[str, Any], events: list[dict[str, Any]]) -> None:
-    """Attempts and retry reasons from the worker events of one job."""
-    starts = [e for e in events if e["event"] == "start"]
-    record["attempts"] = len(starts)
-    reasons = []
-    for i, start in enumerate(starts[:-1]):
-        ended = [e for e in events if e["event"] in ("failed", "done")
-                 and e["worker"] == start["worker"]]
-        failed = [e for e in ended if e["event"] == "failed"]
-        if failed:
-            reasons.append(f"attempt {i + 1} failed: {failed[0].get('error')}")
-        else:
-            reasons.append(f"attempt {i + 1}: worker {start['worker']} lost")
+def _attempts(record: dict[str, Any], tries: list[list[Any]],
+              events: list[dict[str, Any]]) -> None:
+    """Attempts (from the scheduler) and retry reasons (with the workers' errors)."""
+    from obdask.diagnostics.attempts import describe
+
+    record["attempts"] = len(tries)
+    errors = {e["worker"]: e.get("error") for e in events if e["event"] == "failed"}
+    reasons = describe(tries, errors)
     if any(e["event"] == "replayed" for e in events):
         reasons.append("re-run after worker loss: result replayed from the ledger")
     if reasons:

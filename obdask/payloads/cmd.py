@@ -301,7 +301,8 @@ def run_command(command: str, cwd: str | os.PathLike[str], *, timeout: float | N
                 max_output: int | None = None, limits: Mapping[str, Any] | None = None,
                 allowlist: Iterable[str] | None = None,
                 allow_substitution: bool | None = None,
-                env_allowlist: Iterable[str] | None = None) -> CommandResult:
+                env_allowlist: Iterable[str] | None = None,
+                pdeathsig: bool | None = None) -> CommandResult:
     """Check ``command`` and run it with ``obdask.cmd.shell -c`` in ``cwd``.
 
     The child runs in a new session (its own process group) with stdin from
@@ -337,6 +338,8 @@ def run_command(command: str, cwd: str | os.PathLike[str], *, timeout: float | N
         Passed to :func:`check_command`; default from config.
     env_allowlist : iterable of str, optional
         Variables kept from ``env``; default ``obdask.cmd.env-allowlist``.
+    pdeathsig : bool, optional
+        Kill the shell when this process dies; default ``obdask.cmd.pdeathsig``.
 
     Returns
     -------
@@ -371,8 +374,8 @@ def run_command(command: str, cwd: str | os.PathLike[str], *, timeout: float | N
         child_env.update(extra_env)
 
     start = time.monotonic()
-    proc = _spawn(settings.shell, command, cwd, child_env, rlimits, settings.pdeathsig,
-                  settings.launcher)
+    proc = _spawn(settings.shell, command, cwd, child_env, rlimits,
+                  settings.pdeathsig if pdeathsig is None else pdeathsig, settings.launcher)
     logger.debug("@cmd: pid %d in %s: %s", proc.pid, cwd, command)
     try:
         out, err, nout, nerr, timed_out = _collect(proc, wall, keep)
@@ -617,6 +620,7 @@ def execute_command(spec: JobSpec, ctx: RunContext) -> dict[str, Any]:
             body, ctx.workspace, timeout=timeout, extra_env=ctx.env or None,
             max_output=policy.max_output, limits=policy.limits, allowlist=policy.allowlist,
             allow_substitution=policy.allow_substitution, env_allowlist=policy.env_allowlist,
+            pdeathsig=policy.pdeathsig,
         )
     except PayloadError as exc:
         raise type(exc)(f"job {spec.key}: {exc}") from None

@@ -12,13 +12,16 @@ from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+from obdask.diagnostics.attempts import AttemptsPlugin
 from obdask.diagnostics.plugin import ObdaskSchedulerPlugin
 from obdask.llm.budget import BudgetPlugin
 
 logger = logging.getLogger(__name__)
 
 #: Factories of the scheduler plugins to install, in order.  Append to extend.
-EXTENSIONS: list[Callable[[], SchedulerPlugin]] = [ObdaskSchedulerPlugin, BudgetPlugin]
+EXTENSIONS: list[Callable[[], SchedulerPlugin]] = [
+    ObdaskSchedulerPlugin, AttemptsPlugin, BudgetPlugin,
+]
 
 
 async def dask_setup(scheduler: Any) -> None:
