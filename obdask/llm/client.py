@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -387,6 +388,27 @@ def _attempt(pool: EndpointPool, spec: _CallSpec, urls: list[str]) -> ModelReply
     )
 
 
+_clients = threading.local()
+
+
+def _client_for(url: str, timeout: Any) -> Any:
+    """One ``ollama.Client`` per (thread, endpoint, timeout), reused across calls.
+
+    Building a client builds an httpx client and its SSL context (~20 ms);
+    a model call should not pay that each time.
+    """
+    import ollama
+
+    cache = getattr(_clients, "cache", None)
+    if cache is None:
+        cache = _clients.cache = {}
+    key = (url, repr(timeout))
+    client = cache.get(key)
+    if client is None:
+        client = cache[key] = ollama.Client(host=url, timeout=timeout)
+    return client
+
+
 def _request(url: str, spec: _CallSpec, options: dict[str, Any]) -> tuple[Any, str, list]:
     """Stream one chat request; returns ``(final_chunk, text, tool_calls)``.
 
@@ -399,8 +421,7 @@ def _request(url: str, spec: _CallSpec, options: dict[str, Any]) -> tuple[Any, s
     where = spec.where(url)
     timeout = httpx.Timeout(spec.timeout, connect=min(spec.timeout, 10.0))
     try:
-        with ollama.Client(host=url, timeout=timeout) as client:
-            return _consume(client, spec, options, url)
+        return _consume(_client_for(url, timeout), spec, options, url)
     except ollama.ResponseError as exc:
         code = exc.status_code
         if code == 404:
