@@ -66,6 +66,10 @@ class RunContext:
         endpoints = list(config.get("llm.endpoints") or [])
         if os.environ.get("OLLAMA_HOST"):
             endpoints.append(os.environ["OLLAMA_HOST"])
+        if endpoints:
+            from obdask.llm.pool import normalize_url
+
+            endpoints = [normalize_url(e) for e in endpoints]  # ConfigError if malformed
         models = {role: entry.get("model") if isinstance(entry, dict) else entry
                   for role, entry in (config.get("placement.models") or {}).items()}
         return tuple(endpoints), {k: v for k, v in models.items() if v}

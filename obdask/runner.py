@@ -113,7 +113,8 @@ def prepare(plan: Plan, *, workspace: str | None = None, resume: bool = False,
         resources_for=_resources_policy(lanes_active),
         localities_for=_localities_policy(plan),
     )
-    endpoints, models = RunContext.llm_from_config()
+    has_models = any(step.is_model_task for step in plan.steps)
+    endpoints, models = RunContext.llm_from_config() if has_models else ((), {})
     ctx = RunContext(run_id=store.run_id, plan_id=plan.plan_id,
                      workspace=resolve_workspace(plan, workspace), plan_folder=plan.folder,
                      artifacts=art, records=store, command=CommandPolicy.from_config(),

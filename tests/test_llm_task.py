@@ -92,3 +92,13 @@ def test_unknown_role_fails_before_running(tmp_path, cluster_client):
     plan = write_plan(tmp_path, "- [ ] id=x lane=1 model=poet payload=@file:spec.md\n")
     with pytest.raises(PlacementError, match="poet"):
         obdask.run(plan, cluster_client)
+
+
+def test_malformed_endpoint_is_a_config_error(tmp_path, cluster_client):
+    from obdask.exceptions import ConfigError
+
+    (tmp_path / "spec.md").write_text("do it")
+    plan = write_plan(tmp_path, "- [ ] id=x lane=1 model=researcher payload=@file:spec.md\n")
+    with dask.config.set({"obdask.llm.endpoints": ["http//bad host:xx"]}):
+        with pytest.raises(ConfigError, match="'http//bad host:xx' is not a valid URL"):
+            obdask.run(plan, cluster_client)

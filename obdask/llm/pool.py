@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -42,6 +43,9 @@ def canonical_model(name: str) -> str:
     return name if ":" in last else f"{name}:latest"
 
 
+_HOSTPORT_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]*)(:[0-9]{1,5})?$")
+
+
 def normalize_url(host: str) -> str:
     """Turn ``host[:port]`` or a URL into ``scheme://host:port`` like the ollama client does.
 
@@ -52,11 +56,17 @@ def normalize_url(host: str) -> str:
     >>> normalize_url("gpu1")
     'http://gpu1:11434'
     """
-    host = host.strip().rstrip("/")
+    original = host
+    host = str(host).strip().rstrip("/")
     scheme, sep, rest = host.partition("://")
     if not sep:
         scheme, rest = "http", host
     hostport, slash, path = rest.partition("/")
+    if scheme not in ("http", "https") or not _HOSTPORT_RE.match(hostport) or \
+            re.search(r"\s", host) or "//" in rest:
+        raise ConfigError(f"Ollama endpoint {original!r} is not a valid URL; use "
+                          "http://HOST:PORT (e.g. http://gpu1:11434) in obdask.llm.endpoints "
+                          "or OLLAMA_HOST")
     default_port = {"http": 80, "https": 443}[scheme] if sep else 11434
     if hostport.startswith("["):
         has_port = "]:" in hostport
