@@ -174,7 +174,7 @@ def compile_plan(
         if step.done:
             job.status = "done-at-compile"
             job.record = {"reason": "marked [x] in the plan"}
-        elif step.payload.is_metadata:
+        elif step.is_metadata:
             job.status = "done-at-compile"
             job.record = {"metadata": {"kind": step.payload.prefix, "ref": step.payload.body}}
         elif previous is not None and previous.get("fingerprint") == fp:

@@ -32,6 +32,7 @@ FIELDS = (
     "resources", "retries", "timeout", "model", "locality",
 )
 REQUIRED = ("id", "lane", "payload")
+LLM_TASK = "LLM_TASK"
 # Fields the single-machine tool still reads when they trail the payload.
 TRAILING_FIELDS = ("deps", "dedupe")
 
@@ -98,11 +99,17 @@ class Step:
     timeout: float | None = None
     model: str | None = None
     locality: str | None = None
+    llm_task: bool = False  # an @doc:LLM_TASK step in a plan with llm_doc_tasks=true
 
     @property
     def is_model_task(self) -> bool:
         """True when the step is a task for a language model."""
-        return self.payload.is_model_task
+        return self.payload.is_model_task or self.llm_task
+
+    @property
+    def is_metadata(self) -> bool:
+        """True when the step completes at compile time (metadata payload)."""
+        return self.payload.is_metadata and not self.llm_task
 
     @property
     def dedupe_key(self) -> str | None:
@@ -218,6 +225,11 @@ def parse(text: str, path: str | None = None, plan_id: str | None = None) -> Pla
         errors.add(None, f"plan_id {plan_id!r} may only hold letters, digits, '_', '.', '-'")
     if policy.get("accrue_all_ideas"):
         _check_orphans(text, errors)
+    if policy.get("llm_doc_tasks"):
+        # Opt-in: "@doc:LLM_TASK review go.mod" becomes a model task, not a note.
+        for step in steps:
+            if step.payload.prefix == "doc" and step.payload.body.startswith(LLM_TASK):
+                step.llm_task = True
     _validate(steps, errors)
     errors.raise_if_any()
     return Plan(plan_id=plan_id, steps=steps, path=path, title=title, policy=policy,

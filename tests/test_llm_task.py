@@ -102,3 +102,15 @@ def test_malformed_endpoint_is_a_config_error(tmp_path, cluster_client):
     with dask.config.set({"obdask.llm.endpoints": ["http//bad host:xx"]}):
         with pytest.raises(ConfigError, match="'http//bad host:xx' is not a valid URL"):
             obdask.run(plan, cluster_client)
+
+
+def test_doc_llm_task_runs_only_when_the_plan_opts_in(tmp_path, servers, cluster_client):
+    step = "- [ ] id=review lane=1 model=researcher payload=@doc:LLM_TASK review go.mod\n"
+    opted = write_plan(tmp_path, "policy: llm_doc_tasks=true\n" + step)
+    result = obdask.run(opted, cluster_client)
+    assert result.ok and result.records[0]["status"] == "done"
+    assert result.records[0]["eval_count"] > 0
+    calls = [c for s in servers for c in s.stats.calls_for("llama3.2:3b")]
+    assert len(calls) == 1
+    plain = write_plan(tmp_path, step)
+    assert obdask.run(plain, cluster_client).records[0]["status"] == "done-at-compile"

@@ -100,11 +100,14 @@ def run_model_task(spec: JobSpec, ctx: RunContext,
     endpoints = _endpoints(ctx)
     if endpoints == []:
         raise ModelError(
-            f"job {spec.key}: @file:{spec.payload.body} is a model task but there is no model "
+            f"job {spec.key}: {spec.payload.raw} is a model task but there is no model "
             "backend configured (set obdask.llm.endpoints or OLLAMA_HOST, or start workers "
             "with --ollama-endpoint)"
         )
-    text = read_payload_file(spec, ctx, deps).decode(errors="replace").strip()
+    if spec.payload.prefix == "doc":  # @doc:LLM_TASK <task> (policy llm_doc_tasks=true)
+        text = spec.payload.body[len("LLM_TASK"):].strip()
+    else:
+        text = read_payload_file(spec, ctx, deps).decode(errors="replace").strip()
     if not text:
         raise ModelError(f"job {spec.key}: spec {spec.payload.body} is empty; write the task "
                          "for the model in it")

@@ -28,4 +28,8 @@ def execute(spec: JobSpec, ctx: RunContext, deps: Sequence[dict[str, Any]]) -> d
         from obdask.payloads.file import execute_file
 
         return execute_file(spec, ctx, deps)
+    if prefix == "doc":  # only @doc:LLM_TASK steps of plans that opted in get here
+        from obdask.llm.task import run_model_task
+
+        return run_model_task(spec, ctx, deps)
     raise PayloadError(f"job {spec.key}: payload @{prefix}: cannot run on a worker")
