@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from obdask.exceptions import PayloadError
 
@@ -62,6 +63,11 @@ class ArtifactStore:
         # Every task carries the store: unpickle to one cached instance per process.
         return (_open_store, (self.url, json.dumps(self.storage_options, sort_keys=True,
                                                    default=str)))
+
+    @property
+    def is_local(self) -> bool:
+        """True when the store is on this machine's disk."""
+        return isinstance(self.fs, LocalFileSystem)
 
     def _path(self, name: str) -> str:
         return posixpath.join(self.root, BY_HASH, name)

@@ -78,10 +78,11 @@ def validate(plan: str) -> None:
 def explain(plan: str, as_json: bool) -> None:
     """Print the compiled jobs of PLAN with deps and annotations (no cluster)."""
     from obdask.compile import compile_plan
-    from obdask.runner import _resources_policy
+    from obdask.runner import _localities_policy, _resources_policy
 
     parsed = _load(plan)
-    jobs = compile_plan(parsed, resources_for=_resources_policy()).explain()
+    jobs = compile_plan(parsed, resources_for=_resources_policy(),
+                        localities_for=_localities_policy(parsed)).explain()
     if as_json:
         click.echo(json.dumps({"plan": parsed.plan_id, "jobs": jobs}, indent=1))
         return

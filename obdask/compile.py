@@ -43,6 +43,7 @@ class JobSpec:
     localities: tuple[str, ...] = ()
     checkout: str | None = None
     fingerprint: str = ""
+    staged: str | None = None  # sha1 of the @file: content the client put in the store
 
 
 @dataclass
@@ -132,6 +133,7 @@ def compile_plan(
     default_timeout: float | None = None,
     resources_for: Callable[[Step], dict[str, float]] | None = None,
     localities_for: Callable[[Step], list[str]] | None = None,
+    staged: Mapping[str, str] | None = None,
 ) -> CompiledPlan:
     """Turn a validated plan into jobs.
 
@@ -147,6 +149,8 @@ def compile_plan(
         ``resources=``).
     localities_for
         Keys a worker can be warm for (checkouts, models); default none.
+    staged
+        Step id -> sha1 of its ``@file:`` content staged in the artifact store.
     """
     completed = completed or {}
     deduplicated = set(deduplicated)
@@ -166,7 +170,7 @@ def compile_plan(
             timeout=step.timeout if step.timeout is not None else (
                 None if step.is_model_task else default_timeout),
             dedupe=step.dedupe_key, model=step.model, localities=localities,
-            checkout=checkout, fingerprint=fp,
+            checkout=checkout, fingerprint=fp, staged=(staged or {}).get(step.id),
         )
         job = Job(spec=spec, step=step,
                   retries=step.retries if step.retries is not None else default_retries)

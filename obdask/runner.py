@@ -107,7 +107,7 @@ def prepare(plan: Plan, *, workspace: str | None = None, resume: bool = False,
     dedupe = {s.dedupe_key: s.id for s in plan.steps if s.dedupe_key and not s.done}
     deduplicated = [dedupe[k] for k in art.done_keys(dedupe)]
     compiled = compile_plan(
-        plan, completed=completed, deduplicated=deduplicated,
+        plan, completed=completed, deduplicated=deduplicated, staged=stage_files(plan, art),
         default_retries=int(config.get("run.retries")),
         default_timeout=config.get_seconds("run.timeout"),
         resources_for=_resources_policy(lanes_active),
@@ -121,6 +121,31 @@ def prepare(plan: Plan, *, workspace: str | None = None, resume: bool = False,
                      storage_options=storage_options, llm_endpoints=endpoints,
                      llm_models=models)
     return compiled, ctx
+
+
+def stage_files(plan: Plan, store: ArtifactStore) -> dict[str, str]:
+    """Put plan-local ``@file:`` payloads in the artifact store for remote workers.
+
+    ``obdask.store.stage-files``: ``auto`` stages when the artifact store is not
+    on local disk (a real cluster whose workers cannot see the plan's folder).
+    Missing files are left alone: their jobs fail with a clear error as usual.
+    """
+    mode = config.get("store.stage-files")
+    if mode is False or (mode == "auto" and store.is_local):
+        return {}
+    staged = {}
+    for step in plan.steps:
+        body = step.payload.body
+        if step.payload.prefix != "file" or step.done or "://" in body or \
+                body.startswith("job:"):
+            continue
+        path = body if os.path.isabs(body) else os.path.join(plan.folder, body)
+        try:
+            with open(path, "rb") as f:
+                staged[step.id] = store.put(f.read())
+        except OSError:
+            continue
+    return staged
 
 
 def _resources_policy(lanes_active: bool = False):

@@ -249,3 +249,25 @@ def test_annotations_reach_the_scheduler_for_every_key(tmp_path, cluster_client)
     assert seen["plan::gpu2"][0] == {"GPU": 1.0}
     assert all(priority == -7 for _, _, priority in seen.values())
     cluster_client.unregister_scheduler_plugin("restriction-recorder")
+
+
+def test_local_files_are_staged_in_a_remote_store(tmp_path, s3_bucket, cluster_client):
+    """Workers that cannot see the plan's folder read @file: payloads from the store."""
+    bucket, fs = s3_bucket
+    (tmp_path / "spec.md").write_text("staged content")
+    sha = sha1_bytes(b"staged content")
+    plan = write_plan(tmp_path, f"- [ ] id=t lane=1 payload=@file:spec.md#sha1={sha}#test\n"
+                                "- [ ] id=gone lane=1 payload=@file:absent.md#test\n")
+    from obdask.execute import run_job
+    from obdask.runner import prepare
+
+    compiled, ctx = prepare(plan, artifacts=f"s3://{bucket}/artifacts",
+                            records=f"s3://{bucket}/runs")
+    job = {j.spec.step_id: j for j in compiled.jobs}
+    assert job["t"].spec.staged == sha and job["gone"].spec.staged is None
+    assert fs.cat(f"{bucket}/artifacts/by-hash/{sha}") == b"staged content"
+    (tmp_path / "spec.md").unlink()  # as on a worker that has no copy of the plan folder
+    assert run_job(job["t"].spec, ctx)["status"] == "done"
+    # On local disk nothing is staged (workers share the folder).
+    local, _ = prepare(plan)
+    assert all(j.spec.staged is None for j in local.jobs)

@@ -52,6 +52,8 @@ def read_payload_file(spec: JobSpec, ctx: RunContext,
     """Content of the step's file, verified against ``#sha1=`` when pinned."""
     if spec.payload.body.startswith(JOB_PREFIX):
         return _verify(spec, f"output of {spec.payload.body}", _job_output(spec, ctx, deps))
+    if spec.staged:  # the client staged the plan-local file in the artifact store
+        return _verify(spec, spec.payload.body, ctx.artifacts.get(spec.staged))
     url = ctx.resolve(spec.payload.body)
     try:
         with fsspec.open(url, "rb", **ctx.options_for(url)) as f:
