@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +38,9 @@ def _guard(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, **kwargs)
         except ObdaskError as exc:
             _fail(str(exc))
+        except BrokenPipeError:  # `obdask explain plan.md | head`: stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         except (OSError, TimeoutError) as exc:
             _fail(f"{type(exc).__name__}: {exc}")
 
