@@ -356,7 +356,8 @@ def _payload_locality(payload: Any, base: str | None, kinds: tuple[str, ...]) ->
 
 
 def locality_of(
-    step: StepLike, steps_by_id: Mapping[str, StepLike], base: str | os.PathLike | None = None
+    step: StepLike, steps_by_id: Mapping[str, StepLike], base: str | os.PathLike | None = None,
+    files: bool = True,
 ) -> str | None:
     """The git checkout ``step`` works in, as a locality key.
 
@@ -386,6 +387,8 @@ def locality_of(
     found = _payload_locality(step.payload, base_dir, ("git",))
     for dep in deps:
         found = found or dep.locality or _payload_locality(dep.payload, base_dir, ("git",))
+    if not files:
+        return found
     found = found or _payload_locality(step.payload, base_dir, ("file",))
     for dep in deps:
         found = found or _payload_locality(dep.payload, base_dir, ("file",))
@@ -401,11 +404,16 @@ def model_key(name: str) -> str:
 
 
 def locality_keys(
-    step: StepLike, steps_by_id: Mapping[str, StepLike], base: str | os.PathLike | None = None
+    step: StepLike, steps_by_id: Mapping[str, StepLike], base: str | os.PathLike | None = None,
+    files: bool = True,
 ) -> list[str]:
-    """Keys a worker can be warm for: the step's checkout and its model, if any."""
+    """Keys a worker can be warm for: the step's checkout and its model, if any.
+
+    ``files=False`` ignores the locality implied by ``@file:`` paths inside a git
+    repository (see ``obdask.placement.file-locality``).
+    """
     keys = []
-    where = locality_of(step, steps_by_id, base)
+    where = locality_of(step, steps_by_id, base, files=files)
     if where:
         keys.append(where)
     name = model_name(step)

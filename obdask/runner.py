@@ -160,7 +160,8 @@ def _localities_policy(plan: Plan):
     if not config.get("placement.locality"):
         return None
     steps_by_id = plan.steps_by_id
-    return lambda step: locality_keys(step, steps_by_id, base=plan.folder)
+    files = bool(config.get("placement.file-locality"))
+    return lambda step: locality_keys(step, steps_by_id, base=plan.folder, files=files)
 
 
 def run(plan: Plan | str | os.PathLike[str], client: Client | None = None, *,

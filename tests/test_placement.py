@@ -219,6 +219,9 @@ def test_locality_file_inside_git_repo(repo, tmp_path):
     assert locality_of(absolute, {}) == f"git:{repo}"
     via_dep = FakeStep("u", deps=("t",))
     assert locality_of(via_dep, {"t": absolute}) == f"git:{repo}"
+    # The runner's default (obdask.placement.file-locality: false) ignores @file: repos.
+    assert locality_of(step, {}, base=repo, files=False) is None
+    assert locality_keys(step, {}, base=repo, files=False) == []
     outside = tmp_path / "plain"
     outside.mkdir()
     (outside / "x.md").write_text("x")
