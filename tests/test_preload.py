@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +22,7 @@ from obdask.diagnostics.plugin import (
     warm_workers,
 )
 from obdask.preload.worker import dask_setup as worker_setup
+from tests.cluster_utils import kill, spawn
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -231,45 +229,13 @@ async def test_worker_plugin_unreachable_endpoint_is_silent(c, s, a):
 # ------------------------------------------------------ real subprocesses
 
 
-def _spawn(args, log: Path) -> subprocess.Popen:
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    )
-    with log.open("wb") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            [sys.executable, "-m", "dask", *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=log.parent,
-            start_new_session=True,  # own process group: teardown kills nanny + worker
-        )
-
-
-def _kill(procs):
-    for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + 15
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-
-
 @pytest.fixture
 def cli_cluster(tmp_path):
     procs: list[subprocess.Popen] = []
     sched_file = tmp_path / "scheduler.json"
     try:
         procs.append(
-            _spawn(
+            spawn(
                 [
                     "scheduler",
                     "--host",
@@ -318,12 +284,12 @@ def cli_cluster(tmp_path):
                 str(local),
                 *extra,
             ]
-            procs.append(_spawn(args, tmp_path / f"{name}.log"))
+            procs.append(spawn(args, tmp_path / f"{name}.log"))
         with Client(address, timeout=30) as client:
             client.wait_for_workers(2, timeout=60)
             yield client
     finally:
-        _kill(procs)
+        kill(procs)
 
 
 @pytest.mark.slow
