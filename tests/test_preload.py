@@ -6,7 +6,6 @@ import asyncio
 import json
 import subprocess
 import time
-from pathlib import Path
 
 import dask
 import pytest
@@ -23,8 +22,6 @@ from obdask.diagnostics.plugin import (
 )
 from obdask.preload.worker import dask_setup as worker_setup
 from tests.cluster_utils import kill, spawn
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def lanes_of(resources):
