@@ -50,7 +50,12 @@ from obdask.llm.budget.ledger import (
     Reservation,
     parse_budget,
 )
-from obdask.llm.budget.reserve import TokenReservation, local_backend, reserve, reset_local_ledger
+from obdask.llm.budget.reservation import (
+    TokenReservation,
+    local_backend,
+    reserve,
+    reset_local_ledger,
+)
 
 logger = logging.getLogger(__name__)
 

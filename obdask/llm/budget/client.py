@@ -14,7 +14,7 @@ from typing import Any
 
 from obdask.llm.budget.extension import BudgetPlugin
 from obdask.llm.budget.ledger import COLUMNS, parse_budget
-from obdask.llm.budget.reserve import local_backend
+from obdask.llm.budget.reservation import local_backend
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Pure bookkeeping: no locking, no waiting and no Dask scheduler here.  The
 scheduler extension (:mod:`obdask.llm.budget.extension`) and the process-local
-backend (:mod:`obdask.llm.budget.reserve`) wrap a :class:`Ledger` with both.
+backend (:mod:`obdask.llm.budget.reservation`) wrap a :class:`Ledger` with both.
 """
 
 from __future__ import annotations
