@@ -22,6 +22,7 @@ import logging
 import os
 import posixpath
 import secrets
+from collections.abc import Iterable
 from typing import Any
 
 import fsspec
@@ -127,13 +128,20 @@ class RunStore:
         runs = sorted(posixpath.basename(n.rstrip("/")) for n in names)
         return [r for r in runs if r < self.run_id]
 
-    def completed_before(self) -> dict[str, dict[str, Any]]:
-        """Latest record per step id from earlier runs whose status was complete."""
+    def completed_before(self, steps: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Latest record per step id from earlier runs whose status was complete.
+
+        Runs are read newest first and reading stops once every one of
+        ``steps`` has a record, so a long history costs little.
+        """
+        wanted = set(steps) if steps is not None else None
         latest: dict[str, dict[str, Any]] = {}
-        for run_id in self.previous_runs():
+        for run_id in reversed(self.previous_runs()):
             run_root = posixpath.join(self.plan_root, run_id)
             for record in self._read_run(run_root):
-                latest[record["step"]] = record
+                latest.setdefault(record["step"], record)
+            if wanted is not None and wanted <= latest.keys():
+                break
         return {k: r for k, r in latest.items() if r.get("status") in COMPLETE}
 
     def _read_run(self, run_root: str) -> list[dict[str, Any]]:

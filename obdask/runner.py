@@ -103,7 +103,7 @@ def prepare(plan: Plan, *, workspace: str | None = None, resume: bool = False,
     rec_url = _store_url("records", records, plan)
     art = ArtifactStore(art_url, options(art_url))
     store = RunStore(rec_url, plan.plan_id, run_id or new_run_id(), options(rec_url))
-    completed = store.completed_before() if resume else {}
+    completed = store.completed_before([s.id for s in plan.steps]) if resume else {}
     dedupe = {s.dedupe_key: s.id for s in plan.steps if s.dedupe_key and not s.done}
     deduplicated = [dedupe[k] for k in art.done_keys(dedupe)]
     compiled = compile_plan(
