@@ -222,10 +222,16 @@ def test_background_jobs_killed_after_exit(tmp_path):
 
 
 def test_file_size_limit(tmp_path):
-    res = run_command("head -c 100000 /dev/zero > big", str(tmp_path),
+    # Default launcher ("spawn"): limits land microseconds after the shell starts, so a
+    # runaway writer is stopped early; "exec"/"preexec" below are strict from the start.
+    res = run_command("head -c 50000000 /dev/zero > big", str(tmp_path),
                       limits={"file-size": "4KiB"})
     assert res.exit_code != 0
-    assert (tmp_path / "big").stat().st_size <= 4096
+    assert (tmp_path / "big").stat().st_size < 5_000_000
+    res = run_command("sleep 0.2; ulimit -f; ulimit -t", str(tmp_path),
+                      limits={"file-size": "1MiB", "cpu-seconds": "1m"}, allowlist=["ulimit",
+                                                                                   "sleep"])
+    assert res.stdout.split() == [b"2048", b"60"]
     res = run_command("head -c 100000 /dev/zero > big", str(tmp_path))
     assert res.exit_code == 0 and (tmp_path / "big").stat().st_size == 100000
 
@@ -289,9 +295,9 @@ def test_bad_launcher_refused(tmp_path):
             run_command("true", str(tmp_path))
 
 
-@pytest.mark.parametrize("launcher", ["preexec", "exec"])
+@pytest.mark.parametrize("launcher", ["spawn", "preexec", "exec"])
 def test_shell_dies_with_the_worker(tmp_path, launcher):
-    """PDEATHSIG: SIGKILL of the calling process kills the shell too."""
+    """SIGKILL of the calling process kills the shell too (watchdog or PDEATHSIG)."""
     script = (
         "import dask, sys\n"
         "from obdask.payloads.cmd import run_command\n"
@@ -306,9 +312,15 @@ def test_shell_dies_with_the_worker(tmp_path, launcher):
             assert time.monotonic() < deadline and worker.poll() is None
             time.sleep(0.05)
         shell = int(pid_file.read_text())
+        deadline = time.monotonic() + 10
+        while not psutil.Process(shell).children() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        group = [p.pid for p in psutil.Process(shell).children()]
         worker.kill()
         worker.wait()
         assert _gone(shell)
+        if launcher == "spawn":  # the watchdog kills the whole group, the sleep too
+            assert group and all(_gone(pid) for pid in group)
     finally:
         if pid_file.exists() and pid_file.read_text().strip():
             try:

@@ -1,0 +1,101 @@
+"""Kill a worker's running commands when the worker dies: a watchdog process.
+
+Each process that runs ``@cmd:`` payloads starts one small watchdog (once,
+lazily).  The watchdog holds the read end of a pipe whose only write end is
+in the worker.  The worker writes ``+<pgid>`` when a command's process group
+starts and ``-<pgid>`` when it has been reaped.  When the worker dies, for
+whatever reason (SIGKILL included), the kernel closes the write end; the
+watchdog reads end-of-file and SIGKILLs every process group still
+registered, grandchildren included, then exits.
+
+This replaces a per-command ``setpriv --pdeathsig`` exec (about 0.5 ms per
+command) with two small pipe writes, and it covers the whole process group
+where PDEATHSIG covered only the shell.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+
+logger = logging.getLogger(__name__)
+
+# Runs in a bare interpreter (-S -I): no site, no obdask import, a few MB.
+WATCHDOG = r"""
+import os, signal, sys
+fd = int(sys.argv[1])
+groups = set()
+pending = b""
+while True:
+    try:
+        chunk = os.read(fd, 65536)
+    except InterruptedError:
+        continue
+    if not chunk:
+        break
+    pending += chunk
+    *lines, pending = pending.split(b"\n")
+    for line in lines:
+        if line[:1] == b"+":
+            groups.add(int(line[1:]))
+        elif line[:1] == b"-":
+            groups.discard(int(line[1:]))
+for pgid in groups:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+class Watchdog:
+    """The calling process's watchdog; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = -1  # process that owns the pipe (a fork gets its own watchdog)
+        self._fd = -1
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def _start(self) -> None:
+        read_end, write_end = os.pipe()  # both non-inheritable by default
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-S", "-I", "-c", WATCHDOG, str(read_end)],
+                pass_fds=(read_end,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+            )
+        finally:
+            os.close(read_end)
+        self._fd, self._pid = write_end, os.getpid()
+
+    def _send(self, line: bytes) -> bool:
+        with self._lock:
+            for _ in range(2):  # a dead watchdog is replaced once
+                if self._pid != os.getpid() or self._fd < 0:
+                    try:
+                        self._start()
+                    except OSError as exc:
+                        logger.warning("@cmd: cannot start the watchdog (%s)", exc)
+                        return False
+                try:
+                    os.write(self._fd, line)
+                    return True
+                except OSError:  # BrokenPipeError: the watchdog died
+                    os.close(self._fd)
+                    self._fd = -1
+            return False
+
+    def watch(self, pgid: int) -> bool:
+        """Kill process group ``pgid`` if this process dies; False if unprotected."""
+        return self._send(b"+%d\n" % pgid)
+
+    def forget(self, pgid: int) -> None:
+        """``pgid`` has been reaped: do not kill it (its id may be reused)."""
+        self._send(b"-%d\n" % pgid)
+
+
+watchdog = Watchdog()
