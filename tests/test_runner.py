@@ -271,3 +271,22 @@ def test_local_files_are_staged_in_a_remote_store(tmp_path, s3_bucket, cluster_c
     # On local disk nothing is staged (workers share the folder).
     local, _ = prepare(plan)
     assert all(j.spec.staged is None for j in local.jobs)
+
+
+def test_git_workspace_runs_in_worker_checkouts(tmp_path, git_repo, cluster_client):
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=git_repo, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    plan = write_plan(tmp_path, (
+        f"workspace=git:{git_repo}@{sha}\n"
+        "- [ ] id=edit lane=1 payload=@cmd:echo changed > app.py && git rev-parse HEAD\n"
+        "- [ ] id=read lane=1 deps=edit payload=@cmd:cat app.py\n"
+    ))
+    result = obdask.run(plan, cluster_client)
+    assert result.ok, result.frame[["status", "error"]]
+    frame = result.frame
+    store = ArtifactStore(str(tmp_path / ".obdask" / "artifacts"))
+    assert store.get(frame.loc["edit", "stdout"]).decode().strip() == sha
+    # Each job ran in its worker's checkout, never in the source repository.
+    assert (git_repo / "app.py").read_text() == "def answer():\n    return 41\n"
+    assert all("obdask-git" in w for w in frame["workspace"])
+    assert all(isinstance(w, bool) for w in frame["warm"])
