@@ -269,7 +269,7 @@ async def _wait_keys_free(client: Client, keys: list[str], plan: Plan,
         return
     deadline = time.monotonic() + timeout
     while True:
-        held = await client.run_on_scheduler(_keys_held, keys=keys)
+        held = await client.scheduler.obdask_keys_held(keys=keys)
         if not held:
             return
         if time.monotonic() > deadline:
@@ -278,11 +278,6 @@ async def _wait_keys_free(client: Client, keys: list[str], plan: Plan,
                 "still held); wait for that run to finish or give this plan another plan_id="
             )
         await asyncio.sleep(0.05)
-
-
-def _keys_held(dask_scheduler, keys: list[str]) -> list[str]:  # noqa: ANN001
-    tasks = dask_scheduler.tasks
-    return [k for k in keys if k in tasks]
 
 
 async def _routes(client: Client, compiled: CompiledPlan,

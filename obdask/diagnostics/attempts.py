@@ -1,4 +1,4 @@
-"""Scheduler plugin that counts the attempts of every obdask job.
+"""Scheduler plugin for obdask job keys: attempt history, keys still held.
 
 Dask already knows when a task starts on a worker (``processing``), when a
 worker holding it is lost (``processing -> released``), when it errs and is
@@ -8,9 +8,11 @@ plugin keeps that history per obdask key (keys contain ``::``), bounded,
 so the runner can report attempts and retry reasons without one extra
 message per job.
 
-Scheduler handler: ``obdask_attempts_query(keys, forget=True)`` returns
+Scheduler handlers: ``obdask_attempts_query(keys, forget=True)`` returns
 ``{key: [[worker, outcome], ...]}``; outcome is None while running, else the
 state the task moved to (``memory``, ``erred``, ``waiting``, ``released``).
+``obdask_keys_held(keys)`` lists those of ``keys`` the scheduler still has
+(another run of the same plan is in flight), without a pickled function.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 PLUGIN_NAME = "obdask-attempts"
 QUERY_OP = "obdask_attempts_query"
+HELD_OP = "obdask_keys_held"
 MAX_KEYS = 200_000
 
 
@@ -43,6 +46,7 @@ class AttemptsPlugin(SchedulerPlugin):
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
         scheduler.handlers[QUERY_OP] = self.query
+        scheduler.handlers[HELD_OP] = self.held
 
     def transition(self, key: Any, start: str, finish: str, *args: Any,
                    stimulus_id: str = "", **kwargs: Any) -> None:
@@ -68,6 +72,12 @@ class AttemptsPlugin(SchedulerPlugin):
         """Attempt history of ``keys`` (and forget it, by default)."""
         get = self.history.pop if forget else self.history.get
         return {k: tries for k in keys if (tries := get(k, None))}
+
+
+    def held(self, keys: Iterable[str]) -> list[str]:
+        """Those of ``keys`` the scheduler still holds."""
+        tasks = self.scheduler.tasks
+        return [k for k in keys if k in tasks]
 
 
 def describe(tries: list[list[Any]], errors: dict[str, str]) -> list[str]:
