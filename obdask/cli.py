@@ -179,6 +179,62 @@ def budgets(scheduler: str | None, as_json: bool) -> None:
         click.echo(frame.to_string())
 
 
+def _records_url(parsed) -> tuple[str, dict]:
+    from obdask import config
+    from obdask.runner import _store_url
+
+    url = _store_url("records", None, parsed)
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    return url, dict((config.get("storage-options") or {}).get(protocol, {}))
+
+
+@main.command()
+@click.argument("plan", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_guard
+def runs(plan: str, as_json: bool) -> None:
+    """List the recorded runs of PLAN (from obdask.store.records)."""
+    from obdask.records import run_summaries
+
+    parsed = _load(plan)
+    url, options = _records_url(parsed)
+    summaries = run_summaries(url, parsed.plan_id, options)
+    if as_json:
+        click.echo(json.dumps(summaries, default=str))
+        return
+    if not summaries:
+        click.echo(f"no recorded runs of {parsed.plan_id}")
+    for summary in summaries:
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(summary.get("counts", {}).items()))
+        verdict = {True: "ok", False: "FAILED", None: "incomplete"}[summary.get("ok")]
+        secs = summary.get("duration_s")
+        took = f" in {secs:.1f}s" if secs is not None else ""
+        click.echo(f"{summary['run_id']}  {verdict:<10} {counts}{took}")
+
+
+@main.command()
+@click.argument("plan", type=click.Path(dir_okay=False))
+@click.argument("run_id", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the job records as JSON.")
+@_guard
+def show(plan: str, run_id: str | None, as_json: bool) -> None:
+    """Show the job records of one run of PLAN (default: the latest)."""
+    from obdask.records import read_run
+
+    parsed = _load(plan)
+    url, options = _records_url(parsed)
+    records = read_run(url, parsed.plan_id, run_id, options)
+    if not records:
+        which = f"run {run_id}" if run_id else "run"
+        _fail(f"no recorded {which} of plan {parsed.plan_id!r} under {url}")
+    if as_json:
+        click.echo(json.dumps(records, default=str))
+        return
+    for r in records:
+        r.setdefault("id", r.get("step"))
+    _print_table(records)
+
+
 class _ProgressBar:
     """tqdm on stderr, created at the first update."""
 
@@ -201,7 +257,16 @@ class _ProgressBar:
 
 
 def _print_summary(result: Any, limit: int = 40) -> None:
-    rows = result.records
+    _print_table(result.records, limit)
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(result.summary["counts"].items()))
+    verdict = "ok" if result.ok else "FAILED"
+    click.echo(f"{result.plan_id}: {verdict} ({counts}) in {result.duration_s:.1f}s; "
+               f"records: {result.location}")
+    if result.summary.get("warm_hit_rate") is not None:
+        click.echo(f"warm-worker hit rate: {result.summary['warm_hit_rate']:.0%}")
+
+
+def _print_table(rows: list[dict[str, Any]], limit: int = 40) -> None:
     shown = [r for r in rows if r["status"] in ("failed", "skipped")] if len(rows) > limit \
         else rows
     header = f"{'job':<28} {'status':<16} {'worker':<22} {'exit':>4} {'secs':>7}  error"
@@ -214,12 +279,6 @@ def _print_summary(result: Any, limit: int = 40) -> None:
                    f"{'-' if secs is None else f'{secs:.2f}':>7}  {r.get('error') or ''}")
     if len(shown) > limit or len(rows) > len(shown):
         click.echo(f"... {len(rows) - min(len(shown), limit)} more jobs not shown")
-    counts = ", ".join(f"{n} {s}" for s, n in sorted(result.summary["counts"].items()))
-    verdict = "ok" if result.ok else "FAILED"
-    click.echo(f"{result.plan_id}: {verdict} ({counts}) in {result.duration_s:.1f}s; "
-               f"records: {result.location}")
-    if result.summary.get("warm_hit_rate") is not None:
-        click.echo(f"warm-worker hit rate: {result.summary['warm_hit_rate']:.0%}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -164,6 +164,20 @@ class RunStore:
         return records
 
 
+def run_summaries(url: str, plan_id: str,
+                  storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """``summary.json`` of every finished run of a plan, oldest first."""
+    store = RunStore(url, plan_id, "~", storage_options)
+    summaries = []
+    for run_id in store.previous_runs():
+        path = posixpath.join(store.plan_root, run_id, "summary.json")
+        try:
+            summaries.append(json.loads(store.fs.cat_file(path)))
+        except FileNotFoundError:  # a run that died before writing its records
+            summaries.append({"run_id": run_id, "plan": plan_id, "ok": None, "counts": {}})
+    return summaries
+
+
 def read_run(url: str, plan_id: str, run_id: str | None = None,
              storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Records of a run (the latest one when ``run_id`` is None)."""

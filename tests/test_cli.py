@@ -119,3 +119,15 @@ def test_budgets_from_config_and_from_the_scheduler(cluster_client):
     assert remote.returncode == 0, remote.stderr
     rows = {r["name"]: r for r in json.loads(remote.stdout)}
     assert rows["plan-x"]["tokens"] == 5000 and rows["plan-x"]["available"] == 5000
+
+
+def test_runs_and_show_read_the_records(plan_file):
+    assert obdask("runs", plan_file).stdout.startswith("no recorded runs")
+    assert obdask("show", plan_file).returncode == 2
+    run = json.loads(obdask("run", plan_file, "--json", "--workers", "1").stdout)
+    listed = json.loads(obdask("runs", plan_file, "--json").stdout)
+    assert [s["run_id"] for s in listed] == [run["run_id"]] and listed[0]["ok"] is True
+    shown = json.loads(obdask("show", plan_file, run["run_id"], "--json").stdout)
+    assert {r["id"]: r["status"] for r in shown} == {j["id"]: j["status"] for j in run["jobs"]}
+    table = obdask("show", plan_file)
+    assert table.returncode == 0 and "hello" in table.stdout and "done-at-compile" in table.stdout
