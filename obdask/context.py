@@ -7,9 +7,11 @@ its jobs land.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from dataclasses import dataclass, field
+import pickle
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from obdask import config
@@ -60,6 +62,15 @@ class RunContext:
     llm_endpoints: tuple[str, ...] = ()  # the client's Ollama endpoints; () = the worker's
     llm_models: dict[str, str] = field(default_factory=dict)  # role -> model name
 
+    def __reduce__(self):
+        # Every task of a run carries the context: pickle its fields once (the
+        # scheduler re-sends it with each task) and unpickle once per process.
+        blob = self.__dict__.get("_blob")
+        if blob is None:
+            state = {f.name: getattr(self, f.name) for f in fields(self)}
+            blob = self.__dict__["_blob"] = pickle.dumps(state, protocol=5)
+        return (_restore, (blob,))
+
     @staticmethod
     def llm_from_config() -> tuple[tuple[str, ...], dict[str, str]]:
         """The client's endpoints (config + ``OLLAMA_HOST``) and role -> model names."""
@@ -84,3 +95,8 @@ class RunContext:
         if "://" in path or path.startswith("/"):
             return path
         return os.path.join(self.plan_folder, path)
+
+
+@functools.lru_cache(maxsize=32)
+def _restore(blob: bytes) -> RunContext:
+    return RunContext(**pickle.loads(blob))
