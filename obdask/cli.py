@@ -38,6 +38,10 @@ def _guard(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, **kwargs)
         except ObdaskError as exc:
             _fail(str(exc))
+        except KeyboardInterrupt:
+            click.echo("interrupted (the run's jobs are released; completed ones stay in "
+                       "the ledger for --resume)", err=True)
+            sys.exit(130)
         except BrokenPipeError:  # `obdask explain plan.md | head`: stop quietly
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(1)
