@@ -290,3 +290,17 @@ def test_git_workspace_runs_in_worker_checkouts(tmp_path, git_repo, cluster_clie
     assert (git_repo / "app.py").read_text() == "def answer():\n    return 41\n"
     assert all("obdask-git" in w for w in frame["workspace"])
     assert all(isinstance(w, bool) for w in frame["warm"])
+
+
+def test_resume_after_a_run_that_died_uses_its_ledger(tmp_path, cluster_client):
+    """A run killed before writing records.jsonl still left its ledger behind."""
+    from obdask.execute import run_job
+    from obdask.runner import prepare
+
+    plan = write_plan(tmp_path, "- [ ] id=a lane=1 payload=@cmd:echo a >> log.txt\n"
+                                "- [ ] id=b lane=1 deps=a payload=@cmd:echo b >> log.txt\n")
+    compiled, ctx = prepare(plan)
+    run_job(compiled.jobs[0].spec, ctx)  # job a completed, then the client died
+    result = obdask.run(plan, cluster_client, resume=True)
+    assert statuses(result) == {"a": "resumed", "b": "done"}
+    assert (tmp_path / "log.txt").read_text() == "a\nb\n"
