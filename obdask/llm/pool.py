@@ -157,22 +157,26 @@ class EndpointState:
 class SlotLease:
     """A held concurrency slot on one endpoint; call :meth:`release` exactly once."""
 
-    def __init__(self, url: str, model: str, semaphore: Any) -> None:
+    def __init__(self, url: str, model: str, semaphore: Any, gate: Any = None) -> None:
         self.url = url
         self.model = model
         self._semaphore = semaphore
+        self._gate = gate
         self._held = True
 
     def release(self) -> None:
         """Give the slot back (idempotent)."""
         if self._held:
             self._held = False
-            try:
-                self._semaphore.release()
-            except Exception:  # the lease times out on the scheduler anyway
-                logger.warning(
-                    "could not release slot %s on %s", self.model, self.url, exc_info=True
-                )
+            for sem in (self._semaphore, self._gate):
+                if sem is None:
+                    continue
+                try:
+                    sem.release()
+                except Exception:  # the lease times out on the scheduler anyway
+                    logger.warning(
+                        "could not release slot %s on %s", self.model, self.url, exc_info=True
+                    )
 
     def __enter__(self) -> SlotLease:
         return self
@@ -226,7 +230,7 @@ class _LocalSlot:
         self._sem.release()
 
 
-def slot_semaphore(url: str, model: str) -> Any:
+def slot_semaphore(url: str, model: str, leases: int | None = None) -> Any:
     """The semaphore capping calls of ``model`` on ``url`` (Dask-wide when possible).
 
     Returns
@@ -237,7 +241,7 @@ def slot_semaphore(url: str, model: str) -> Any:
         with the same ``acquire(timeout)`` / ``release()`` methods.
     """
     model = canonical_model(model)
-    n = slots_for(model)
+    n = slots_for(model) if leases is None else leases
     kind, ctx = dask_context()
     with _sem_lock:
         if kind == "local":
@@ -414,6 +418,10 @@ class EndpointPool:
             raise ValueError("acquire_slot needs at least one endpoint")
         deadline = None if timeout is None else time.monotonic() + timeout
         sems = [(u, slot_semaphore(u, model)) for u in urls]
+        if len(sems) > 1:
+            lease = self._acquire_gated(sems, model, timeout)
+            if lease is not None:
+                return lease
         while True:
             if len(sems) > 1:
                 for url, sem in sems:
@@ -429,6 +437,30 @@ class EndpointPool:
             url, sem = sems[0]
             if _acquire(sem, url, model, wait):
                 return SlotLease(url, model, sem)
+
+
+    def _acquire_gated(self, sems: list[tuple[str, Any]], model: str,
+                       timeout: float | None) -> SlotLease | None:
+        """Wait on one gate sized to the slots of all ``sems``, then take a free one.
+
+        Every holder of an endpoint slot holds a gate lease, so a caller that got
+        a gate lease finds a free endpoint slot: nobody waits on a busy endpoint
+        while another has room.  None: no endpoint slot after all (a process with
+        another view of the slots); the caller falls back to polling.
+        """
+        urls = sorted(u for u, _ in sems)
+        total = sum(slots_for(model) for _ in urls)
+        gate = slot_semaphore("any:" + ",".join(urls), model, leases=total)
+        if not _acquire(gate, "any", model, timeout):
+            raise TimeoutError(
+                f"no free slot for model {model!r} on {', '.join(urls)} within {timeout}s; "
+                "raise obdask.llm.slots or obdask.llm.slot-timeout"
+            )
+        for url, sem in sems:
+            if _acquire(sem, url, model, 0):
+                return SlotLease(url, model, sem, gate)
+        gate.release()
+        return None
 
 
 _pools: dict[tuple[tuple[str, ...], float, float], EndpointPool] = {}
