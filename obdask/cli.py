@@ -110,10 +110,13 @@ def hash(path: str) -> None:  # noqa: A001
     """Print the sha1 of PATH (local path or fsspec URL), for #sha1= pins."""
     import fsspec
 
+    from obdask import config
     from obdask.artifacts import sha1_bytes
 
+    protocol = path.split("://", 1)[0] if "://" in path else "file"
+    options = dict((config.get("storage-options") or {}).get(protocol, {}))
     try:
-        with fsspec.open(path, "rb") as f:
+        with fsspec.open(path, "rb", **options) as f:
             digest = sha1_bytes(f.read())
     except FileNotFoundError:
         _fail(f"{path}: file not found")
@@ -124,7 +127,8 @@ def hash(path: str) -> None:  # noqa: A001
 @click.argument("plan", type=click.Path(dir_okay=False))
 @click.option("--scheduler", default=None, help="Scheduler address or scheduler-file .json; "
               "default: an embedded LocalCluster.")
-@click.option("--workers", type=int, default=None, help="Workers of the embedded cluster.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Workers of the embedded cluster.")
 @click.option("--workspace", default=None, help="Folder the jobs run in (default: the plan's).")
 @click.option("--resume", is_flag=True, help="Skip jobs an earlier run of this plan completed.")
 @click.option("--wait-for-resources", default=None, metavar="DURATION",

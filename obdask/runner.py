@@ -257,9 +257,30 @@ async def _install_plugins(client: Client, plan: Plan) -> None:
 async def _check_placeable(client: Client, compiled: CompiledPlan) -> None:
     from obdask.placement import wait_for_placeable
 
+    if compiled.runnable and not (await client.scheduler.identity(n_workers=-1)).get(
+            "workers"):
+        await _wait_for_a_worker(client)
+
     needs = [(j.key, j.step.line, j.resources) for j in compiled.runnable if j.resources]
     if needs:
         await wait_for_placeable(client, needs)
+
+
+async def _wait_for_a_worker(client: Client) -> None:
+    """A cluster without workers would leave every job waiting: fail or wait, per config."""
+    from obdask.exceptions import PlacementError
+
+    limit = config.get_seconds("run.wait-for-resources")
+    try:
+        if limit <= 0:
+            raise TimeoutError
+        await client.wait_for_workers(1, timeout=limit)
+    except (TimeoutError, asyncio.TimeoutError):
+        raise PlacementError(
+            f"the cluster at {client.scheduler.address} has no workers; start some "
+            "(dask worker ADDR --preload obdask.preload.worker) or set "
+            "obdask.run.wait-for-resources to wait for them"
+        ) from None
 
 
 async def _wait_keys_free(client: Client, keys: list[str], plan: Plan,

@@ -304,3 +304,4 @@ def test_resume_after_a_run_that_died_uses_its_ledger(tmp_path, cluster_client):
     result = obdask.run(plan, cluster_client, resume=True)
     assert statuses(result) == {"a": "resumed", "b": "done"}
     assert (tmp_path / "log.txt").read_text() == "a\nb\n"
+
