@@ -272,6 +272,9 @@ def _print_summary(result: Any, limit: int = 40) -> None:
                f"records: {result.location}")
     if result.summary.get("warm_hit_rate") is not None:
         click.echo(f"warm-worker hit rate: {result.summary['warm_hit_rate']:.0%}")
+    for model, used in sorted((result.summary.get("tokens") or {}).items()):
+        click.echo(f"tokens {model}: {used['prompt']} prompt + {used['output']} output "
+                   f"in {used['calls']} calls")
 
 
 def _print_table(rows: list[dict[str, Any]], limit: int = 40) -> None:

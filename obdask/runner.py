@@ -462,8 +462,15 @@ def _summary(plan: Plan, ctx: RunContext, outcomes: list[dict[str, Any]],
     for r in outcomes:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     warm = [r["warm"] for r in outcomes if r.get("warm") is not None]
+    tokens: dict[str, dict[str, int]] = {}
+    for r in outcomes:
+        if r.get("status") == "done" and r.get("model") and not r.get("replayed"):
+            used = tokens.setdefault(r["model"], {"prompt": 0, "output": 0, "calls": 0})
+            used["prompt"] += int(r.get("prompt_eval_count") or 0)
+            used["output"] += int(r.get("eval_count") or 0)
+            used["calls"] += 1
     return {"plan": plan.plan_id, "run_id": ctx.run_id, "ok": not (
         counts.get("failed") or counts.get("skipped")), "counts": counts,
         "duration_s": duration, "workspace": ctx.workspace,
-        "warm_hit_rate": (sum(warm) / len(warm)) if warm else None,
+        "warm_hit_rate": (sum(warm) / len(warm)) if warm else None, "tokens": tokens,
         "artifacts": ctx.artifacts.url}

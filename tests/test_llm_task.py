@@ -69,6 +69,9 @@ def test_token_counts_in_record_equal_server_counts(tmp_path, servers, cluster_c
     recorded = sorted((r["prompt_eval_count"], r["eval_count"]) for r in result.records)
     assert recorded == sorted((c["prompt_eval_count"], c["eval_count"]) for c in served)
     assert all(r["prompt_eval_count"] > 0 and r["eval_count"] > 0 for r in result.records)
+    assert result.summary["tokens"]["llama3.2:3b"] == {
+        "prompt": sum(c["prompt_eval_count"] for c in served),
+        "output": sum(c["eval_count"] for c in served), "calls": 2}
 
 
 def test_model_errors_are_clear(tmp_path, servers, cluster_client):
