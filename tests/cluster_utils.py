@@ -221,3 +221,18 @@ def git_repository(path: Path, name: str) -> str:
         subprocess.run(["git", *args], cwd=path, check=True, env=env, capture_output=True)
     return subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, check=True, text=True,
                           capture_output=True).stdout.strip()
+
+
+def wait_gone(pid: int, within: float = 5.0) -> bool:
+    """True once ``pid`` no longer exists (a zombie counts as gone)."""
+    import psutil
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False

@@ -15,22 +15,13 @@ from hypothesis import strategies as st
 
 from obdask.exceptions import CommandRefused, ConfigError, PayloadError
 from obdask.payloads.cmd import CommandResult, check_command, run_command
+from tests.cluster_utils import wait_gone
 
 DEFAULT_ALLOW = list(dask.config.get("obdask.cmd.allowlist"))
 WITH_SH = [*DEFAULT_ALLOW, "sh"]
 
 
-def _gone(pid: int, within: float = 5.0) -> bool:
-    """True once ``pid`` no longer exists (a zombie counts as gone)."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.05)
-    return False
+_gone = wait_gone
 
 
 def _group_members(pgid: int) -> list[int]:

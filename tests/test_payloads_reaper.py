@@ -11,18 +11,7 @@ import time
 import psutil
 
 from obdask.payloads.reaper import Watchdog
-
-
-def _wait_gone(pid: int, within: float = 5.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.05)
-    return False
+from tests.cluster_utils import wait_gone
 
 
 def test_forgotten_groups_survive_and_a_dead_watchdog_is_replaced():
@@ -62,4 +51,4 @@ def test_watched_group_dies_with_its_owner(tmp_path):
     assert len(members) >= 2
     owner.kill()
     owner.wait()
-    assert all(_wait_gone(pid) for pid in members)
+    assert all(wait_gone(pid) for pid in members)
