@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -156,15 +154,13 @@ def test_parse_payload_helper():
         parse_payload("@file:x#apply#test")
 
 
-def test_ten_thousand_steps_parse_fast():
+def test_twelve_thousand_step_chain_parses():
+    # Size only; the time is tracked by benchmarks/bench_run.py (compile times).
     lines = [f"- [ ] id=s{i} lane={i % 3} deps=s{i - 1} payload=@cmd:true" for i in range(1, 12000)]
     text = "- [ ] id=s0 lane=0 payload=@cmd:true\n" + "\n".join(lines)
-    start = time.perf_counter()
     plan = parse(text)
-    elapsed = time.perf_counter() - start
     assert len(plan.steps) == 12000
-    # A generous bound (the benchmark tracks the real number): well under a second.
-    assert elapsed < 5
+    assert plan.steps[-1].deps == ("s11998",)
 
 
 ids = st.text(alphabet="abcdefghijklmnop0123456789_.-", min_size=1, max_size=8)
