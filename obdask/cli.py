@@ -113,10 +113,8 @@ def hash(path: str) -> None:  # noqa: A001
     from obdask import config
     from obdask.artifacts import sha1_bytes
 
-    protocol = path.split("://", 1)[0] if "://" in path else "file"
-    options = dict((config.get("storage-options") or {}).get(protocol, {}))
     try:
-        with fsspec.open(path, "rb", **options) as f:
+        with fsspec.open(path, "rb", **config.storage_options(path)) as f:
             digest = sha1_bytes(f.read())
     except FileNotFoundError:
         _fail(f"{path}: file not found")
@@ -192,8 +190,7 @@ def _records_url(parsed) -> tuple[str, dict]:
     from obdask.runner import _store_url
 
     url = _store_url("records", None, parsed)
-    protocol = url.split("://", 1)[0] if "://" in url else "file"
-    return url, dict((config.get("storage-options") or {}).get(protocol, {}))
+    return url, config.storage_options(url)
 
 
 @main.command()

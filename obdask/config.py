@@ -9,6 +9,7 @@ is written to the user's home directory.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import dask
@@ -30,6 +31,16 @@ def get(key: str, value: Any = None) -> Any:
     if value is not None:
         return value
     return dask.config.get(f"obdask.{key}")
+
+
+def storage_options(url: str, per_protocol: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """fsspec options for ``url``'s protocol from ``obdask.storage-options``.
+
+    ``per_protocol`` replaces the config value (e.g. a snapshot shipped to workers).
+    """
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    table = get("storage-options") if per_protocol is None else per_protocol
+    return dict((table or {}).get(protocol, {}))
 
 
 def get_seconds(key: str, value: Any = None) -> float:

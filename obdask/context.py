@@ -87,8 +87,7 @@ class RunContext:
 
     def options_for(self, url: str) -> dict[str, Any]:
         """fsspec storage options for ``url``'s protocol (``obdask.storage-options``)."""
-        protocol = url.split("://", 1)[0] if "://" in url else "file"
-        return dict(self.storage_options.get(protocol, {}))
+        return config.storage_options(url, self.storage_options)
 
     def resolve(self, path: str) -> str:
         """A payload path as a URL: relative paths are relative to the plan's folder."""

@@ -95,14 +95,11 @@ def prepare(plan: Plan, *, workspace: str | None = None, resume: bool = False,
             lanes_active: bool = False) -> tuple[CompiledPlan, RunContext]:
     """Resolve stores, resume and dedupe state, and compile (no cluster needed)."""
     storage_options = dict(config.get("storage-options") or {})
-
-    def options(url: str) -> dict[str, Any]:
-        return dict(storage_options.get(url.split("://", 1)[0] if "://" in url else "file", {}))
-
     art_url = _store_url("artifacts", artifacts, plan)
     rec_url = _store_url("records", records, plan)
-    art = ArtifactStore(art_url, options(art_url))
-    store = RunStore(rec_url, plan.plan_id, run_id or new_run_id(), options(rec_url))
+    art = ArtifactStore(art_url, config.storage_options(art_url, storage_options))
+    store = RunStore(rec_url, plan.plan_id, run_id or new_run_id(),
+                     config.storage_options(rec_url, storage_options))
     completed = store.completed_before([s.id for s in plan.steps]) if resume else {}
     dedupe = {s.dedupe_key: s.id for s in plan.steps if s.dedupe_key and not s.done}
     deduplicated = [dedupe[k] for k in art.done_keys(dedupe)]
