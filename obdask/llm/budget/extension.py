@@ -18,7 +18,7 @@ from typing import Any
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from obdask import config
-from obdask.llm.budget.ledger import Ledger, parse_budget
+from obdask.llm.budget.ledger import Ledger, out_of_time, parse_budget, wait_time
 
 logger = logging.getLogger(__name__)
 
@@ -113,17 +113,10 @@ class BudgetExtension:
             if result["status"] != "blocked":
                 return result
             left = None if timeout is None else timeout - (time.monotonic() - start)
-            if left is not None and left <= 0:
-                if timeout:
-                    result["status"] = "exhausted"
-                    result["message"] += f" (waited {timeout:g}s, obdask.llm.budget-timeout)"
+            if out_of_time(result, timeout, left):
                 return result
-            wait = left
-            if result.get("wake_at") is not None:
-                until = max(0.01, result["wake_at"] - now + 0.01)
-                wait = until if wait is None else min(wait, until)
             try:
-                await asyncio.wait_for(self._changed.wait(), timeout=wait)
+                await asyncio.wait_for(self._changed.wait(), timeout=wait_time(result, left, now))
             except asyncio.TimeoutError:
                 pass
 

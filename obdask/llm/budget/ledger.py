@@ -350,3 +350,23 @@ def _key_str(key: Any) -> Any:
     if isinstance(key, (list, tuple)):
         return str(tuple(key))
     return key
+
+
+
+def out_of_time(result: dict[str, Any], timeout: float | None, left: float | None) -> bool:
+    """True when a blocked reservation must stop waiting (then ``result`` says why)."""
+    if left is None or left > 0:
+        return False
+    if timeout:
+        result["status"] = "exhausted"
+        result["message"] += f" (waited {timeout:g}s, obdask.llm.budget-timeout)"
+    return True
+
+
+def wait_time(result: dict[str, Any], left: float | None, now: float) -> float | None:
+    """Seconds to wait before trying again: until a window frees room, or ``left``."""
+    wait = left
+    if result.get("wake_at") is not None:
+        until = max(0.01, result["wake_at"] - now + 0.01)
+        wait = until if wait is None else min(wait, until)
+    return wait

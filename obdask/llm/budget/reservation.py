@@ -18,7 +18,7 @@ from typing import Any
 from obdask import config
 from obdask.exceptions import BudgetExceeded
 from obdask.llm.budget.extension import BudgetPlugin
-from obdask.llm.budget.ledger import Ledger
+from obdask.llm.budget.ledger import Ledger, out_of_time, wait_time
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +56,6 @@ class TokenReservation:
                 logger.warning("could not release %s", self, exc_info=True)
 
 
-def _wait_time(result: dict[str, Any], left: float | None, now: float) -> float | None:
-    wait = left
-    if result.get("wake_at") is not None:
-        until = max(0.01, result["wake_at"] - now + 0.01)
-        wait = until if wait is None else min(wait, until)
-    return wait
-
-
 class _LocalBackend:
     """Process-local ledger used when there is no Dask worker or client."""
 
@@ -92,12 +84,9 @@ class _LocalBackend:
                 if result["status"] != "blocked":
                     return result
                 left = None if timeout is None else timeout - (time.monotonic() - start)
-                if left is not None and left <= 0:
-                    if timeout:
-                        result["status"] = "exhausted"
-                        result["message"] += f" (waited {timeout:g}s, obdask.llm.budget-timeout)"
+                if out_of_time(result, timeout, left):
                     return result
-                self.cond.wait(_wait_time(result, left, now))
+                self.cond.wait(wait_time(result, left, now))
 
     def settle(self, rid: str, tokens: int, **attrs: Any) -> None:
         with self.cond:
