@@ -403,8 +403,9 @@ def _spawn(shell: str, command: str, cwd: str | os.PathLike[str], env: dict[str,
     ``launcher="spawn"`` (default) registers the process group with this
     process's watchdog (:mod:`obdask.payloads.reaper`), which SIGKILLs it if
     this process dies, and sets the rlimits from the parent with
-    ``prlimit(2)`` right after the child starts: nothing runs in the child,
-    vfork speed (about 0.5 ms).
+    ``prlimit(2)`` while the shell blocks on a builtin ``read`` of its stdin
+    pipe (:data:`_GATE`), so the command never runs unlimited; no Python runs
+    in the child, vfork speed (about 0.5 ms).
     ``launcher="preexec"`` applies them in a ``preexec_fn``, which makes
     subprocess fork instead of vfork: about 2 ms per call for a small worker,
     more for a big one.  ``"exec"`` execs util-linux ``setpriv --pdeathsig KILL``
@@ -415,13 +416,18 @@ def _spawn(shell: str, command: str, cwd: str | os.PathLike[str], env: dict[str,
     argv = [shell, "-c", command]
     preexec = None
     late_limits: tuple[tuple[int, int, int], ...] = ()
+    gate: tuple[int, int] | None = None
     if launcher == "spawn":
         # Kill-on-worker-death comes from the watchdog (obdask.payloads.reaper);
         # rlimits are set from here with prlimit(2): nothing runs in the child.
         if rlimits and not hasattr(resource, "prlimit"):
             preexec = _make_preexec(rlimits, False)
-        else:
+        elif rlimits:
+            # The shell waits on a pipe until the limits are in place, so no part of the
+            # command runs unlimited; EOF (this process died first) makes it exit instead.
             late_limits = rlimits
+            gate = os.pipe()
+            argv[2] = _GATE + command
     elif rlimits or (pdeathsig and _prctl is not None):
         prefix = _exec_prefix(shell, rlimits, pdeathsig) if launcher == "exec" else None
         if prefix is None:
@@ -430,28 +436,57 @@ def _spawn(shell: str, command: str, cwd: str | os.PathLike[str], env: dict[str,
             argv[:0] = prefix
     try:
         proc = subprocess.Popen(
-            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, start_new_session=True, preexec_fn=preexec, close_fds=True,
+            argv, cwd=cwd, env=env, stdin=gate[0] if gate else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+            preexec_fn=preexec, close_fds=True,
         )
     except OSError as exc:
+        _close_gate(gate)
         if exc.filename is not None and os.fspath(exc.filename) == os.fspath(cwd):
             what = "does not exist" if exc.errno == errno.ENOENT else f"is unusable ({exc})"
             raise PayloadError(f"@cmd: working directory {os.fspath(cwd)!r} {what}") from exc
         raise PayloadError(f"@cmd: cannot run shell {shell!r} ({exc.strerror or exc}); "
                            "set obdask.cmd.shell to an existing shell") from exc
     except subprocess.SubprocessError as exc:
+        _close_gate(gate)
         raise PayloadError(f"@cmd: could not set up the child process ({exc}); "
                            "check obdask.cmd.limits") from exc
     if launcher == "spawn" and pdeathsig and not watchdog.watch(proc.pid):
         logger.warning("@cmd: pid %d is not protected against worker death", proc.pid)
-    for rid, soft, hard in late_limits:
-        # "spawn": set from the parent right after the vfork/exec, microseconds before
-        # the shell can start anything (no Python runs in the child, no fork of the worker).
-        try:
-            resource.prlimit(proc.pid, rid, (soft, hard))
-        except (ProcessLookupError, PermissionError):
-            break  # the shell already exited
+    if gate is not None:
+        os.close(gate[0])
+        _open_gate(proc, late_limits, gate[1])
     return proc
+
+
+# Prepended to the command under the "spawn" launcher: a builtin read (no fork) of the
+# shell's stdin (a pipe) blocks it until the parent has set the rlimits; the command
+# then gets /dev/null as stdin, as under the other launchers.
+_GATE = "read -r _ || exit 125; exec </dev/null\n"
+
+
+def _open_gate(proc: subprocess.Popen[bytes], rlimits: tuple[tuple[int, int, int], ...],
+               write_fd: int) -> None:
+    """Set ``rlimits`` on the waiting shell with prlimit(2), then let it go on."""
+    try:
+        for rid, soft, hard in rlimits:
+            resource.prlimit(proc.pid, rid, (soft, hard))
+        os.write(write_fd, b"go\n")
+    except OSError as exc:
+        # The shell is held at the gate, so it cannot have run anything: stop it.
+        _killpg(proc.pid, signal.SIGKILL)
+        _reap(proc)
+        watchdog.forget(proc.pid)
+        raise PayloadError(f"@cmd: could not apply obdask.cmd.limits to the shell ({exc}); "
+                           "check the limits, or set obdask.cmd.launcher: preexec") from exc
+    finally:
+        os.close(write_fd)
+
+
+def _close_gate(gate: tuple[int, int] | None) -> None:
+    if gate is not None:
+        os.close(gate[0])
+        os.close(gate[1])
 
 
 def _make_preexec(rlimits: tuple[tuple[int, int, int], ...], pdeathsig: bool) -> Any:
