@@ -8,6 +8,7 @@ its jobs land.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import pickle
@@ -70,6 +71,14 @@ class RunContext:
             state = {f.name: getattr(self, f.name) for f in fields(self)}
             blob = self.__dict__["_blob"] = pickle.dumps(state, protocol=5)
         return (_restore, (blob,))
+
+    def __dask_tokenize__(self) -> tuple[str, str]:
+        # One hash of the pickled fields per run, not a generic normalisation per task.
+        token = self.__dict__.get("_token")
+        if token is None:
+            self.__reduce__()  # computes the blob
+            token = self.__dict__["_token"] = hashlib.sha1(self.__dict__["_blob"]).hexdigest()
+        return ("obdask.RunContext", token)
 
     @staticmethod
     def llm_from_config() -> tuple[tuple[str, ...], dict[str, str]]:

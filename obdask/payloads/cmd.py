@@ -193,8 +193,27 @@ def _parse_launcher(value: Any) -> str:
 def _parse_timeout(value: Any) -> float | None:
     if value is None:
         return None
+    if isinstance(value, (int, float)):  # the per-job fast path: already seconds
+        return float(value) if value > 0 else None
     seconds = _config.get_seconds("run.timeout", value)
     return seconds if seconds > 0 else None
+
+
+def _limits_with(limits: Mapping[str, Any]) -> tuple[tuple[int, int, int], ...]:
+    """``obdask.cmd.limits`` overridden by ``limits``, parsed once per distinct pair."""
+    base = dask.config.get("obdask.cmd.limits", default={}) or {}
+    try:
+        return _merged_limits(tuple(base.items()), tuple(limits.items()))
+    except TypeError:  # an unhashable value: parse without the cache
+        return _merged_limits.__wrapped__(tuple(base.items()), tuple(limits.items()))
+
+
+@lru_cache(maxsize=64)
+def _merged_limits(base: tuple[tuple[str, Any], ...], override: tuple[tuple[str, Any], ...]
+                   ) -> tuple[tuple[int, int, int], ...]:
+    merged = {str(k).replace("_", "-"): v for k, v in base}
+    merged.update({str(k).replace("_", "-"): v for k, v in override})
+    return _parse_limits(merged)
 
 
 def _parse_limits(limits: Mapping[str, Any]) -> tuple[tuple[int, int, int], ...]:
@@ -363,14 +382,13 @@ def run_command(command: str, cwd: str | os.PathLike[str], *, timeout: float | N
     allow_sub = settings.allow_substitution if allow_substitution is None else allow_substitution
     _check_cached(command, allow, bool(allow_sub))
     wall = settings.timeout if timeout is None else _parse_timeout(timeout)
-    keep = settings.max_output if max_output is None else _config.get_bytes(
-        "cmd.max-output", max_output)
+    if max_output is None or isinstance(max_output, int):
+        keep = settings.max_output if max_output is None else max_output
+    else:
+        keep = _config.get_bytes("cmd.max-output", max_output)
     rlimits = settings.rlimits
     if limits:
-        base = dask.config.get("obdask.cmd.limits", default={}) or {}
-        merged = {str(k).replace("_", "-"): v for k, v in base.items()}
-        merged.update({str(k).replace("_", "-"): v for k, v in limits.items()})
-        rlimits = _parse_limits(merged)
+        rlimits = _limits_with(limits)
     source = os.environ if env is None else env
     keep_vars = settings.env_allowlist if env_allowlist is None else env_allowlist
     child_env = {k: source[k] for k in keep_vars if k in source}
