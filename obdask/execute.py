@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from obdask.exceptions import JobFailed, ObdaskError
 from obdask.payloads import execute
+from obdask.records import JobRecord
 from obdask.workspace import job_workspace
 
 if TYPE_CHECKING:
@@ -43,14 +44,14 @@ def _emit(worker, event: dict[str, Any]) -> None:
         worker.log_event(EVENT_TOPIC, event)
 
 
-def run_job(spec: JobSpec, ctx: RunContext, *deps: dict[str, Any]) -> dict[str, Any]:
+def run_job(spec: JobSpec, ctx: RunContext, *deps: dict[str, Any]) -> JobRecord:
     """Run one job on a worker and return its record (see module docstring)."""
     worker = _worker()
     where = worker.address if worker is not None else socket.gethostname()
     previous = ctx.records.ledger_get(spec.step_id)
     if previous is not None and previous.get("status") == "done":
         _emit(worker, {"key": spec.key, "run": ctx.run_id, "event": "replayed", "worker": where})
-        return {**previous, "replayed": True}
+        return JobRecord(previous, replayed=True)
     started = time.time()
     record: dict[str, Any] = {
         "key": spec.key, "step": spec.step_id, "plan": spec.plan_id, "run_id": ctx.run_id,
@@ -83,7 +84,7 @@ def run_job(spec: JobSpec, ctx: RunContext, *deps: dict[str, Any]) -> dict[str, 
     ctx.records.ledger_put(spec.step_id, record)
     if spec.dedupe:
         ctx.artifacts.put_result(spec.dedupe, record)
-    return record
+    return JobRecord(record)
 
 
 def _warmth(spec: JobSpec, worker, clone_warm: bool | None) -> bool | None:  # noqa: ANN001

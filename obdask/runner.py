@@ -239,9 +239,11 @@ async def _run(client: Client, plan: Plan, *, workspace: str | None, resume: boo
 async def _install_plugins(client: Client, plan: Plan) -> None:
     """The obdask scheduler plugin always; the budget plugin when models are called."""
     from obdask.diagnostics.attempts import AttemptsPlugin
+    from obdask.diagnostics.durations import DurationsPlugin
     from obdask.diagnostics.plugin import install
 
-    installs = [install(client), client.register_plugin(AttemptsPlugin())]
+    installs = [install(client), client.register_plugin(AttemptsPlugin()),
+                client.register_plugin(DurationsPlugin())]
     if any(s.is_model_task for s in plan.steps) or config.get("llm.budgets"):
         from obdask.llm import budget
 

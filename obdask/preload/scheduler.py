@@ -13,6 +13,7 @@ from typing import Any
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from obdask.diagnostics.attempts import AttemptsPlugin
+from obdask.diagnostics.durations import DurationsPlugin
 from obdask.diagnostics.plugin import ObdaskSchedulerPlugin
 from obdask.llm.budget import BudgetPlugin
 
@@ -20,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 #: Factories of the scheduler plugins to install, in order.  Append to extend.
 EXTENSIONS: list[Callable[[], SchedulerPlugin]] = [
-    ObdaskSchedulerPlugin, AttemptsPlugin, BudgetPlugin,
+    ObdaskSchedulerPlugin, AttemptsPlugin, DurationsPlugin, BudgetPlugin,
 ]
 
 

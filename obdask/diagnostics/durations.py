@@ -1,0 +1,90 @@
+"""Scheduler plugin: expected durations for obdask jobs Dask has never seen.
+
+Dask learns a task's expected duration per *task prefix* (``key_split`` of
+its key).  An obdask key ``{plan}::{id}`` is usually its own prefix, so
+every job would start as an unknown task costed at
+``distributed.scheduler.unknown-task-duration`` (0.5 s by default): worker
+occupancy, work stealing and the dashboard then see a 2 ms ``@cmd:true``
+job as a half-second one.
+
+This plugin keeps a running average of finished obdask jobs' compute time per
+plan (and across plans) and, in ``update_graph``, before the new tasks are
+transitioned, gives each obdask prefix that has no estimate yet that average
+(the plan's, else the overall one).  Dask's own learning then refines it as
+usual.  Nothing is sent per job.
+
+Scheduler handler: ``obdask_durations_query()`` returns
+``{"plans": {plan: seconds}, "overall": seconds or None}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+logger = logging.getLogger(__name__)
+
+PLUGIN_NAME = "obdask-durations"
+QUERY_OP = "obdask_durations_query"
+MAX_PLANS = 10_000
+#: Weight of the newest observation in the running averages.
+ALPHA = 0.2
+
+
+class DurationsPlugin(SchedulerPlugin):
+    """Seed Dask's duration estimate of new obdask jobs (see the module docstring)."""
+
+    name = PLUGIN_NAME
+    idempotent = True
+
+    def __init__(self, max_plans: int = MAX_PLANS) -> None:
+        self.max_plans = max_plans
+        self.scheduler: Any = None
+        self.by_plan: OrderedDict[str, float] = OrderedDict()
+        self.overall: float | None = None
+
+    async def start(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+        scheduler.handlers[QUERY_OP] = self.query
+
+    def query(self) -> dict[str, Any]:
+        """Current estimates in seconds."""
+        return {"plans": dict(self.by_plan), "overall": self.overall}
+
+    def estimate(self, plan: str) -> float | None:
+        """Expected compute seconds of a job of ``plan`` (None: nothing seen yet)."""
+        seen = self.by_plan.get(plan)
+        return seen if seen is not None else self.overall
+
+    def update_graph(self, scheduler: Any, *, tasks: Iterable[Any] = (), **kwargs: Any) -> None:
+        by_key = scheduler.tasks
+        for key in tasks:
+            if not isinstance(key, str) or "::" not in key:
+                continue
+            ts = by_key.get(key)
+            if ts is None or ts.prefix is None or ts.prefix.duration_average >= 0:
+                continue
+            guess = self.estimate(key.split("::", 1)[0])
+            if guess is not None:
+                ts.prefix.duration_average = guess
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any,
+                   startstops: Iterable[dict[str, Any]] | None = None, **kwargs: Any) -> None:
+        if finish != "memory" or start != "processing" or not startstops:
+            return
+        if not isinstance(key, str) or "::" not in key:
+            return
+        seconds = sum(s["stop"] - s["start"] for s in startstops if s.get("action") == "compute")
+        if seconds <= 0:
+            return
+        plan = key.split("::", 1)[0]
+        old = self.by_plan.pop(plan, None)
+        self.by_plan[plan] = seconds if old is None else ALPHA * seconds + (1 - ALPHA) * old
+        if len(self.by_plan) > self.max_plans:
+            self.by_plan.popitem(last=False)
+        self.overall = seconds if self.overall is None else (
+            ALPHA * seconds + (1 - ALPHA) * self.overall)
