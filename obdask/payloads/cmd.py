@@ -11,7 +11,7 @@ the shell (``obdask.cmd.shell``, ``/bin/sh -c``) in a working directory, but:
   a wall timeout that kills the whole process group, and bounded output;
   if the worker dies, a watchdog (:mod:`obdask.payloads.reaper`) kills the
   command's process group, so no orphan finishes a side effect while Dask
-  runs the job again elsewhere.
+  runs the job again elsewhere (process mechanics: :mod:`obdask.payloads.launch`).
 
 The allowlist is a guard against accidents (an LLM-written ``rm -rf``), not a
 sandbox: allowed programs such as ``python``, ``make``, ``npm`` or ``git`` can
@@ -21,15 +21,8 @@ run arbitrary code of their own.
 from __future__ import annotations
 
 import copy
-import ctypes
-import errno
 import logging
 import os
-import select
-import shutil
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -40,7 +33,7 @@ import dask
 
 from obdask import config as _config
 from obdask.exceptions import ConfigError, PayloadError
-from obdask.payloads.reaper import watchdog
+from obdask.payloads.launch import LAUNCHERS, LIMIT_KEYS, collect, reap, spawn
 from obdask.payloads.shell import find_commands
 
 if TYPE_CHECKING:
@@ -55,37 +48,6 @@ except ImportError:  # pragma: no cover - not POSIX
 __all__ = ["CommandResult", "check_command", "execute_command", "run_command"]
 
 logger = logging.getLogger(__name__)
-
-_TERM_GRACE = 2.0    # seconds between SIGTERM and SIGKILL of a timed-out process group
-_DRAIN = 1.0         # seconds to wait for pipes to close once the shell has exited
-_POLL = 0.05         # exit-poll interval when pidfd_open is unavailable
-_CHUNK = 1 << 16
-_PR_SET_PDEATHSIG = 1
-_LIMIT_KEYS = {  # obdask.cmd.limits key -> (resource name, parser, prlimit option)
-    "cpu-seconds": ("RLIMIT_CPU", "seconds", "--cpu"),
-    "address-space": ("RLIMIT_AS", "bytes", "--as"),
-    "file-size": ("RLIMIT_FSIZE", "bytes", "--fsize"),
-    "processes": ("RLIMIT_NPROC", "count", "--nproc"),
-}
-_LAUNCHERS = ("spawn", "exec", "preexec")
-_PRLIMIT_OPTS = {getattr(resource, r): opt for r, _, opt in _LIMIT_KEYS.values()
-                 if resource is not None and hasattr(resource, r)}
-
-
-def _load_prctl() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # pragma: no cover
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_prctl = _load_prctl()
-
 
 @dataclass
 class CommandResult:
@@ -185,8 +147,8 @@ def _parse_settings(cfg: Mapping[str, Any], timeout: Any) -> _Settings:
 
 def _parse_launcher(value: Any) -> str:
     launcher = str(value or "spawn")
-    if launcher not in _LAUNCHERS:
-        raise ConfigError(f"obdask.cmd.launcher: {value!r} is not one of {', '.join(_LAUNCHERS)}")
+    if launcher not in LAUNCHERS:
+        raise ConfigError(f"obdask.cmd.launcher: {value!r} is not one of {', '.join(LAUNCHERS)}")
     return launcher
 
 
@@ -227,12 +189,12 @@ def _parse_limits(limits: Mapping[str, Any]) -> tuple[tuple[int, int, int], ...]
     out = []
     for name, value in limits.items():
         canon = str(name).replace("_", "-")
-        if canon not in _LIMIT_KEYS:
+        if canon not in LIMIT_KEYS:
             raise ConfigError(f"obdask.cmd.limits.{name}: unknown limit "
-                              f"(use one of {', '.join(_LIMIT_KEYS)})")
+                              f"(use one of {', '.join(LIMIT_KEYS)})")
         if value is None:
             continue
-        rname, kind, _ = _LIMIT_KEYS[canon]
+        rname, kind, _ = LIMIT_KEYS[canon]
         full = f"cmd.limits.{canon}"
         if kind == "bytes":
             want = _config.get_bytes(full, value)
@@ -396,262 +358,19 @@ def run_command(command: str, cwd: str | os.PathLike[str], *, timeout: float | N
         child_env.update(extra_env)
 
     start = time.monotonic()
-    proc = _spawn(settings.shell, command, cwd, child_env, rlimits,
+    proc = spawn(settings.shell, command, cwd, child_env, rlimits,
                   settings.pdeathsig if pdeathsig is None else pdeathsig, settings.launcher)
     logger.debug("@cmd: pid %d in %s: %s", proc.pid, cwd, command)
     try:
-        out, err, nout, nerr, timed_out = _collect(proc, wall, keep)
+        out, err, nout, nerr, timed_out = collect(proc, wall, keep)
     finally:
-        _reap(proc)
-        if settings.launcher == "spawn":
-            watchdog.forget(proc.pid)
+        reap(proc)
     duration = time.monotonic() - start
     if timed_out:
         logger.warning("@cmd: timed out after %.1fs, process group %d killed: %s",
                        duration, proc.pid, command)
     return CommandResult(command, proc.returncode, out, err, nout, nerr, duration,
                          timed_out, proc.pid)
-
-
-def _spawn(shell: str, command: str, cwd: str | os.PathLike[str], env: dict[str, str],
-           rlimits: tuple[tuple[int, int, int], ...], pdeathsig: bool,
-           launcher: str) -> subprocess.Popen[bytes]:
-    """Popen ``shell -c command`` in its own session, limits and PDEATHSIG applied.
-
-    ``launcher="spawn"`` (default) registers the process group with this
-    process's watchdog (:mod:`obdask.payloads.reaper`), which SIGKILLs it if
-    this process dies, and sets the rlimits from the parent with
-    ``prlimit(2)`` while the shell blocks on a builtin ``read`` of its stdin
-    pipe (:data:`_GATE`), so the command never runs unlimited; no Python runs
-    in the child, vfork speed (about 0.5 ms).
-    ``launcher="preexec"`` applies them in a ``preexec_fn``, which makes
-    subprocess fork instead of vfork: about 2 ms per call for a small worker,
-    more for a big one.  ``"exec"`` execs util-linux ``setpriv --pdeathsig KILL``
-    and ``prlimit`` in front of the shell instead (vfork, same pid and process
-    group; falls back to preexec when they are missing).  With all limits null
-    and ``obdask.cmd.pdeathsig: false`` no Python code runs in the child.
-    """
-    argv = [shell, "-c", command]
-    preexec = None
-    late_limits: tuple[tuple[int, int, int], ...] = ()
-    gate: tuple[int, int] | None = None
-    if launcher == "spawn":
-        # Kill-on-worker-death comes from the watchdog (obdask.payloads.reaper);
-        # rlimits are set from here with prlimit(2): nothing runs in the child.
-        if rlimits and not hasattr(resource, "prlimit"):
-            preexec = _make_preexec(rlimits, False)
-        elif rlimits:
-            # The shell waits on a pipe until the limits are in place, so no part of the
-            # command runs unlimited; EOF (this process died first) makes it exit instead.
-            late_limits = rlimits
-            gate = os.pipe()
-            argv[2] = _GATE + command
-    elif rlimits or (pdeathsig and _prctl is not None):
-        prefix = _exec_prefix(shell, rlimits, pdeathsig) if launcher == "exec" else None
-        if prefix is None:
-            preexec = _make_preexec(rlimits, pdeathsig)
-        else:
-            argv[:0] = prefix
-    try:
-        proc = subprocess.Popen(
-            argv, cwd=cwd, env=env, stdin=gate[0] if gate else subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-            preexec_fn=preexec, close_fds=True,
-        )
-    except OSError as exc:
-        _close_gate(gate)
-        if exc.filename is not None and os.fspath(exc.filename) == os.fspath(cwd):
-            what = "does not exist" if exc.errno == errno.ENOENT else f"is unusable ({exc})"
-            raise PayloadError(f"@cmd: working directory {os.fspath(cwd)!r} {what}") from exc
-        raise PayloadError(f"@cmd: cannot run shell {shell!r} ({exc.strerror or exc}); "
-                           "set obdask.cmd.shell to an existing shell") from exc
-    except subprocess.SubprocessError as exc:
-        _close_gate(gate)
-        raise PayloadError(f"@cmd: could not set up the child process ({exc}); "
-                           "check obdask.cmd.limits") from exc
-    if launcher == "spawn" and pdeathsig and not watchdog.watch(proc.pid):
-        logger.warning("@cmd: pid %d is not protected against worker death", proc.pid)
-    if gate is not None:
-        os.close(gate[0])
-        _open_gate(proc, late_limits, gate[1])
-    return proc
-
-
-# Prepended to the command under the "spawn" launcher: a builtin read (no fork) of the
-# shell's stdin (a pipe) blocks it until the parent has set the rlimits; the command
-# then gets /dev/null as stdin, as under the other launchers.
-_GATE = "read -r _ || exit 125; exec </dev/null\n"
-
-
-def _open_gate(proc: subprocess.Popen[bytes], rlimits: tuple[tuple[int, int, int], ...],
-               write_fd: int) -> None:
-    """Set ``rlimits`` on the waiting shell with prlimit(2), then let it go on."""
-    try:
-        for rid, soft, hard in rlimits:
-            resource.prlimit(proc.pid, rid, (soft, hard))
-        os.write(write_fd, b"go\n")
-    except OSError as exc:
-        # The shell is held at the gate, so it cannot have run anything: stop it.
-        _killpg(proc.pid, signal.SIGKILL)
-        _reap(proc)
-        watchdog.forget(proc.pid)
-        raise PayloadError(f"@cmd: could not apply obdask.cmd.limits to the shell ({exc}); "
-                           "check the limits, or set obdask.cmd.launcher: preexec") from exc
-    finally:
-        os.close(write_fd)
-
-
-def _close_gate(gate: tuple[int, int] | None) -> None:
-    if gate is not None:
-        os.close(gate[0])
-        os.close(gate[1])
-
-
-def _make_preexec(rlimits: tuple[tuple[int, int, int], ...], pdeathsig: bool) -> Any:
-    parent = os.getpid()
-    setrlimit = resource.setrlimit if resource is not None else None
-    prctl = _prctl if pdeathsig else None
-
-    def preexec() -> None:  # runs in the child between fork and exec: keep it minimal
-        for rid, soft, hard in rlimits:
-            setrlimit(rid, (soft, hard))  # type: ignore[misc]
-        if prctl is not None:
-            # PDEATHSIG fires when the *thread* that forked us exits, not the process:
-            # run_command blocks in that thread until the shell is reaped, so it holds.
-            # It covers the shell only (it is cleared in the shell's own children).
-            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-            if os.getppid() != parent:  # the worker died before prctl took effect
-                os._exit(127)
-
-    return preexec
-
-
-def _exec_prefix(shell: str, rlimits: tuple[tuple[int, int, int], ...],
-                 pdeathsig: bool) -> list[str] | None:
-    """``setpriv``/``prlimit`` argv prefix, or None when a needed tool is missing."""
-    setpriv, prlimit = _exec_tools()
-    if (pdeathsig and setpriv is None) or (rlimits and prlimit is None):
-        return None
-    if _which(shell) is None:  # the tools would report it only as exit status 127
-        raise PayloadError(f"@cmd: cannot run shell {shell!r} (not found); "
-                           "set obdask.cmd.shell to an existing shell")
-    prefix: list[str] = []
-    if pdeathsig:  # setpriv sets PR_SET_PDEATHSIG, kept across the execs that follow
-        prefix += [setpriv, "--pdeathsig", "KILL", "--"]  # type: ignore[list-item]
-    if rlimits:
-        inf = resource.RLIM_INFINITY
-        prefix.append(prlimit)  # type: ignore[arg-type]
-        prefix += [f"{_PRLIMIT_OPTS[rid]}={soft}:{'unlimited' if hard == inf else hard}"
-                   for rid, soft, hard in rlimits]
-        prefix.append("--")
-    return prefix
-
-
-@lru_cache(maxsize=1)
-def _exec_tools() -> tuple[str | None, str | None]:
-    tools = shutil.which("setpriv"), shutil.which("prlimit")
-    if None in tools:
-        logger.warning("@cmd: obdask.cmd.launcher 'spawn'/'exec' need util-linux setpriv "
-                       "(and prlimit for 'exec'); using 'preexec' where they are missing")
-    return tools
-
-
-@lru_cache(maxsize=16)
-def _which(program: str) -> str | None:
-    return shutil.which(program)
-
-
-def _collect(proc: subprocess.Popen[bytes], wall: float | None,
-             keep: int) -> tuple[bytes, bytes, int, int, bool]:
-    """Read stdout/stderr in this thread until the shell exits and the pipes close.
-
-    Returns the kept stdout and stderr, their total sizes, and whether the wall
-    timeout expired.  Kills the process group on timeout and once the shell
-    has exited (leftover background jobs).
-    """
-    assert proc.stdout is not None and proc.stderr is not None
-    out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
-    bufs = {out_fd: bytearray(), err_fd: bytearray()}
-    counts = {out_fd: 0, err_fd: 0}
-    poller = select.poll()
-    poller.register(out_fd, select.POLLIN)
-    poller.register(err_fd, select.POLLIN)
-    pidfd = -1
-    try:
-        pidfd = os.pidfd_open(proc.pid)
-        poller.register(pidfd, select.POLLIN)
-    except (AttributeError, OSError):  # old kernel or not Linux: poll for the exit
-        pidfd = -1
-    open_fds, exited, timed_out, stage = 2, False, False, 0
-    limit = None if wall is None else time.monotonic() + wall
-    try:
-        while open_fds or not exited:
-            wait = None if limit is None else max(0.0, limit - time.monotonic())
-            if pidfd < 0 and not exited:
-                wait = _POLL if wait is None else min(wait, _POLL)
-            events = poller.poll(None if wait is None else int(wait * 1000) + 1)
-            check_exit = pidfd < 0
-            for fd, _ in events:
-                if fd == pidfd:
-                    check_exit = True
-                    continue
-                data = os.read(fd, _CHUNK)
-                if not data:
-                    poller.unregister(fd)
-                    open_fds -= 1
-                    continue
-                counts[fd] += len(data)
-                buf = bufs[fd]
-                if len(buf) < keep:
-                    buf += data[:keep - len(buf)]
-            if check_exit and not exited and _has_exited(proc.pid):
-                exited = True
-                if pidfd >= 0:
-                    poller.unregister(pidfd)
-                _killpg(proc.pid, signal.SIGKILL)  # background jobs left in the group
-                limit = time.monotonic() + _DRAIN
-            if limit is None or time.monotonic() < limit:
-                continue
-            if exited or stage == 2:
-                break  # pipes held open by a process outside the group, or unkillable
-            if stage == 0:
-                timed_out = True
-                _killpg(proc.pid, signal.SIGTERM)
-                limit, stage = time.monotonic() + _TERM_GRACE, 1
-            else:
-                _killpg(proc.pid, signal.SIGKILL)
-                limit, stage = time.monotonic() + 10.0, 2
-    finally:
-        if pidfd >= 0:
-            os.close(pidfd)
-    return (bytes(bufs[out_fd]), bytes(bufs[err_fd]), counts[out_fd], counts[err_fd],
-            timed_out)
-
-
-def _has_exited(pid: int) -> bool:
-    """Whether the child has exited, without reaping it (its pid stays reserved)."""
-    try:
-        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return True
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _reap(proc: subprocess.Popen[bytes]) -> None:
-    """Kill what is left of the process group, then reap the shell and close pipes."""
-    if proc.returncode is None:
-        # the shell is not reaped yet, so its pid (the group id) cannot have been reused
-        _killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    for pipe in (proc.stdout, proc.stderr):
-        if pipe is not None:
-            pipe.close()
 
 
 def _store(ctx: RunContext, data: bytes) -> str | None:
