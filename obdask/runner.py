@@ -223,7 +223,7 @@ async def _run(client: Client, plan: Plan, *, workspace: str | None, resume: boo
     events = _subscribe_events(client, ctx.run_id)
     try:
         routes = await _routes(client, compiled, workers)
-        futures = _submit(client, compiled, ctx, priority, routes)
+        futures, span_id = _submit(client, compiled, ctx, priority, routes)
         await _wait(client, futures, progress)
         outcomes = await _collect(client, compiled, futures, ctx, events)
         del futures
@@ -231,6 +231,7 @@ async def _run(client: Client, plan: Plan, *, workspace: str | None, resume: boo
         _unsubscribe_events(client, ctx.run_id)
     duration = time.time() - started
     summary = _summary(plan, ctx, outcomes, duration)
+    summary["span"] = span_id
     location = ctx.records.write_records(outcomes, summary)
     return RunResult(plan_id=plan.plan_id, run_id=ctx.run_id, records=outcomes,
                      location=location, duration_s=duration, summary=summary)
@@ -315,8 +316,17 @@ async def _routes(client: Client, compiled: CompiledPlan,
 
 
 def _submit(client: Client, compiled: CompiledPlan, ctx: RunContext, priority: int,
-            routes: dict[str, list[str]] | None = None) -> dict[str, Future]:
+            routes: dict[str, list[str]] | None = None
+            ) -> tuple[dict[str, Future], str | None]:
+    """Submit the runnable jobs, one ``client.get`` per annotation batch.
+
+    All of a run's tasks share one Dask span ``("obdask", plan_id)``, so the
+    dashboard's fine performance metrics and the scheduler's ``spans``
+    extension can show a run's compute, transfer and wait time as one line.
+    Returns the futures by key and the span id (None when nothing ran).
+    """
     from dask._task_spec import Task, TaskRef
+    from distributed import span
 
     from obdask.execute import run_job
 
@@ -329,15 +339,19 @@ def _submit(client: Client, compiled: CompiledPlan, ctx: RunContext, priority: i
         return annotations(job, priority=priority, workers=preferred,
                            allow_other_workers=True if preferred else None)
 
-    for batch in batches(compiled, annotate):
-        dsk = {
-            job.key: Task(job.key, run_job, job.spec, ctx,
-                          *[TaskRef(d) for d in job.spec.deps if d in runnable])
-            for job in batch.jobs
-        }
-        submitted = client.get(dsk, list(dsk), sync=False, **batch.annotations)
-        futures.update((f.key, f) for f in submitted)
-    return futures
+    if not runnable:
+        return futures, None
+    # No await in here: the span annotation (global dask config) covers exactly these graphs.
+    with span("obdask", ctx.plan_id) as span_id:
+        for batch in batches(compiled, annotate):
+            dsk = {
+                job.key: Task(job.key, run_job, job.spec, ctx,
+                              *[TaskRef(d) for d in job.spec.deps if d in runnable])
+                for job in batch.jobs
+            }
+            submitted = client.get(dsk, list(dsk), sync=False, **batch.annotations)
+            futures.update((f.key, f) for f in submitted)
+    return futures, span_id
 
 
 async def _wait(client: Client, futures: dict[str, Future], progress: Progress | None) -> None:

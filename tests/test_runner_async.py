@@ -38,3 +38,26 @@ async def test_cluster_without_workers_fails_fast(c, s):
         assert "has no workers" in str(exc)
     else:
         raise AssertionError("a cluster without workers must fail fast")
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_a_run_is_one_dask_span(c, s, a):
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.mkdtemp())
+    (folder / "plan.md").write_text("plan_id=spanned\n"
+                                    "- [ ] id=a lane=1 payload=@cmd:true\n"
+                                    "- [ ] id=b lane=1 deps=a payload=@cmd:true\n"
+                                    "- [ ] id=c lane=1 payload=@doc:metadata only\n")
+    result = await obdask.run(Plan.from_file(folder / "plan.md"), c)
+    assert result.ok
+    span_id = result.summary["span"]
+    spans = s.extensions["spans"]
+    assert span_id in spans.spans
+    span = spans.spans[span_id]
+    assert span.name == ("obdask", "spanned")
+    groups = {tg.name for sp in span.traverse_spans() for tg in sp.groups}
+    assert {"spanned::a", "spanned::b"} <= groups  # the @doc step cost no task
+    assert "spanned::c" not in groups
+    assert span in spans.spans_search_by_name["obdask", "spanned"]
