@@ -55,3 +55,25 @@ async def test_new_jobs_get_the_plans_learned_duration(c, s, a):
     for i in range(4, 8):  # seeded from the first run instead of unknown (-1 / 0.5 s)
         assert abs(probe.seen[f"durations::j{i}"] - learned["plans"]["durations"]) < 1e-9
     assert QUERY_OP in s.handlers
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_prefixes_of_forgotten_jobs_are_dropped(c, s, a):
+    import asyncio
+
+    folder = Path(tempfile.mkdtemp())
+    assert (await obdask.run(_plan(folder, "a.md", range(3), 0.01), c)).ok
+    old = {f"durations::j{i}" for i in range(3)}
+    assert old <= s.task_prefixes.keys()  # Dask keeps prefixes after the keys go
+    for _ in range(100):  # the client releases the run's futures asynchronously
+        if not old & s.tasks.keys():
+            break
+        await asyncio.sleep(0.05)
+    assert not old & s.tasks.keys()
+    (folder / "c.md").write_text("plan_id=other\n- [ ] id=x lane=1 payload=@cmd:true\n")
+    assert (await obdask.run(Plan.from_file(folder / "c.md"), c)).ok
+    # The next graph update dropped the unused prefixes; the estimate stays per plan.
+    assert not old & s.task_prefixes.keys()
+    assert "other::x" in s.task_prefixes
+    learned = await c.scheduler.obdask_durations_query()
+    assert learned["plans"]["durations"] > 0

@@ -13,6 +13,11 @@ transitioned, gives each obdask prefix that has no estimate yet that average
 (the plan's, else the overall one).  Dask's own learning then refines it as
 usual.  Nothing is sent per job.
 
+Dask never drops a task prefix (``Scheduler.task_prefixes``, about 1 KB
+each), so a long-lived scheduler would keep one per obdask job key ever run.
+Prefixes of forgotten obdask keys that no task group uses any more are
+dropped at the next graph update (their estimate lives on here, per plan).
+
 Scheduler handler: ``obdask_durations_query()`` returns
 ``{"plans": {plan: seconds}, "overall": seconds or None}``.
 """
@@ -24,6 +29,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
+from dask.utils import key_split
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 logger = logging.getLogger(__name__)
@@ -46,6 +52,7 @@ class DurationsPlugin(SchedulerPlugin):
         self.scheduler: Any = None
         self.by_plan: OrderedDict[str, float] = OrderedDict()
         self.overall: float | None = None
+        self.forgotten_prefixes: set[str] = set()
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
@@ -61,6 +68,7 @@ class DurationsPlugin(SchedulerPlugin):
         return seen if seen is not None else self.overall
 
     def update_graph(self, scheduler: Any, *, tasks: Iterable[Any] = (), **kwargs: Any) -> None:
+        self.drop_unused_prefixes()
         by_key = scheduler.tasks
         for key in tasks:
             if not isinstance(key, str) or "::" not in key:
@@ -72,11 +80,27 @@ class DurationsPlugin(SchedulerPlugin):
             if guess is not None:
                 ts.prefix.duration_average = guess
 
+    def drop_unused_prefixes(self) -> int:
+        """Forget the task prefixes of forgotten obdask keys that no task group uses."""
+        prefixes = self.scheduler.task_prefixes if self.scheduler is not None else {}
+        dropped = 0
+        for name in self.forgotten_prefixes:
+            prefix = prefixes.get(name)
+            if prefix is not None and not prefix.groups:
+                del prefixes[name]
+                dropped += 1
+        self.forgotten_prefixes.clear()
+        return dropped
+
     def transition(self, key: Any, start: str, finish: str, *args: Any,
                    startstops: Iterable[dict[str, Any]] | None = None, **kwargs: Any) -> None:
-        if finish != "memory" or start != "processing" or not startstops:
-            return
         if not isinstance(key, str) or "::" not in key:
+            return
+        if finish == "forgotten":
+            # Its task group is removed only after this hook: drop the prefix later.
+            self.forgotten_prefixes.add(key_split(key))
+            return
+        if finish != "memory" or start != "processing" or not startstops:
             return
         seconds = sum(s["stop"] - s["start"] for s in startstops if s.get("action") == "compute")
         if seconds <= 0:
