@@ -119,6 +119,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--cmd-jobs", type=int, default=500)
     parser.add_argument("--noop-jobs", type=int, default=2000)
+    parser.add_argument("--compile-sizes", default="1000,10000,100000",
+                        help="plan sizes for the compile-time table, comma-separated")
     parser.add_argument("--json", default=None, help="write results to this file")
     args = parser.parse_args(argv)
     from distributed import Client, LocalCluster
@@ -139,7 +141,7 @@ def main(argv=None) -> int:
             rows.append(compare(client, folder, "cmd-true-indep-nopdeath", "@cmd:true",
                                 sh_true, shape_edges("independent", args.cmd_jobs),
                                 args.repeat))
-    compiles = compile_times()
+    compiles = compile_times(tuple(int(n) for n in args.compile_sizes.split(",")))
     print(f"\n{'steps':>8}{'compile s':>11}{'us/step':>9}")
     for c in compiles:
         print(f"{c['steps']:>8}{c['compile_s']:>11.3f}{c['us_per_step']:>9.1f}")

@@ -152,6 +152,26 @@ async def test_reserve_waits_until_settled(c, s):
     assert (await B.budgets(c)).loc["tiny", "reserved"] == 0
 
 
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)], config=FAST)
+async def test_budget_set_after_calls_without_extension_binds_next_call(c, s, a):
+    # Regression: a worker that once found no BudgetExtension skipped reservations for
+    # 30 s, so a budget set meanwhile was not enforced at all.
+    assert B.EXTENSION not in s.extensions
+    with OllamaTestServer(models=["m1"], token_latency=0.001) as srv:
+        first = await c.submit(_budgeted_call, srv.url, 3, 2, 5, 0, pure=False)
+        assert first[0] == "ok"
+        assert B.EXTENSION in s.extensions  # installed by the first call, once
+        await B.set_budget(c, "late", 10**6, scope="plan", match="p")
+        before = sum(srv.stats.tokens("m1"))
+        results = await c.gather([c.submit(_budgeted_call, srv.url, 3, 2, 5, i, pure=False)
+                                  for i in range(1, 4)])
+        spent = sum(srv.stats.tokens("m1")) - before
+    frame = await B.budgets(c)
+    assert [kind for kind, _ in results] == ["ok"] * 3
+    assert frame.loc["late", "calls"] == 3
+    assert frame.loc["late", "used"] == spent == sum(n for _, n in results)
+
+
 async def _threads_done(worker, timeout=20):
     deadline = time.monotonic() + timeout
     while worker.active_threads:

@@ -102,11 +102,6 @@ class _LocalBackend:
         return {"key": None, "worker": None, "client": None}
 
 
-#: Seconds a process trusts "this scheduler has no BudgetExtension" before asking again.
-NO_EXTENSION_RECHECK = 30.0
-_no_extension_until: dict[Any, float] = {}
-
-
 class _RemoteBackend:
     """Talks to :class:`BudgetExtension` from a worker (inside a task) or a client."""
 
@@ -140,17 +135,14 @@ class _RemoteBackend:
         client.register_plugin(BudgetPlugin())
 
     def reserve(self, rid: str, amount: int, timeout: float | None, **attrs: Any) -> dict:
-        address = getattr(self.ctx.scheduler, "address", None)
-        budgets_here = config.get("llm.budgets")
-        if not budgets_here and _no_extension_until.get(address, 0.0) > time.monotonic():
-            return {"status": "ok", "budgets": []}  # asked recently: nothing to enforce
+        # Always asked, never cached: a budget set at any moment (set_budget, another
+        # client's config) must bind the very next call.  One round trip per model call.
         result = self._rpc("obdask_budget_reserve", id=rid, amount=amount, timeout=timeout, **attrs)
-        if result is None:  # no BudgetExtension on the scheduler
-            if not budgets_here:
-                # Skip the round trip (and the scheduler's "no handler" warning) for a while.
-                _no_extension_until[address] = time.monotonic() + NO_EXTENSION_RECHECK
-                return {"status": "ok", "budgets": []}
-            logger.info("installing BudgetPlugin for the budgets in obdask.llm.budgets")
+        if result is None:
+            # No BudgetExtension on the scheduler (a cluster without obdask's preload, and
+            # model calls outside obdask.run): install it once (idempotent), then ask again,
+            # so budgets set later are enforced and the scheduler logs no "no handler".
+            logger.info("installing BudgetPlugin on the scheduler for token budgets")
             self.install()
             result = self._rpc(
                 "obdask_budget_reserve", id=rid, amount=amount, timeout=timeout, **attrs
