@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
+import os
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from obdask import config
+from obdask.exceptions import ClusterUnreachable
 from obdask.resources import host_resources
 
 if TYPE_CHECKING:
@@ -59,9 +63,56 @@ def connect(scheduler: str | None = None, n_workers: int | None = None) -> Itera
         with embedded_cluster(n_workers) as client:
             yield client
         return
+    with _client(scheduler) as client:
+        yield client
+
+
+@contextlib.contextmanager
+def _client(scheduler: str) -> Iterator[Client]:
+    """``Client(scheduler)`` whose failures to connect are one clear error."""
     from distributed import Client
 
-    kwargs = {"scheduler_file": scheduler} if scheduler.endswith(".json") else {
-        "address": scheduler}
-    with Client(timeout=config.get_seconds("run.connect-timeout"), **kwargs) as client:
+    by_file = scheduler.endswith(".json")
+    timeout = config.get_seconds("run.connect-timeout")
+    if by_file:
+        address = _address_from_file(scheduler, timeout)
+    else:
+        address = scheduler
+    try:
+        client = Client(address, timeout=timeout)
+    except ValueError as exc:  # e.g. "missing port number in address"
+        raise ClusterUnreachable(
+            f"--scheduler {scheduler!r} is not a scheduler address ({exc}); use "
+            "tcp://HOST:PORT or a scheduler file ending in .json") from None
+    except (OSError, TimeoutError) as exc:
+        what = f"the scheduler at {address}" + (f" (from {scheduler})" if by_file else "")
+        raise ClusterUnreachable(
+            f"cannot reach {what} within {timeout:g}s ({exc}); is `dask scheduler` running "
+            "there? (wait longer with obdask.run.connect-timeout)") from None
+    with client:
         yield client
+
+
+def _address_from_file(path: str, timeout: float) -> str:
+    """The address in a ``dask scheduler --scheduler-file``, waiting up to ``timeout``.
+
+    Dask's own Client waits for a missing file without any limit; a scheduler
+    that is starting writes it within seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise ClusterUnreachable(
+                f"scheduler file {path!r} does not exist (waited {timeout:g}s); start "
+                f"`dask scheduler --scheduler-file {path}` or fix the path")
+        time.sleep(0.1)
+    try:
+        with open(path) as f:
+            address = json.load(f)["address"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ClusterUnreachable(
+            f"scheduler file {path!r} is unreadable or has no 'address' ({exc!r}); it is "
+            "written by `dask scheduler --scheduler-file`") from None
+    if not isinstance(address, str):
+        raise ClusterUnreachable(f"scheduler file {path!r}: 'address' is not a string")
+    return address

@@ -36,6 +36,10 @@ class PlacementError(ObdaskError, RuntimeError):
     """No worker in the cluster can ever run a job (missing resource)."""
 
 
+class ClusterUnreachable(ObdaskError, ConnectionError):
+    """The scheduler named by ``--scheduler`` / a scheduler file cannot be reached."""
+
+
 class ModelError(PayloadError):
     """A model call failed: unknown role, model missing everywhere, bad reply."""
 

@@ -98,6 +98,26 @@ def test_unreachable_scheduler_is_a_clear_error(plan_file):
                     env={"DASK_OBDASK__RUN__CONNECT_TIMEOUT": "2s"})
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert "cannot reach the scheduler at tcp://127.0.0.1:9 within 2s" in result.stderr
+
+
+@pytest.mark.parametrize("target, contents, message", [
+    ("notaurl", None, "is not a scheduler address (missing port number"),
+    ("missing.json", None, "does not exist (waited 1s)"),
+    ("broken.json", "{bad", "is unreadable or has no 'address'"),
+    ("noaddr.json", '{"id": 1}', "is unreadable or has no 'address'"),
+    ("dead.json", '{"address": "tcp://127.0.0.1:9"}',
+     "cannot reach the scheduler at tcp://127.0.0.1:9 (from "),
+])
+def test_bad_scheduler_argument_is_one_line(plan_file, tmp_path, target, contents, message):
+    if contents is not None:
+        (tmp_path / target).write_text(contents)
+    result = obdask("run", plan_file, "--scheduler", target, cwd=tmp_path, timeout=60,
+                    env={"DASK_OBDASK__RUN__CONNECT_TIMEOUT": "1s"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert message in result.stderr
+    assert result.stderr.count("\n") == 1
 
 
 def test_dask_cli_entry_point(plan_file):
