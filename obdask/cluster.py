@@ -27,8 +27,8 @@ def embedded_cluster(n_workers: int | None = None,
     """A ``LocalCluster`` of worker processes plus its client, closed on exit."""
     from distributed import Client, LocalCluster
 
-    n_workers = int(config.get("run.n-workers", n_workers))
-    threads = int(config.get("run.threads-per-worker", threads_per_worker))
+    n_workers = config.get_int("run.n-workers", n_workers, minimum=1)
+    threads = config.get_int("run.threads-per-worker", threads_per_worker, minimum=1)
     with LocalCluster(n_workers=0, threads_per_worker=threads, processes=True,
                       dashboard_address=":0", silence_logs=logging.CRITICAL) as cluster:
         # Each worker gets its share of this host (GPUs whole), declared at start

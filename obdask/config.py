@@ -48,7 +48,7 @@ def get_seconds(key: str, value: Any = None) -> float:
     raw = get(key, value)
     try:
         return float(dask.utils.parse_timedelta(raw, default="s"))
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:  # dask's own parse errors
         raise ConfigError(f"obdask.{key}: {raw!r} is not a duration (use e.g. '90s')") from exc
 
 
@@ -56,6 +56,55 @@ def get_bytes(key: str, value: Any = None) -> int:
     """Like :func:`get` for a size (``"1MiB"``, ``"16GB"`` or a number of bytes)."""
     raw = get(key, value)
     try:
-        return int(dask.utils.parse_bytes(raw))
-    except (TypeError, ValueError) as exc:
+        size = int(dask.utils.parse_bytes(raw))
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:  # dask's own parse errors
         raise ConfigError(f"obdask.{key}: {raw!r} is not a size (use e.g. '16GB')") from exc
+    if size < 0:
+        raise ConfigError(f"obdask.{key}: {raw!r} is a negative size")
+    return size
+
+
+def get_int(key: str, value: Any = None, minimum: int | None = 0) -> int:
+    """Like :func:`get` for a whole number, at least ``minimum`` (None: no bound)."""
+    raw = get(key, value)
+    try:
+        if isinstance(raw, bool) or float(raw) != int(raw):
+            raise ValueError(raw)
+        number = int(raw)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ConfigError(f"obdask.{key}: {raw!r} is not a whole number") from exc
+    if minimum is not None and number < minimum:
+        raise ConfigError(f"obdask.{key}: {number} is below the minimum {minimum}")
+    return number
+
+
+def get_str(key: str, value: Any = None, optional: bool = True) -> str | None:
+    """Like :func:`get` for a string (a path, URL or name); None allowed if ``optional``."""
+    raw = get(key, value)
+    if raw is None and optional:
+        return None
+    if not isinstance(raw, str) or not raw:
+        raise ConfigError(f"obdask.{key}: {raw!r} is not a non-empty string")
+    return raw
+
+
+def get_str_list(key: str, value: Any = None) -> tuple[str, ...]:
+    """Like :func:`get` for a list of strings (null: empty)."""
+    raw = get(key, value)
+    if raw is None:
+        return ()
+    if isinstance(raw, (str, bytes)) or not isinstance(raw, (list, tuple)) or not all(
+            isinstance(item, str) for item in raw):
+        raise ConfigError(f"obdask.{key}: {raw!r} is not a list of strings "
+                          "(in YAML: [a, b]; in an environment variable: '[\"a\", \"b\"]')")
+    return tuple(raw)
+
+
+def get_bool(key: str, value: Any = None) -> bool:
+    """Like :func:`get` for a boolean (YAML booleans; "true"/"false" strings accepted)."""
+    raw = get(key, value)
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return raw.lower() in ("true", "yes", "1")
+    raise ConfigError(f"obdask.{key}: {raw!r} is not true or false")

@@ -12,11 +12,13 @@ import hashlib
 import logging
 import os
 import pickle
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from obdask import config
 from obdask.artifacts import ArtifactStore
+from obdask.exceptions import ConfigError
 from obdask.records import RunStore
 
 logger = logging.getLogger(__name__)
@@ -36,14 +38,20 @@ class CommandPolicy:
 
     @classmethod
     def from_config(cls) -> CommandPolicy:
+        from obdask.payloads.cmd import check_limits
+
+        limits = config.get("cmd.limits") or {}
+        if not isinstance(limits, Mapping):
+            raise ConfigError(f"obdask.cmd.limits: {limits!r} is not a mapping of limits")
+        check_limits(limits)  # a bad limit fails here, before any job is submitted
         return cls(
-            allowlist=tuple(config.get("cmd.allowlist")),
-            allow_substitution=bool(config.get("cmd.allow-substitution")),
-            env_allowlist=tuple(config.get("cmd.env-allowlist")),
+            allowlist=config.get_str_list("cmd.allowlist"),
+            allow_substitution=config.get_bool("cmd.allow-substitution"),
+            env_allowlist=config.get_str_list("cmd.env-allowlist"),
             max_output=config.get_bytes("cmd.max-output"),
-            limits=dict(config.get("cmd.limits")),
+            limits=dict(limits),
             timeout=config.get_seconds("run.timeout"),
-            pdeathsig=bool(config.get("cmd.pdeathsig")),
+            pdeathsig=config.get_bool("cmd.pdeathsig"),
         )
 
 

@@ -102,7 +102,7 @@ def role_resources(role: str, step: StepLike | None = None) -> dict[str, float]:
     try:
         gpu = float(spec.get("gpu") or 0)
         vram = float(dask.utils.parse_bytes(spec.get("vram") or 0))
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, AttributeError) as exc:
         raise ConfigError(f"obdask.placement.models.{role}: bad gpu/vram in {spec!r}") from exc
     if gpu > 0:
         out["GPU"] = gpu

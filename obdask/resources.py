@@ -252,7 +252,7 @@ def _to_float(name: str, value: Any) -> float:
     if isinstance(value, str) and name in BYTE_RESOURCES:
         try:
             return float(dask.utils.parse_bytes(value))
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, AttributeError) as exc:
             raise ConfigError(f"resource {name}={value!r} is not a size") from exc
     try:
         return float(value)

@@ -72,13 +72,13 @@ class RunResult:
 
 
 def _store_url(kind: str, explicit: str | None, plan: Plan) -> str:
-    url = config.get(f"store.{kind}", explicit)
+    url = config.get_str(f"store.{kind}", explicit)
     return url or os.path.join(plan.folder, ".obdask", kind)
 
 
 def resolve_workspace(plan: Plan, workspace: str | None) -> str:
     """Workspace folder: argument, plan's ``workspace=``, config, or the plan's folder."""
-    chosen = workspace or plan.workspace or config.get("workspace")
+    chosen = workspace or plan.workspace or config.get_str("workspace")
     if not chosen:
         return plan.folder
     if chosen.startswith("git:"):
@@ -105,7 +105,7 @@ def prepare(plan: Plan, *, workspace: str | None = None, resume: bool = False,
     deduplicated = [dedupe[k] for k in art.done_keys(dedupe)]
     compiled = compile_plan(
         plan, completed=completed, deduplicated=deduplicated, staged=stage_files(plan, art),
-        default_retries=int(config.get("run.retries")),
+        default_retries=config.get_int("run.retries"),
         default_timeout=config.get_seconds("run.timeout"),
         resources_for=_resources_policy(lanes_active),
         localities_for=_localities_policy(plan),

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import dask
+import pytest
 import yaml
 
 from obdask import config
@@ -59,3 +60,67 @@ def test_importing_obdask_does_not_import_distributed():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("value", ["abc", "12 parsecs", [1], "1GiB"])
+def test_bad_duration_is_a_config_error(value):
+    from obdask.exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match=r"obdask.run.timeout: .* is not a duration"):
+        config.get_seconds("run.timeout", value)
+
+
+@pytest.mark.parametrize("value", ["lots", "12 parsecs", [1]])
+def test_bad_size_is_a_config_error(value):
+    from obdask.exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match=r"obdask.cmd.max-output: .* is not a size"):
+        config.get_bytes("cmd.max-output", value)
+
+
+@pytest.mark.parametrize("getter, key, value, message", [
+    ("get_int", "run.retries", "zzz", "is not a whole number"),
+    ("get_int", "run.retries", 1.5, "is not a whole number"),
+    ("get_int", "run.retries", True, "is not a whole number"),
+    ("get_int", "run.retries", -1, "is below the minimum 0"),
+    ("get_str", "workspace", -5, "is not a non-empty string"),
+    ("get_str", "store.records", "", "is not a non-empty string"),
+    ("get_str_list", "cmd.allowlist", -5, "is not a list of strings"),
+    ("get_str_list", "cmd.allowlist", "git", "is not a list of strings"),
+    ("get_str_list", "cmd.env-allowlist", ["PATH", 3], "is not a list of strings"),
+    ("get_bool", "cmd.pdeathsig", "zzz", "is not true or false"),
+    ("get_bytes", "cmd.max-output", -5, "is a negative size"),
+])
+def test_typed_getters_name_key_and_cause(getter, key, value, message):
+    from obdask.exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match=f"obdask.{key}: .*{message}"):
+        getattr(config, getter)(key, value)
+
+
+def test_typed_getters_accept_good_values():
+    assert config.get_int("run.retries", "3") == 3 and config.get_int("run.retries") >= 0
+    assert config.get_str("workspace") is None or isinstance(config.get_str("workspace"), str)
+    assert config.get_str_list("cmd.allowlist", ["git", "make"]) == ("git", "make")
+    assert config.get_bool("cmd.pdeathsig", "false") is False
+    assert config.get_bool("cmd.pdeathsig", True) is True
+
+
+@pytest.mark.parametrize("env, message", [
+    ("DASK_OBDASK__RUN__RETRIES=zzz", "obdask.run.retries: 'zzz' is not a whole number"),
+    ("DASK_OBDASK__RUN__N_WORKERS=-5", "obdask.run.n-workers: -5 is below the minimum 1"),
+    ("DASK_OBDASK__WORKSPACE=-5", "obdask.workspace: -5 is not a non-empty string"),
+    ("DASK_OBDASK__STORE__RECORDS=-5", "obdask.store.records: -5 is not a non-empty string"),
+    ("DASK_OBDASK__CMD__ALLOWLIST=-5", "obdask.cmd.allowlist: -5 is not a list of strings"),
+    ("DASK_OBDASK__CMD__LIMITS__FILE_SIZE=zzz", "obdask.cmd.limits.file-size"),
+])
+def test_bad_config_stops_obdask_run_before_any_job(tmp_path, env, message):
+    (tmp_path / "plan.md").write_text("- [ ] id=a lane=1 payload=@cmd:touch ran\n")
+    name, value = env.split("=", 1)
+    result = subprocess.run([sys.executable, "-m", "obdask.cli", "run", "plan.md"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, name: value})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert message in result.stderr
+    assert not (tmp_path / "ran").exists()

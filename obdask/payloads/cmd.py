@@ -126,16 +126,14 @@ def _parse_settings(cfg: Mapping[str, Any], timeout: Any) -> _Settings:
     def key(name: str) -> Any:
         return cfg.get(name, cfg.get(name.replace("-", "_")))
 
-    allow = key("allowlist") or []
-    if isinstance(allow, str):
-        raise ConfigError("obdask.cmd.allowlist must be a list of executable names")
+    allow = _config.get_str_list("cmd.allowlist", key("allowlist") or [])
     shell = key("shell") or "/bin/sh"
     max_output = key("max-output")
     max_output = _config.get_bytes("cmd.max-output", "1MiB" if max_output is None else max_output)
     return _Settings(
         allowlist=frozenset(str(a) for a in allow),
         allow_substitution=bool(key("allow-substitution")),
-        env_allowlist=tuple(str(v) for v in key("env-allowlist") or ()),
+        env_allowlist=_config.get_str_list("cmd.env-allowlist", key("env-allowlist") or []),
         shell=str(shell),
         max_output=max_output,
         timeout=_parse_timeout(timeout),
@@ -176,6 +174,11 @@ def _merged_limits(base: tuple[tuple[str, Any], ...], override: tuple[tuple[str,
     merged = {str(k).replace("_", "-"): v for k, v in base}
     merged.update({str(k).replace("_", "-"): v for k, v in override})
     return _parse_limits(merged)
+
+
+def check_limits(limits: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` if ``obdask.cmd.limits``-style ``limits`` are invalid."""
+    _parse_limits(limits)
 
 
 def _parse_limits(limits: Mapping[str, Any]) -> tuple[tuple[int, int, int], ...]:

@@ -143,7 +143,7 @@ def parse_budget(spec: Mapping[str, Any]) -> Budget:
     if window is not None:
         try:
             window = float(dask.utils.parse_timedelta(window, default="s"))
-        except (TypeError, ValueError, KeyError) as exc:
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise ConfigError(
                 f"budget {name!r}: window {window!r} is not a duration (use e.g. '1d')"
             ) from exc
