@@ -243,12 +243,13 @@ async def _install_plugins(client: Client, plan: Plan) -> None:
     from obdask.diagnostics.durations import DurationsPlugin
     from obdask.diagnostics.plugin import install
 
-    installs = [install(client), client.register_plugin(AttemptsPlugin()),
-                client.register_plugin(DurationsPlugin())]
+    installs = []
     if any(s.is_model_task for s in plan.steps) or config.get("llm.budgets"):
         from obdask.llm import budget
 
-        installs.append(budget.install(client))
+        installs.append(budget.install(client))  # first: it validates obdask.llm.budgets
+    installs += [install(client), client.register_plugin(AttemptsPlugin()),
+                 client.register_plugin(DurationsPlugin())]
     for result in installs:
         if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
             await result

@@ -113,6 +113,10 @@ def test_typed_getters_accept_good_values():
     ("DASK_OBDASK__STORE__RECORDS=-5", "obdask.store.records: -5 is not a non-empty string"),
     ("DASK_OBDASK__CMD__ALLOWLIST=-5", "obdask.cmd.allowlist: -5 is not a list of strings"),
     ("DASK_OBDASK__CMD__LIMITS__FILE_SIZE=zzz", "obdask.cmd.limits.file-size"),
+    ("DASK_OBDASK__CMD__LIMITS__PROCESSES=-5", "obdask.cmd.limits.processes: -5 is negative"),
+    ("DASK_OBDASK__LLM__BUDGETS=zzz", "obdask.llm.budgets: 'zzz' is not a list of budgets"),
+    ("DASK_OBDASK__PLACEMENT__MAX_LOCALITY_RECORDS=zzz",
+     "obdask.placement.max-locality-records: 'zzz' is not a whole number"),
 ])
 def test_bad_config_stops_obdask_run_before_any_job(tmp_path, env, message):
     (tmp_path / "plan.md").write_text("- [ ] id=a lane=1 payload=@cmd:touch ran\n")

@@ -63,7 +63,8 @@ class ObdaskSchedulerPlugin(SchedulerPlugin):
     idempotent = True
 
     def __init__(self, max_records: int | None = None) -> None:
-        self.max_records = int(config.get("placement.max-locality-records", max_records))
+        self.max_records = config.get_int("placement.max-locality-records", max_records,
+                                          minimum=1)
         self.scheduler: Any = None
         # key -> {worker: (kind, time)}; ordered oldest report first
         self.records: OrderedDict[str, dict[str, tuple[str, float]]] = OrderedDict()

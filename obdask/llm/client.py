@@ -231,7 +231,7 @@ def call_model(
     msgs = _normalize_messages(messages)
     num_predict = opts.get("num_predict")
     if not isinstance(num_predict, int) or num_predict < 0:
-        num_predict = int(config.get("llm.num-predict"))
+        num_predict = config.get_int("llm.num-predict", minimum=1)
     slot_timeout = config.get("llm.slot-timeout")
     spec = _CallSpec(
         model=model,
@@ -242,7 +242,7 @@ def call_model(
         job=job,
         plan=plan,
         timeout=config.get_seconds("llm.timeout", timeout),
-        attempts=max(1, int(config.get("llm.attempts"))),
+        attempts=config.get_int("llm.attempts", minimum=1),
         backoff=config.get_seconds("llm.backoff"),
         backoff_max=config.get_seconds("llm.backoff-max"),
         slot_timeout=None if slot_timeout is None else config.get_seconds("llm.slot-timeout"),
@@ -251,7 +251,7 @@ def call_model(
         role=role_or_model if role_or_model != model else None,
     )
     pool = get_pool(endpoints, _local_endpoint(local_endpoint))
-    tries = 1 + max(0, int(config.get("llm.schema-retries"))) if fmt else 1
+    tries = 1 + config.get_int("llm.schema-retries") if fmt else 1
     problems: list[str] = []
     for _ in range(tries):
         reply = _call_with_failover(pool, spec)

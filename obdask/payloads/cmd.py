@@ -208,6 +208,8 @@ def _parse_limits(limits: Mapping[str, Any]) -> tuple[tuple[int, int, int], ...]
                 want = int(value)
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"obdask.{full}: {value!r} is not a number") from exc
+            if want < 0:
+                raise ConfigError(f"obdask.{full}: {value!r} is negative")
         rid = getattr(resource, rname, None)
         if rid is None:  # pragma: no cover - platform without this limit
             continue

@@ -17,8 +17,12 @@ from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from obdask import config
-from obdask.llm.budget.ledger import Ledger, out_of_time, parse_budget, wait_time
+from obdask.llm.budget.ledger import (
+    Ledger,
+    configured_budgets,
+    out_of_time,
+    wait_time,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +50,7 @@ class BudgetExtension:
 
     def __init__(self, scheduler: Any) -> None:
         self.scheduler = scheduler
-        self.ledger = Ledger(config.get("llm.budgets") or ())
+        self.ledger = Ledger(configured_budgets())
         self._changed = asyncio.Event()
         self._by_key: dict[Any, set[str]] = defaultdict(set)
         scheduler.handlers.update(
@@ -201,11 +205,8 @@ class BudgetPlugin(SchedulerPlugin):
     idempotent = True
 
     def __init__(self, budgets: Iterable[Mapping[str, Any]] | None = None) -> None:
-        if budgets is None:
-            budgets = config.get("llm.budgets") or []
-        self.budgets = [dict(b) for b in budgets]
-        for b in self.budgets:
-            parse_budget(b)  # fail on the client, not on the scheduler
+        # validated here: fail on the client, not on the scheduler
+        self.budgets = configured_budgets(None if budgets is None else list(budgets))
         self.scheduler: Any = None
 
     async def start(self, scheduler: Any) -> None:

@@ -121,6 +121,25 @@ class Budget:
         }
 
 
+def configured_budgets(value: Any = None) -> list[dict[str, Any]]:
+    """``obdask.llm.budgets`` (or ``value``) as a list of budget dicts, each validated.
+
+    Raises
+    ------
+    ConfigError
+        Not a list of mappings, or an entry :func:`parse_budget` refuses.
+    """
+    raw = config.get("llm.budgets", value) or []
+    if isinstance(raw, Mapping) or not isinstance(raw, (list, tuple)) or not all(
+            isinstance(b, Mapping) for b in raw):
+        raise ConfigError(f"obdask.llm.budgets: {raw!r} is not a list of budgets, e.g. "
+                          "[{name: daily, tokens: 2000000, window: 1d}]")
+    specs = [dict(b) for b in raw]
+    for spec in specs:
+        parse_budget(spec)
+    return specs
+
+
 def parse_budget(spec: Mapping[str, Any]) -> Budget:
     """Validate one budget definition from config or :func:`set_budget`.
 

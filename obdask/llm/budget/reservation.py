@@ -18,7 +18,7 @@ from typing import Any
 from obdask import config
 from obdask.exceptions import BudgetExceeded
 from obdask.llm.budget.extension import BudgetPlugin
-from obdask.llm.budget.ledger import Ledger, out_of_time, wait_time
+from obdask.llm.budget.ledger import Ledger, configured_budgets, out_of_time, wait_time
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class _LocalBackend:
         self._specs: list[dict[str, Any]] = []
 
     def _sync_config(self) -> None:
-        specs = [dict(b) for b in config.get("llm.budgets") or []]
+        specs = configured_budgets()
         if specs != self._specs:
             for old in self._specs:
                 if old.get("name") not in {s.get("name") for s in specs}:
