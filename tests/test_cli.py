@@ -151,3 +151,15 @@ def test_runs_and_show_read_the_records(plan_file):
     assert {r["id"]: r["status"] for r in shown} == {j["id"]: j["status"] for j in run["jobs"]}
     table = obdask("show", plan_file)
     assert table.returncode == 0 and "hello" in table.stdout and "done-at-compile" in table.stdout
+
+
+def test_storage_errors_are_one_line(tmp_path):
+    pytest.importorskip("s3fs")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
+    result = subprocess.run([sys.executable, "-m", "obdask.cli", "hash", "s3://no-bucket/x"],
+                            capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: storage: ") and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
