@@ -65,7 +65,7 @@ async def test_prefixes_of_forgotten_jobs_are_dropped(c, s, a):
     assert (await obdask.run(_plan(folder, "a.md", range(3), 0.01), c)).ok
     old = {f"durations::j{i}" for i in range(3)}
     assert old <= s.task_prefixes.keys()  # Dask keeps prefixes after the keys go
-    for _ in range(100):  # the client releases the run's futures asynchronously
+    for _ in range(400):  # the client releases the run's futures asynchronously
         if not old & s.tasks.keys():
             break
         await asyncio.sleep(0.05)
