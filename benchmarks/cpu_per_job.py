@@ -9,6 +9,7 @@ not counted.  Used to find where obdask's per-job cost went (docs/performance.md
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tempfile
@@ -20,37 +21,39 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_run as b  # noqa: E402
 from distributed import Client, LocalCluster  # noqa: E402
 
-JOBS = 500
-REPEAT = 5
-
 
 def cpu(pids: dict[str, int]) -> dict[str, float]:
     return {k: sum(psutil.Process(p).cpu_times()[:2]) for k, p in pids.items()}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=500)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args(argv)
+    jobs, repeat = args.jobs, args.repeat
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=":0") as cluster, Client(cluster) as client:
         folder = tempfile.mkdtemp()
         pids = {"client": os.getpid()}
         pids.update({f"worker{i}": p for i, p in enumerate(client.run(os.getpid).values())})
         pids["scheduler"] = client.run_on_scheduler(os.getpid)
-        deps = b.shape_edges("independent", JOBS)
+        deps = b.shape_edges("independent", jobs)
         text = b.plan_text("@cmd:true", deps)
         b.run_raw(client, b.sh_true, deps)  # warm-up
         b.run_obdask(client, folder, "p", text)
         cases = {"raw": lambda: b.run_raw(client, b.sh_true, deps),
                  "obdask": lambda: b.run_obdask(client, folder, "p", text)}
         totals: dict[str, dict[str, float]] = {name: {} for name in cases}
-        for _ in range(REPEAT):
+        for _ in range(repeat):
             for name, run in cases.items():
                 before, start = cpu(pids), time.perf_counter()
                 run()
                 wall, after = time.perf_counter() - start, cpu(pids)
                 row = totals[name]
                 for k in pids:
-                    row[k] = row.get(k, 0.0) + (after[k] - before[k]) / REPEAT / JOBS * 1e6
-                row["wall"] = row.get("wall", 0.0) + wall / REPEAT / JOBS * 1e6
+                    row[k] = row.get(k, 0.0) + (after[k] - before[k]) / repeat / jobs * 1e6
+                row["wall"] = row.get("wall", 0.0) + wall / repeat / jobs * 1e6
     for name, row in totals.items():
         print(name, " ".join(f"{k}={v:.0f}us" for k, v in row.items()))
     return 0

@@ -56,3 +56,13 @@ def test_gpu_check_simulated(tmp_path):
     data = _run("gpu_check.py", "--simulate", tmp_path=tmp_path)
     assert data["declared"] and data["placed"]
     assert "cannot be placed" in data["too_big_error"]
+
+
+def test_cpu_per_job(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "cpu_per_job.py"), "--jobs", "10",
+                           "--repeat", "1"], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("raw ", "obdask "))]
+    assert [line.split()[0] for line in lines] == ["raw", "obdask"]
+    assert all("scheduler=" in line and "worker1=" in line for line in lines)
