@@ -82,7 +82,7 @@ def _client(scheduler: str) -> Iterator[Client]:
         client = Client(address, timeout=timeout)
     except ValueError as exc:  # e.g. "missing port number in address"
         raise ClusterUnreachable(
-            f"--scheduler {scheduler!r} is not a scheduler address ({exc}); use "
+            f"scheduler {scheduler!r} is not a scheduler address ({exc}); use "
             "tcp://HOST:PORT or a scheduler file ending in .json") from None
     except (OSError, TimeoutError) as exc:
         what = f"the scheduler at {address}" + (f" (from {scheduler})" if by_file else "")

@@ -161,7 +161,7 @@ def _localities_policy(plan: Plan):
     return lambda step: locality_keys(step, steps_by_id, base=plan.folder, files=files)
 
 
-def run(plan: Plan | str | os.PathLike[str], client: Client | None = None, *,
+def run(plan: Plan | str | os.PathLike[str], client: Client | str | None = None, *,
         workspace: str | None = None, resume: bool = False, artifacts: str | None = None,
         records: str | None = None, priority: int = 0, progress: Progress | None = None,
         n_workers: int | None = None) -> RunResult:
@@ -173,8 +173,9 @@ def run(plan: Plan | str | os.PathLike[str], client: Client | None = None, *,
         A :class:`~obdask.plan.Plan` or a path to a plan file.
     client
         Any ``distributed.Client``; with an asynchronous client this returns
-        an awaitable.  None: the current default client, else an embedded
-        ``LocalCluster`` started (and closed) for this run.
+        an awaitable.  A string: a scheduler address or scheduler file to
+        connect to for this run.  None: the current default client, else an
+        embedded ``LocalCluster`` started (and closed) for this run.
     workspace
         Folder ``@cmd:`` steps run in and ``#apply`` diffs apply to.
     resume
@@ -188,9 +189,17 @@ def run(plan: Plan | str | os.PathLike[str], client: Client | None = None, *,
         Called as ``progress(finished, total)`` while the run goes on.
     """
     if not isinstance(plan, Plan):
+        if not isinstance(plan, (str, os.PathLike)):
+            raise TypeError(f"plan must be an obdask.Plan or a path to a plan file, "
+                            f"not {type(plan).__name__}")
         plan = Plan.from_file(plan)
     kwargs = dict(workspace=workspace, resume=resume, artifacts=artifacts, records=records,
                   priority=priority, progress=progress)
+    if isinstance(client, str):
+        from obdask.cluster import connect
+
+        with connect(client) as connected:
+            return connected.sync(_run, connected, plan, **kwargs)
     if client is None:
         from distributed import default_client
 

@@ -305,3 +305,15 @@ def test_resume_after_a_run_that_died_uses_its_ledger(tmp_path, cluster_client):
     assert statuses(result) == {"a": "resumed", "b": "done"}
     assert (tmp_path / "log.txt").read_text() == "a\nb\n"
 
+
+
+def test_client_may_be_a_scheduler_address(tmp_path, cluster_client):
+    (tmp_path / "plan.md").write_text("- [ ] id=a lane=1 payload=@cmd:echo addr > a.txt\n")
+    result = obdask.run(tmp_path / "plan.md", client=cluster_client.scheduler.address)
+    assert result.ok and (tmp_path / "a.txt").read_text() == "addr\n"
+    assert result.frame.loc["a", "worker"] in cluster_client.scheduler_info()["workers"]
+
+
+def test_bad_plan_argument_is_a_type_error():
+    with pytest.raises(TypeError, match="plan must be an obdask.Plan or a path"):
+        obdask.run(123)
