@@ -83,6 +83,8 @@ def get_str(key: str, value: Any = None, optional: bool = True) -> str | None:
     raw = get(key, value)
     if raw is None and optional:
         return None
+    if isinstance(raw, os.PathLike):
+        raw = os.fspath(raw)
     if not isinstance(raw, str) or not raw:
         raise ConfigError(f"obdask.{key}: {raw!r} is not a non-empty string")
     return raw

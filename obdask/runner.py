@@ -78,7 +78,8 @@ def _store_url(kind: str, explicit: str | None, plan: Plan) -> str:
 
 def resolve_workspace(plan: Plan, workspace: str | None) -> str:
     """Workspace folder: argument, plan's ``workspace=``, config, or the plan's folder."""
-    chosen = workspace or plan.workspace or config.get_str("workspace")
+    chosen = (os.fspath(workspace) if workspace else None) or plan.workspace or \
+        config.get_str("workspace")
     if not chosen:
         return plan.folder
     if chosen.startswith("git:"):

@@ -317,3 +317,13 @@ def test_client_may_be_a_scheduler_address(tmp_path, cluster_client):
 def test_bad_plan_argument_is_a_type_error():
     with pytest.raises(TypeError, match="plan must be an obdask.Plan or a path"):
         obdask.run(123)
+
+
+def test_path_objects_for_workspace_and_stores(tmp_path, cluster_client):
+    work, stores = tmp_path / "work", tmp_path / "stores"
+    work.mkdir()
+    (tmp_path / "plan.md").write_text("- [ ] id=a lane=1 payload=@cmd:echo p > p.txt\n")
+    result = obdask.run(tmp_path / "plan.md", cluster_client, workspace=work,
+                        artifacts=stores / "artifacts", records=stores / "records")
+    assert result.ok and (work / "p.txt").read_text() == "p\n"
+    assert result.location.startswith(str(stores / "records"))
