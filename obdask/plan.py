@@ -38,7 +38,7 @@ TRAILING_FIELDS = ("deps", "dedupe")
 
 _STEP_RE = re.compile(r"^\s*[-*]\s+\[( |x|X)\]\s+(.*?)\s*$")
 _TRAILING_RE = re.compile(r"\s+(deps|dedupe)=(\S*)$")
-_ID_RE = re.compile(r"^[\w.\-]+$")
+_ID_RE = re.compile(r"^(?!\.+$)[\w.\-]+$")  # not "." or "..": ids become path parts
 _SHA1_RE = re.compile(r"^[0-9a-fA-F]{40}$")
 _SLUG_RE = re.compile(r"[^a-zA-Z0-9_.\-]")
 _PLAN_ID_RE = re.compile(r"^\s*plan_id\s*=\s*(\S+)\s*$")
@@ -165,7 +165,8 @@ class Plan:
 
 def slugify(name: str) -> str:
     """Plan id from a file name: characters outside ``[a-zA-Z0-9_.-]`` become ``_``."""
-    return _SLUG_RE.sub("_", name) or "plan"
+    slug = _SLUG_RE.sub("_", name)
+    return slug if slug.strip(".") else "plan"  # "", "." and ".." are no plan ids
 
 
 class _Errors:
@@ -222,7 +223,8 @@ def parse(text: str, path: str | None = None, plan_id: str | None = None) -> Pla
         stem = os.path.splitext(os.path.basename(path))[0] if path else "plan"
         plan_id = found_id or slugify(stem)
     if not _ID_RE.match(plan_id):
-        errors.add(None, f"plan_id {plan_id!r} may only hold letters, digits, '_', '.', '-'")
+        errors.add(None, f"plan_id {plan_id!r} may only hold letters, digits, '_', '.', "
+                         "'-' (not dots only)")
     if policy.get("accrue_all_ideas"):
         _check_orphans(text, errors)
     if policy.get("llm_doc_tasks"):
@@ -299,7 +301,8 @@ def _parse_step(body: str, done: bool, lineno: int, errors: _Errors) -> Step | N
     sid = fields["id"]
     n_before = len(errors.items)
     if not _ID_RE.match(sid):
-        errors.add(lineno, f"step id {sid!r} may only hold letters, digits, '_', '.', '-'")
+        errors.add(lineno, f"step id {sid!r} may only hold letters, digits, '_', '.', "
+                           "'-' (not dots only)")
     lane = _parse_int(fields["lane"], "lane", sid, lineno, errors)
     payload = parse_payload(fields["payload"], sid, lineno, errors)
     deps = tuple(d for d in fields.get("deps", "").split(",") if d)

@@ -200,3 +200,21 @@ def test_garbage_raises_nothing_but_plan_error(text):
         Plan.from_text(text, path="g.md")
     except PlanError:
         pass
+
+
+@pytest.mark.parametrize("plan_id", ["..", ".", "../x", "a/b"])
+def test_plan_ids_that_would_be_paths_are_refused(plan_id):
+    # The plan id names the run-record folder: ".." would write outside it.
+    message = error_of(f"plan_id={plan_id}\n- [ ] id=a lane=1 payload=@doc:x\n")
+    assert f"plan_id {plan_id!r} may only hold" in message
+
+
+@pytest.mark.parametrize("step_id", ["..", ".", "a/b"])
+def test_step_ids_that_would_be_paths_are_refused(step_id):
+    message = error_of(f"- [ ] id={step_id} lane=1 payload=@doc:x\n")
+    assert "demo.md:1" in message and f"step id {step_id!r} may only hold" in message
+
+
+def test_dot_file_names_get_a_usable_slug():
+    assert slugify("..") == "plan" and slugify(".") == "plan" and slugify("") == "plan"
+    assert parse("- [ ] id=..a lane=1 payload=@doc:x").steps[0].id == "..a"
