@@ -70,7 +70,13 @@ class ArtifactStore:
         return isinstance(self.fs, LocalFileSystem)
 
     def _path(self, name: str) -> str:
+        self._check(name)
         return posixpath.join(self.root, BY_HASH, name)
+
+    def _check(self, key: str) -> None:
+        if "/" in key or "\\" in key or not key.strip("."):
+            # Plans validate dedupe keys; this guards API callers: stay inside by-hash/.
+            raise PayloadError(f"artifact store {self.url}: {key!r} is not a valid key")
 
     def _makedirs(self, path: str) -> None:
         folder = posixpath.dirname(path)
@@ -102,6 +108,7 @@ class ArtifactStore:
 
     def put_result(self, dedupe: str, record: dict[str, Any]) -> None:
         """Mark ``dedupe`` as done by storing the job result beside the content."""
+        self._check(dedupe)
         path = self._path(f"{dedupe}.result.json")
         self._makedirs(path)
         self.fs.pipe_file(path, json.dumps(record, default=str).encode())

@@ -303,6 +303,10 @@ def _parse_step(body: str, done: bool, lineno: int, errors: _Errors) -> Step | N
     if not _ID_RE.match(sid):
         errors.add(lineno, f"step id {sid!r} may only hold letters, digits, '_', '.', "
                            "'-' (not dots only)")
+    if fields.get("dedupe") and not _ID_RE.match(fields["dedupe"]):
+        # The key names a file in the artifact store: no '/' and no '..'.
+        errors.add(lineno, f"step {sid!r}: dedupe={fields['dedupe']!r} may only hold "
+                           "letters, digits, '_', '.', '-' (not dots only), e.g. a sha1")
     lane = _parse_int(fields["lane"], "lane", sid, lineno, errors)
     payload = parse_payload(fields["payload"], sid, lineno, errors)
     deps = tuple(d for d in fields.get("deps", "").split(",") if d)

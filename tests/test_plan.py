@@ -219,3 +219,15 @@ def test_step_ids_that_would_be_paths_are_refused(step_id):
 def test_dot_file_names_get_a_usable_slug():
     assert slugify("..") == "plan" and slugify(".") == "plan" and slugify("") == "plan"
     assert parse("- [ ] id=..a lane=1 payload=@doc:x").steps[0].id == "..a"
+
+
+@pytest.mark.parametrize("key", ["../../x", "a/b", "..", "a\\b"])
+def test_dedupe_keys_that_would_be_paths_are_refused(key):
+    message = error_of(f"- [ ] id=a lane=1 payload=@cmd:true dedupe={key}\n")
+    assert "demo.md:1" in message and f"dedupe={key!r} may only hold" in message
+
+
+def test_ordinary_dedupe_keys_parse():
+    plan = parse(f"- [ ] id=a lane=1 payload=@cmd:true dedupe=build-v1.2\n"
+                 f"- [ ] id=b lane=1 payload=@cmd:true dedupe={SHA}\n")
+    assert [s.dedupe_key for s in plan.steps] == ["build-v1.2", SHA]
