@@ -77,6 +77,9 @@ def checkout(source: str, key: str = "?", scratch: str | None = None) -> tuple[s
     ``warm`` is True when this worker already held a clone of the repository.
     """
     url, rev = split_git(source)
+    if url.startswith("-") or (rev or "").startswith("-"):
+        # Never let plan text reach git as an option (--upload-pack=... runs a command).
+        raise PayloadError(f"job {key}: {source!r}: a git URL or revision cannot start with '-'")
     root = os.path.join(scratch or _scratch(), "obdask-git",
                         hashlib.sha1(url.encode()).hexdigest()[:16])
     mirror = os.path.join(root, "clone")
@@ -84,7 +87,7 @@ def checkout(source: str, key: str = "?", scratch: str | None = None) -> tuple[s
         warm = os.path.isdir(os.path.join(mirror, ".git"))
         if not warm:
             os.makedirs(root, exist_ok=True)
-            _git(["clone", "--quiet", url, mirror], None, key)
+            _git(["clone", "--quiet", "--", url, mirror], None, key)
         if rev is None:
             return mirror, warm
         tree = os.path.join(root, "rev-" + hashlib.sha1(rev.encode()).hexdigest()[:12])
@@ -93,7 +96,7 @@ def checkout(source: str, key: str = "?", scratch: str | None = None) -> tuple[s
                                         f"{rev}^{{commit}}"], cwd=mirror,
                                        capture_output=True).returncode != 0:
                 _git(["fetch", "--quiet", "origin"], mirror, key)
-            _git(["worktree", "add", "--quiet", "--detach", tree, rev], mirror, key)
+            _git(["worktree", "add", "--quiet", "--detach", "--", tree, rev], mirror, key)
         return tree, warm
 
 
