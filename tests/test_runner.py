@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import subprocess
+import time
 
 import dask
 import pytest
@@ -327,3 +328,28 @@ def test_path_objects_for_workspace_and_stores(tmp_path, cluster_client):
                         artifacts=stores / "artifacts", records=stores / "records")
     assert result.ok and (work / "p.txt").read_text() == "p\n"
     assert result.location.startswith(str(stores / "records"))
+
+
+def test_second_run_of_a_plan_waits_for_the_first(tmp_path, cluster_client):
+    # Same plan, same keys: the second run must not share the first run's tasks.
+    import threading
+
+    (tmp_path / "plan.md").write_text(
+        "- [ ] id=slow lane=1 payload=@cmd:sleep 1.5\n"
+        "- [ ] id=mark lane=1 deps=slow payload=@cmd:echo x >> marks\n")
+    results = {}
+
+    def first():
+        results["first"] = obdask.run(tmp_path / "plan.md", cluster_client)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while "plan::slow" not in cluster_client.who_has() and time.monotonic() < deadline:
+        time.sleep(0.02)  # the first run's graph is on the scheduler
+    second = obdask.run(tmp_path / "plan.md", cluster_client)
+    thread.join(60)
+    assert results["first"].ok and second.ok
+    assert (tmp_path / "marks").read_text() == "x\nx\n"  # both runs really ran
+    first_done = results["first"].frame.loc["mark", "finished"]
+    assert second.frame.loc["slow", "started"] >= first_done
