@@ -92,6 +92,28 @@ def validate(plan: str) -> None:
     click.echo(f"{plan}: ok, plan {parsed.plan_id!r}, {len(parsed.steps)} steps")
 
 
+def _shown(field: str, value: Any) -> str:
+    """An explain field for people: ``GPU:1,VRAM:10GB``, ``90s``, lists comma-joined."""
+    from obdask.resources import BYTE_RESOURCES
+
+    if field == "resources" and isinstance(value, dict):
+        return ",".join(f"{name}:{_size(amount) if name in BYTE_RESOURCES else f'{amount:g}'}"
+                        for name, amount in value.items())
+    if field == "timeout" and isinstance(value, (int, float)):
+        return f"{value:g}s"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _size(amount: float) -> str:
+    """Bytes in the decimal units plans use (``16GB`` = 16e9), no space: ``9.5GB``."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if amount >= scale:
+            return f"{amount / scale:.3g}{unit}"
+    return f"{amount:g}B"
+
+
 @main.command()
 @click.argument("plan", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the compiled jobs as JSON.")
@@ -109,8 +131,9 @@ def explain(plan: str, as_json: bool) -> None:
         return
     click.echo(f"plan {parsed.plan_id}: {len(jobs)} jobs")
     for job in jobs:
-        extras = [f"{k}={job[k]}" for k in ("resources", "retries", "timeout", "model",
-                                             "locality", "dedupe") if job[k]]
+        extras = [f"{k}={_shown(k, job[k])}" for k in ("resources", "retries", "timeout",
+                                                        "model", "locality", "dedupe")
+                  if job[k]]
         deps = ",".join(job["deps"]) or "-"
         click.echo(f"  {job['key']}  lane={job['lane']}  deps={deps}  [{job['action']}]  "
                    f"{job['payload']}  {' '.join(extras)}".rstrip())

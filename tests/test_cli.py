@@ -163,3 +163,12 @@ def test_storage_errors_are_one_line(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: storage: ") and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_explain_text_shows_sizes_and_durations_for_people(tmp_path):
+    (tmp_path / "p.md").write_text(
+        "- [ ] id=a lane=1 resources=GPU:2,VRAM:24GB,CPU:4 retries=2 timeout=90s "
+        "payload=@cmd:true\n")
+    line = obdask("explain", tmp_path / "p.md").stdout.splitlines()[1]
+    assert "resources=GPU:2,VRAM:24GB,CPU:4" in line
+    assert "retries=2" in line and "timeout=90s" in line
