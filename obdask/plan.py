@@ -37,6 +37,10 @@ LLM_TASK = "LLM_TASK"
 TRAILING_FIELDS = ("deps", "dedupe")
 
 _STEP_RE = re.compile(r"^\s*[-*]\s+\[( |x|X)\]\s+(.*?)\s*$")
+# A line that carries step fields but is not a step line (e.g. "- [] id=a ..."): a typo
+# that would otherwise drop the step without a word.
+_NEAR_STEP_RE = re.compile(r"(^|[\s\]])id=\S+.*\spayload=\S")
+_FENCE_RE = re.compile(r"^\s*(```|~~~)")
 _TRAILING_RE = re.compile(r"\s+(deps|dedupe)=(\S*)$")
 _ID_RE = re.compile(r"^(?!\.+$)[\w.\-]+$")  # not "." or "..": ids become path parts
 _SHA1_RE = re.compile(r"^[0-9a-fA-F]{40}$")
@@ -204,12 +208,18 @@ def parse(text: str, path: str | None = None, plan_id: str | None = None) -> Pla
     found_id = workspace = None
     policy: dict[str, bool] = {}
     steps: list[Step] = []
+    fenced = False
     for lineno, line in enumerate(text.splitlines(), start=1):
+        if _FENCE_RE.match(line):
+            fenced = not fenced
         m = _STEP_RE.match(line)
         if m:
             step = _parse_step(m.group(2), m.group(1) != " ", lineno, errors)
             if step is not None:
                 steps.append(step)
+        elif not fenced and _NEAR_STEP_RE.search(line):
+            errors.add(lineno, "this line has step fields but is not a step line; write "
+                               "'- [ ] id=... lane=... payload=...' ('- [x]' when done)")
         elif (m := _PLAN_ID_RE.match(line)) and found_id is None:
             found_id = m.group(1)
         elif (m := _WORKSPACE_RE.match(line)) and workspace is None:
@@ -233,6 +243,9 @@ def parse(text: str, path: str | None = None, plan_id: str | None = None) -> Pla
             if step.payload.prefix == "doc" and step.payload.body.startswith(LLM_TASK):
                 step.llm_task = True
     _validate(steps, errors)
+    if not steps and not errors.items:
+        errors.add(None, "no steps found; a step is a line such as "
+                         "'- [ ] id=build lane=1 payload=@cmd:make'")
     errors.raise_if_any()
     return Plan(plan_id=plan_id, steps=steps, path=path, title=title, policy=policy,
                 workspace=workspace)

@@ -231,3 +231,25 @@ def test_ordinary_dedupe_keys_parse():
     plan = parse(f"- [ ] id=a lane=1 payload=@cmd:true dedupe=build-v1.2\n"
                  f"- [ ] id=b lane=1 payload=@cmd:true dedupe={SHA}\n")
     assert [s.dedupe_key for s in plan.steps] == ["build-v1.2", SHA]
+
+
+@pytest.mark.parametrize("line", [
+    "- [] id=a lane=1 payload=@cmd:true",
+    "-[ ] id=a lane=1 payload=@cmd:true",
+    "- [ ]id=a lane=1 payload=@cmd:true",
+    "1. [ ] id=a lane=1 payload=@cmd:true",
+    "id=a lane=1 payload=@cmd:true",
+])
+def test_near_miss_step_lines_are_errors_not_silently_dropped(line):
+    message = error_of(f"- [ ] id=ok lane=1 payload=@doc:x\n{line}\n")
+    assert "demo.md:2" in message and "is not a step line" in message
+
+
+def test_step_fields_inside_code_fences_are_examples():
+    plan = parse("```\nid=x lane=1 payload=@cmd:true\n```\n- [ ] id=a lane=1 payload=@doc:x\n")
+    assert [s.id for s in plan.steps] == ["a"]
+
+
+@pytest.mark.parametrize("text", ["", "# Plan: nothing yet\n\nsome notes\n"])
+def test_a_plan_without_steps_is_an_error(text):
+    assert "no steps found" in error_of(text)
