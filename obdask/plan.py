@@ -366,7 +366,7 @@ def _parse_resources(value: str, sid: str, lineno: int, errors: _Errors) -> dict
                                "(e.g. resources=GPU:1,VRAM:16GB)")
             continue
         parsed = _parse_value(parse_bytes, amount, f"resources {name}", sid, lineno, errors,
-                              "a number or size (e.g. GPU:1,VRAM:16GB)")
+                              "an amount >= 0 or a size (e.g. GPU:1,VRAM:16GB)")
         if parsed is not None:
             resources[name] = float(parsed)
     return resources
