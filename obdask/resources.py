@@ -184,14 +184,7 @@ def visible_gpus(gpus: list[GpuInfo], env: Mapping[str, str] | None = None) -> l
 
 def get_max_lanes(value: int | None = None) -> int:
     """Return ``obdask.placement.max-lanes`` (or ``value``) as a positive int."""
-    raw = obdask.config.get("placement.max-lanes", value)
-    try:
-        count = int(raw)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"obdask.placement.max-lanes: {raw!r} is not an integer") from exc
-    if count < 1:
-        raise ConfigError(f"obdask.placement.max-lanes: {count} must be at least 1")
-    return count
+    return obdask.config.get_int("placement.max-lanes", value, minimum=1)
 
 
 def parse_lanes(value: str | int | Iterable[int | str] | None) -> tuple[int, ...] | None:

@@ -204,10 +204,7 @@ def _parse_limits(limits: Mapping[str, Any]) -> tuple[tuple[int, int, int], ...]
         elif kind == "seconds":
             want = int(max(1.0, _config.get_seconds(full, value)))
         else:
-            try:
-                want = int(value)
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"obdask.{full}: {value!r} is not a number") from exc
+            want = _config.get_int(full, value, minimum=None)
             if want < 0:
                 raise ConfigError(f"obdask.{full}: {value!r} is negative")
         rid = getattr(resource, rname, None)
