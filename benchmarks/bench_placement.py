@@ -83,9 +83,9 @@ def annotation_overhead(client: Any, folder: str, jobs: int, repeat: int) -> dic
 
 def check_annotations(client: Any, folder: str) -> dict[str, Any]:
     """What the two plans compile to on this cluster's workers (no run)."""
-    from obdask.diagnostics.plugin import install
     from obdask.placement import lanes_in_use
     from obdask.runner import prepare
+    from obdask.server import install
 
     install(client)  # as obdask.run does first: workers without lanes would get all
     active = lanes_in_use(client.scheduler_info(n_workers=-1)["workers"])

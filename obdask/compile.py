@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from obdask.keys import dask_key_of
 from obdask.plan import Payload, Plan, Step, topological_order
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,11 @@ class JobSpec:
     checkout: str | None = None
     fingerprint: str = ""
     staged: str | None = None  # sha1 of the @file: content the client put in the store
+
+    @property
+    def dask_key(self) -> tuple[str, str]:
+        """The job's Dask key: ``(plan group, key)``, see :mod:`obdask.keys`."""
+        return dask_key_of(self.key)
 
     def __dask_tokenize__(self) -> tuple[Any, ...]:
         # client.get tokenizes every task's arguments; the generic dataclass path

@@ -95,17 +95,17 @@ def _warmth(spec: JobSpec, worker, clone_warm: bool | None) -> bool | None:  # n
         return clone_warm
     if worker is None:
         return False
-    reported = {key for _, key in getattr(worker, "_obdask_reported", ())}
-    plugin = worker.plugins.get("obdask-worker")
-    loaded = {f"model:{m}" for m in (getattr(plugin, "models", None) or ())}
-    return any(key in reported or key in loaded for key in spec.localities)
+    from obdask.server.worker import state_of
+
+    warm = state_of(worker).warm_keys()
+    return any(key in warm for key in spec.localities)
 
 
 def _report_localities(spec: JobSpec) -> None:
     """Tell the scheduler this worker now holds the job's checkout / repo files."""
     if not spec.localities:
         return
-    from obdask.diagnostics.plugin import report_warm
+    from obdask.server.worker import report_warm
 
     for key in spec.localities:
         if not key.startswith("model:"):

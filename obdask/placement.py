@@ -17,7 +17,7 @@ Lanes
 Locality
     :func:`locality_of` names the git checkout a step works in, so the runner
     can prefer workers that reported a warm clone of it
-    (:func:`obdask.diagnostics.plugin.warm_workers`).
+    (:func:`obdask.placement.warm_workers`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from dask.utils import format_bytes
 
 import obdask.config as config
 from obdask.exceptions import ConfigError, PlacementError
-from obdask.resources import BYTE_RESOURCES, LANE_PREFIX, get_max_lanes
+from obdask.resources import BYTE_RESOURCES, LANE_PREFIX, get_max_lanes, model_key, worker_lanes
 
 logger = logging.getLogger(__name__)
 
@@ -121,17 +121,6 @@ def model_name(step: StepLike) -> str | None:
 
 
 # ----------------------------------------------------------- resources, lanes
-
-
-def worker_lanes(resources: Mapping[str, float]) -> set[int]:
-    """Lanes a worker offers, from its resource dict."""
-    lanes = set()
-    for name, amount in resources.items():
-        if name.startswith(LANE_PREFIX) and amount > 0:
-            suffix = name[len(LANE_PREFIX) :]
-            if suffix.isdigit():
-                lanes.add(int(suffix))
-    return lanes
 
 
 def lanes_in_use(
@@ -395,14 +384,6 @@ def locality_of(
     return found
 
 
-def model_key(name: str) -> str:
-    """Locality key of a loaded Ollama model (``model:<name>:<tag>``, tag default ``latest``)."""
-    name = name.strip()
-    if ":" not in name.rsplit("/", 1)[-1]:
-        name += ":latest"
-    return f"model:{name}"
-
-
 def locality_keys(
     step: StepLike, steps_by_id: Mapping[str, StepLike], base: str | os.PathLike | None = None,
     files: bool = True,
@@ -468,3 +449,23 @@ def route(
             routes[key] = preferred
             load[preferred[0]] = load.get(preferred[0], 0) + 1
     return routes
+
+
+async def _warm_workers(client: Any, keys: list[str]) -> dict[str, list[str]]:
+    try:
+        found = await client.scheduler.obdask_locality_query(keys=keys)
+    except Exception as exc:  # plugin not installed: the op is unknown
+        logger.debug("obdask locality query failed (plugin not installed?): %s", exc)
+        found = None
+    if not isinstance(found, dict):  # an unknown op answers an error/None, not a dict
+        found = {}
+    return {k: list(found.get(k) or []) for k in keys}
+
+
+def warm_workers(client: Any, keys: Iterable[str]) -> Any:
+    """``{key: [worker addresses]}`` that reported being warm for each key.
+
+    Empty lists when nobody is warm or the obdask plugin is not installed.
+    Blocks for a synchronous client; returns an awaitable for an asynchronous one.
+    """
+    return client.sync(_warm_workers, client, list(keys))

@@ -299,3 +299,21 @@ def detect_resources(
         resources[str(name)] = _to_float(str(name), value)
     logger.debug("detected worker resources: %s", resources)
     return resources
+
+
+def worker_lanes(resources: Mapping[str, float]) -> set[int]:
+    """Lanes a worker offers, from its resource dict."""
+    lanes = set()
+    for name, amount in resources.items():
+        if name.startswith(LANE_PREFIX) and amount > 0:
+            suffix = name[len(LANE_PREFIX) :]
+            if suffix.isdigit():
+                lanes.add(int(suffix))
+    return lanes
+
+
+def model_key(name: str) -> str:
+    """Locality key of a loaded Ollama model (``model:<name>:<tag>``, tag default ``latest``)."""
+    from obdask.llm.pool import canonical_model
+
+    return f"model:{canonical_model(name.strip())}"

@@ -248,21 +248,12 @@ async def _run(client: Client, plan: Plan, *, workspace: str | None, resume: boo
 
 
 async def _install_plugins(client: Client, plan: Plan) -> None:
-    """The obdask scheduler plugin always; the budget plugin when models are called."""
-    from obdask.diagnostics.attempts import AttemptsPlugin
-    from obdask.diagnostics.durations import DurationsPlugin
-    from obdask.diagnostics.plugin import install
+    """The obdask scheduler plugin (idempotent); it validates obdask.llm.budgets first."""
+    from obdask.server import install
 
-    installs = []
-    if any(s.is_model_task for s in plan.steps) or config.get("llm.budgets"):
-        from obdask.llm import budget
-
-        installs.append(budget.install(client))  # first: it validates obdask.llm.budgets
-    installs += [install(client), client.register_plugin(AttemptsPlugin()),
-                 client.register_plugin(DurationsPlugin())]
-    for result in installs:
-        if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
-            await result
+    result = install(client)
+    if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+        await result
 
 
 async def _check_placeable(client: Client, compiled: CompiledPlan) -> None:
@@ -301,7 +292,7 @@ async def _wait_keys_free(client: Client, keys: list[str], plan: Plan,
         return
     deadline = time.monotonic() + timeout
     while True:
-        held = await client.scheduler.obdask_keys_held(keys=keys)
+        held = await client.scheduler.obdask_jobs_held(keys=keys)
         if not held:
             return
         if time.monotonic() > deadline:
@@ -315,8 +306,7 @@ async def _wait_keys_free(client: Client, keys: list[str], plan: Plan,
 async def _routes(client: Client, compiled: CompiledPlan,
                   workers: dict[str, Any]) -> dict[str, list[str]]:
     """Preferred workers per job key, from warm clones and loaded models."""
-    from obdask.diagnostics.plugin import warm_workers
-    from obdask.placement import route
+    from obdask.placement import route, warm_workers
 
     keyed = [j for j in compiled.runnable if j.spec.localities]
     if not keyed or not config.get("placement.locality"):
@@ -340,6 +330,7 @@ def _submit(client: Client, compiled: CompiledPlan, ctx: RunContext, priority: i
     from distributed import span
 
     from obdask.execute import run_job
+    from obdask.keys import dask_key_of
 
     runnable = {j.key for j in compiled.runnable}
     futures: dict[str, Future] = {}
@@ -356,12 +347,13 @@ def _submit(client: Client, compiled: CompiledPlan, ctx: RunContext, priority: i
     with span("obdask", ctx.plan_id) as span_id:
         for batch in batches(compiled, annotate):
             dsk = {
-                job.key: Task(job.key, run_job, job.spec, ctx,
-                              *[TaskRef(d) for d in job.spec.deps if d in runnable])
+                job.spec.dask_key: Task(
+                    job.spec.dask_key, run_job, job.spec, ctx,
+                    *[TaskRef(dask_key_of(d)) for d in job.spec.deps if d in runnable])
                 for job in batch.jobs
             }
             submitted = client.get(dsk, list(dsk), sync=False, **batch.annotations)
-            futures.update((f.key, f) for f in submitted)
+            futures.update((f.key[1], f) for f in submitted)
     return futures, span_id
 
 
@@ -408,6 +400,8 @@ async def _collect(client: Client, compiled: CompiledPlan, futures: dict[str, Fu
 async def _failure_record(job: Job, future: Future) -> dict[str, Any]:
     from distributed import KilledWorker
 
+    from obdask.keys import job_id_of
+
     base = {"key": job.key, "step": job.spec.step_id, "fingerprint": job.spec.fingerprint}
     if future.status == "cancelled":
         return {**base, "status": "failed", "error": f"job {job.key}: cancelled"}
@@ -419,6 +413,7 @@ async def _failure_record(job: Job, future: Future) -> dict[str, Any]:
         return {**exc.record, **base, "status": "failed"}
     if isinstance(exc, KilledWorker):
         culprit = getattr(exc, "task", None)
+        culprit = job_id_of(culprit) or culprit
         if culprit and culprit != job.key:
             return {**base, "status": "skipped", "error": f"dependency {culprit} failed"}
         return {**base, "status": "failed",
@@ -469,8 +464,6 @@ def _unsubscribe_events(client: Client, run_id: str) -> None:
 def _attempts(record: dict[str, Any], tries: list[list[Any]],
               events: list[dict[str, Any]]) -> None:
     """Attempts (from the scheduler) and retry reasons (with the workers' errors)."""
-    from obdask.diagnostics.attempts import describe
-
     record["attempts"] = len(tries)
     errors = {e["worker"]: e.get("error") for e in events if e["event"] == "failed"}
     reasons = describe(tries, errors)
@@ -498,3 +491,19 @@ def _summary(plan: Plan, ctx: RunContext, outcomes: list[dict[str, Any]],
         "duration_s": duration, "workspace": ctx.workspace,
         "warm_hit_rate": (sum(warm) / len(warm)) if warm else None, "tokens": tokens,
         "artifacts": ctx.artifacts.url}
+
+
+def describe(tries: list[list[Any]], errors: dict[str, str]) -> list[str]:
+    """Human reasons for every attempt but the last; ``errors`` maps worker -> error.
+
+    Dask moves an erred task with retries left through ``released`` as it moves a
+    lost worker's task, so an attempt whose worker reported the job's failure is
+    a failure, whatever state it left ``processing`` for.
+    """
+    reasons = []
+    for i, (worker, outcome) in enumerate(tries[:-1], start=1):
+        if outcome in ("erred", "waiting") or worker in errors:
+            reasons.append(f"attempt {i} failed on {worker}: {errors.get(worker, 'error')}")
+        else:
+            reasons.append(f"attempt {i}: worker {worker} lost")
+    return reasons

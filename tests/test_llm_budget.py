@@ -22,6 +22,7 @@ from obdask.exceptions import BudgetExceeded, ConfigError  # noqa: E402
 from obdask.llm import budget as B  # noqa: E402
 from obdask.llm.client import call_model  # noqa: E402
 from obdask.llm.pool import reset_pools  # noqa: E402
+from obdask.server import extension  # noqa: E402
 from obdask.testing import OllamaTestServer  # noqa: E402
 
 FAST = {"obdask.llm.backoff": "10ms", "obdask.llm.budget-timeout": "5s"}
@@ -118,10 +119,10 @@ def test_local_ledger_without_dask():
     client=True, nthreads=[], config={"obdask.llm.budgets": [{"name": "cfg", "tokens": 5}]}
 )
 async def test_plugin_idempotent_and_set_from_client(c, s):
-    await c.register_plugin(B.BudgetPlugin())
-    ext = s.extensions[B.EXTENSION]
-    await c.register_plugin(B.BudgetPlugin())
-    assert s.extensions[B.EXTENSION] is ext
+    await B.install(c)
+    ext = extension(s, "budgets")
+    await B.install(c)
+    assert extension(s, "budgets") is ext
     for op in ("reserve", "settle", "release", "state"):
         assert f"obdask_budget_{op}" in s.handlers
     await B.set_budget(c, "daily", 1000, scope="model", match="m1", window="1d")
@@ -148,7 +149,7 @@ async def test_reserve_waits_until_settled(c, s):
     assert quick["status"] == "blocked"
     late = await s.handlers["obdask_budget_reserve"](id="d", amount=20, client=c.id, timeout=0.2)
     assert late["status"] == "exhausted" and "waited" in late["message"]
-    s.extensions[B.EXTENSION].client_removed(c.id)
+    extension(s, "budgets").remove_client(s, c.id)
     assert (await B.budgets(c)).loc["tiny", "reserved"] == 0
 
 
@@ -156,11 +157,11 @@ async def test_reserve_waits_until_settled(c, s):
 async def test_budget_set_after_calls_without_extension_binds_next_call(c, s, a):
     # Regression: a worker that once found no BudgetExtension skipped reservations for
     # 30 s, so a budget set meanwhile was not enforced at all.
-    assert B.EXTENSION not in s.extensions
+    assert extension(s, "budgets") is None
     with OllamaTestServer(models=["m1"], token_latency=0.001) as srv:
         first = await c.submit(_budgeted_call, srv.url, 3, 2, 5, 0, pure=False)
         assert first[0] == "ok"
-        assert B.EXTENSION in s.extensions  # installed by the first call, once
+        assert extension(s, "budgets") is not None  # installed by the first call, once
         await B.set_budget(c, "late", 10**6, scope="plan", match="p")
         before = sum(srv.stats.tokens("m1"))
         results = await c.gather([c.submit(_budgeted_call, srv.url, 3, 2, 5, i, pure=False)

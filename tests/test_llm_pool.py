@@ -276,7 +276,9 @@ def _endpoint_of_call(urls):
 
 
 def _set_local_endpoint(url, dask_worker=None):
-    dask_worker.obdask_ollama_endpoint = url  # what obdask.preload.worker --ollama-endpoint sets
+    from obdask.server.worker import state_of
+
+    state_of(dask_worker).local_endpoint = url  # what the preload's --ollama-endpoint sets
 
 
 def test_worker_prefers_its_own_endpoint(llm_cluster):

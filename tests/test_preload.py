@@ -12,15 +12,12 @@ import pytest
 from distributed import Client, Worker
 from distributed.utils_test import gen_cluster
 
-from obdask.diagnostics.plugin import (
-    PLUGIN_NAME,
-    WORKER_PLUGIN_NAME,
-    ObdaskSchedulerPlugin,
-    install,
-    report_warm,
-    warm_workers,
-)
+from obdask.placement import warm_workers
 from obdask.preload.worker import dask_setup as worker_setup
+from obdask.server import NAME as PLUGIN_NAME
+from obdask.server import WORKER_PLUGIN_NAME, extension, install
+from obdask.server.locality import LocalityExtension
+from obdask.server.worker import report_warm, state_of
 from tests.cluster_utils import kill, spawn
 
 
@@ -51,7 +48,7 @@ async def test_worker_preload_declares_before_registration(c, s):
         assert res["GPU"] == 0 and res["VRAM"] == 0 and res["MEM"] > 0
         assert res["CPU"] == 3 and res["FOO"] == 1
         assert lanes_of(res) == ["lane-2"]
-        assert w.obdask_lanes == (2,) and w.obdask_ollama_endpoint == "127.0.0.1:9"
+        assert state_of(w).lanes == (2,) and state_of(w).local_endpoint == "127.0.0.1:9"
         assert w.state.available_resources == w.state.total_resources
 
 
@@ -117,7 +114,7 @@ async def test_report_warm_and_query(c, s, a, b):
             break
         await asyncio.sleep(0.02)
     assert (await warm_workers(c, ["git:/r"]))["git:/r"] == [b.address]
-    assert a.address not in s.plugins[PLUGIN_NAME].by_worker
+    assert a.address not in extension(s, "locality").by_worker
 
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
@@ -133,7 +130,7 @@ async def test_bad_stream_report_does_not_kill_worker(c, s, a):
 
 
 def test_scheduler_records_are_bounded():
-    plugin = ObdaskSchedulerPlugin(max_records=3)
+    plugin = LocalityExtension(None, max_records=3)
     for i in range(5):
         assert plugin.locality_report("tcp://w:1", "clone", key=f"k{i}") == "OK"
     assert list(plugin.records) == ["k2", "k3", "k4"] and plugin.count == 3
@@ -304,7 +301,7 @@ def test_cli_cluster_resources_and_plugin(cli_cluster):
     )
     assert PLUGIN_NAME in plugins[0] and WORKER_PLUGIN_NAME in plugins[1]
     settings = client.run(
-        lambda dask_worker: (dask_worker.obdask_lanes, dask_worker.obdask_ollama_endpoint)
+        lambda dask_worker: (state_of(dask_worker).lanes, state_of(dask_worker).local_endpoint)
     )
     assert sorted(settings.values(), key=str) == sorted(
         [(None, None), ((2,), "http://127.0.0.1:9")], key=str

@@ -231,7 +231,9 @@ def test_annotations_reach_the_scheduler_for_every_key(tmp_path, cluster_client)
         def update_graph(self, scheduler, *, keys, **kwargs):
             for key in keys:
                 ts = scheduler.tasks[key]
-                self.seen[key] = (ts.resource_restrictions, ts.retries, ts.priority[0])
+                # job keys are (plan group, "plan::step") tuples: one task group per plan
+                assert key == ("plan", key[1])
+                self.seen[key[1]] = (ts.resource_restrictions, ts.retries, ts.priority[0])
 
     cluster_client.register_plugin(Recorder())
     plan = write_plan(tmp_path, (

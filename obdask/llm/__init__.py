@@ -7,7 +7,7 @@ obdask.llm.client
 obdask.llm.pool
     Endpoint discovery, health, per-(endpoint, model) concurrency caps.
 obdask.llm.budget
-    Token budgets kept on the scheduler (:class:`~obdask.llm.budget.BudgetPlugin`).
+    Token budgets kept on the scheduler (:mod:`obdask.llm.budget`).
 obdask.llm.testing
     :class:`~obdask.llm.testing.OllamaTestServer`, an Ollama-compatible server for tests.
 
@@ -26,7 +26,6 @@ _LAZY = {
     "token_records": "obdask.llm.client",
     "get_pool": "obdask.llm.pool",
     "EndpointPool": "obdask.llm.pool",
-    "BudgetPlugin": "obdask.llm.budget",
     "budgets": "obdask.llm.budget",
     "set_budget": "obdask.llm.budget",
     "remove_budget": "obdask.llm.budget",

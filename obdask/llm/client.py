@@ -135,12 +135,15 @@ def _normalize_messages(messages: str | Sequence[Mapping[str, Any]]) -> list[dic
 
 
 def _local_endpoint(local: str | None) -> str | None:
-    """Explicit value, else the worker's ``obdask_ollama_endpoint``, else config."""
+    """Explicit value, else the worker's local endpoint (preload), else config."""
     if local:
         return local
     kind, ctx = dask_context()
-    if kind == "worker" and getattr(ctx, "obdask_ollama_endpoint", None):
-        return ctx.obdask_ollama_endpoint
+    if kind == "worker":
+        from obdask.server.worker import state_of
+
+        if state_of(ctx).local_endpoint:
+            return state_of(ctx).local_endpoint
     return config.get("llm.local-endpoint")
 
 

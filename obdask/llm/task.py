@@ -87,7 +87,9 @@ def _worker_endpoint() -> str | None:
     try:
         from distributed import get_worker
 
-        return getattr(get_worker(), "obdask_ollama_endpoint", None)
+        from obdask.server.worker import state_of
+
+        return state_of(get_worker()).local_endpoint
     except (ImportError, ValueError):
         return None
 

@@ -25,6 +25,7 @@ import dask
 
 import obdask.config as config
 from obdask.resources import LANE_PREFIX, detect_resources, lane_resources, parse_lanes
+from obdask.server.worker import state_of
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +55,8 @@ async def configure_worker(
     -------
     dict
         The worker's resources after the merge (explicit ``--resources`` win).
-        Also stored: ``worker.obdask_lanes`` (tuple or None) and
-        ``worker.obdask_ollama_endpoint`` (str or None).
+        Also stored in the worker's :class:`~obdask.server.worker.WorkerState`:
+        ``lanes`` (tuple or None) and ``local_endpoint`` (str or None).
     """
     lanes_t = parse_lanes(config.get("placement.lanes", lanes))
     endpoint = ollama_endpoint or dask.config.get("obdask.llm.local-endpoint", None)
@@ -67,8 +68,9 @@ async def configure_worker(
         merged = detect_resources(nvml=nvml, explicit=explicit, lanes=lanes_t)
     else:
         merged = {**lane_resources(lanes_t), **explicit}
-    worker.obdask_lanes = lanes_t
-    worker.obdask_ollama_endpoint = endpoint or None
+    state = state_of(worker)
+    state.lanes = lanes_t
+    state.local_endpoint = endpoint or None
     if registered:  # a late call: tell the scheduler; keys can only be zeroed, not removed
         stale = {k: 0.0 for k in worker.state.total_resources if k not in merged}
         await worker.set_resources(**stale, **merged)

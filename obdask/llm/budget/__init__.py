@@ -14,7 +14,7 @@ cluster     always
 
 ``window`` (``"1d"``, ``"1h"``, null) makes the budget a sliding window.
 Budgets are defined in ``obdask.llm.budgets`` (read by the scheduler and
-shipped by :class:`BudgetPlugin`) or with :func:`set_budget` from a client.
+shipped by :class:`obdask.server.ObdaskPlugin`) or with :func:`set_budget` from a client.
 
 Every model call *reserves* its worst case (prompt estimate + ``num_predict``)
 before it starts and *settles* the real count after; a reservation that does
@@ -24,10 +24,10 @@ budget by more than the reservations still in flight.  Reservations belong to
 the Dask task (or client) that made them and are released when the task is
 cancelled or forgotten, its worker is removed, or the client leaves.
 
-The state lives on the scheduler in :class:`BudgetExtension` (the pattern of
-``distributed/semaphore.py``), installed by :class:`BudgetPlugin`::
+The state lives on the scheduler in :class:`obdask.server.budgets.BudgetExtension`
+(the pattern of ``distributed/semaphore.py``), hosted by obdask's scheduler plugin::
 
-    client.register_plugin(BudgetPlugin())
+    obdask.llm.budget.install(client)
     set_budget(client, "daily-coder", 2_000_000, scope="model",
                match="qwen2.5-coder:14b", window="1d")
     budgets(client)          # pandas.DataFrame
@@ -40,7 +40,6 @@ from __future__ import annotations
 import logging
 
 from obdask.llm.budget.client import budgets, install, remove_budget, reservations, set_budget
-from obdask.llm.budget.extension import EXTENSION, BudgetExtension, BudgetPlugin
 from obdask.llm.budget.ledger import (
     COLUMNS,
     MODES,
@@ -61,10 +60,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "Budget",
-    "BudgetExtension",
-    "BudgetPlugin",
     "COLUMNS",
-    "EXTENSION",
     "Ledger",
     "MODES",
     "Reservation",

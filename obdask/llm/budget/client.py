@@ -12,7 +12,6 @@ import logging
 import time
 from typing import Any
 
-from obdask.llm.budget.extension import BudgetPlugin
 from obdask.llm.budget.ledger import COLUMNS, parse_budget
 from obdask.llm.budget.reservation import local_backend
 
@@ -22,18 +21,25 @@ logger = logging.getLogger(__name__)
 def _client_call(client: Any, op: str, post: Any, install: bool, **kwargs: Any) -> Any:
     async def run() -> Any:
         if install:
-            await client.register_plugin(BudgetPlugin())
+            await _install(client)
         return post(await getattr(client.scheduler, op)(**kwargs))
 
     return client.sync(run)
 
 
 def install(client: Any) -> Any:
-    """Register :class:`BudgetPlugin` on ``client``'s scheduler (idempotent).
+    """Install obdask's scheduler plugin (which holds the budgets); idempotent.
 
     Awaitable when ``client`` is asynchronous.
     """
-    return client.register_plugin(BudgetPlugin())
+    return _install(client)
+
+
+def _install(client: Any) -> Any:
+    # The server package imports the ledger of this package: import it late.
+    from obdask.server import install as install_server
+
+    return install_server(client)
 
 
 def set_budget(

@@ -17,7 +17,6 @@ from typing import Any
 
 from obdask import config
 from obdask.exceptions import BudgetExceeded
-from obdask.llm.budget.extension import BudgetPlugin
 from obdask.llm.budget.ledger import Ledger, configured_budgets, out_of_time, wait_time
 
 logger = logging.getLogger(__name__)
@@ -132,7 +131,9 @@ class _RemoteBackend:
             client = get_client()
         else:
             client = self.ctx
-        client.register_plugin(BudgetPlugin())
+        from obdask.server import install  # imports this package's ledger: import late
+
+        install(client)
 
     def reserve(self, rid: str, amount: int, timeout: float | None, **attrs: Any) -> dict:
         # Always asked, never cached: a budget set at any moment (set_budget, another
@@ -142,7 +143,7 @@ class _RemoteBackend:
             # No BudgetExtension on the scheduler (a cluster without obdask's preload, and
             # model calls outside obdask.run): install it once (idempotent), then ask again,
             # so budgets set later are enforced and the scheduler logs no "no handler".
-            logger.info("installing BudgetPlugin on the scheduler for token budgets")
+            logger.info("installing the obdask scheduler plugin for token budgets")
             self.install()
             result = self._rpc(
                 "obdask_budget_reserve", id=rid, amount=amount, timeout=timeout, **attrs

@@ -1,9 +1,9 @@
-"""The scheduler side of token budgets: :class:`BudgetExtension` and :class:`BudgetPlugin`.
+"""Scheduler extension: token budgets (:class:`BudgetExtension`).
 
-The extension holds the cluster's :class:`~obdask.llm.budget.ledger.Ledger` and
+The extension holds the cluster's :class:`~obdask.llm.budget.ledger.Ledger`,
 answers the ``obdask_budget_*`` scheduler handlers (the pattern of
-``distributed/semaphore.py``); the plugin installs it and releases the
-reservations of tasks, workers and clients that go away.
+``distributed/semaphore.py``) and releases the reservations of tasks, workers
+and clients that go away (hooks called by :class:`obdask.server.ObdaskPlugin`).
 """
 
 from __future__ import annotations
@@ -12,10 +12,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
 from typing import Any
-
-from distributed.diagnostics.plugin import SchedulerPlugin
 
 from obdask.llm.budget.ledger import (
     Ledger,
@@ -25,8 +22,6 @@ from obdask.llm.budget.ledger import (
 )
 
 logger = logging.getLogger(__name__)
-
-EXTENSION = "obdask-budget"
 
 
 def _as_key(key: Any) -> Any:
@@ -39,7 +34,7 @@ def _as_key(key: Any) -> Any:
 class BudgetExtension:
     """Scheduler extension holding the cluster's :class:`Ledger`.
 
-    Adds these handlers to ``scheduler.handlers``:
+    Answers these scheduler handlers:
 
     * ``obdask_budget_reserve`` (waits while a ``wait`` budget has no room)
     * ``obdask_budget_settle``, ``obdask_budget_release``
@@ -53,17 +48,18 @@ class BudgetExtension:
         self.ledger = Ledger(configured_budgets())
         self._changed = asyncio.Event()
         self._by_key: dict[Any, set[str]] = defaultdict(set)
-        scheduler.handlers.update(
-            {
-                "obdask_budget_reserve": self.reserve,
-                "obdask_budget_settle": self.settle,
-                "obdask_budget_release": self.release,
-                "obdask_budget_state": self.state,
-                "obdask_budget_set": self.set_budget,
-                "obdask_budget_remove": self.remove_budget,
-            }
-        )
-        scheduler.extensions[EXTENSION] = self
+
+    @property
+    def handlers(self) -> dict[str, Any]:
+        """Scheduler handlers this extension answers."""
+        return {
+            "obdask_budget_reserve": self.reserve,
+            "obdask_budget_settle": self.settle,
+            "obdask_budget_release": self.release,
+            "obdask_budget_state": self.state,
+            "obdask_budget_set": self.set_budget,
+            "obdask_budget_remove": self.remove_budget,
+        }
 
     def _notify(self) -> None:
         event, self._changed = self._changed, asyncio.Event()
@@ -159,17 +155,17 @@ class BudgetExtension:
         self._notify()
         return done
 
-    # -- lifecycle hooks (called by BudgetPlugin) ------------------------------
-    def task_left_processing(self, key: Any) -> None:
+    # -- scheduler plugin hooks (forwarded by ObdaskPlugin) ---------------------
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         """Release what a task reserved once it stops running (cancel, error, worker loss)."""
-        ids = self._by_key.pop(key, None)
-        if ids:
+        if start == "processing" and finish != "processing" and key in self._by_key:
+            ids = self._by_key.pop(key)
             for rid in ids:
                 self.ledger.release(rid)
             logger.info("released %d token reservation(s) of task %r", len(ids), key)
             self._notify()
 
-    def worker_removed(self, worker: str) -> None:
+    def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
         """Release every reservation made on ``worker``."""
         ids = self.ledger.release_where(worker=worker)
         if ids:
@@ -178,60 +174,9 @@ class BudgetExtension:
                 rids.difference_update(ids)
             self._notify()
 
-    def client_removed(self, client: str) -> None:
+    def remove_client(self, scheduler: Any, client: str) -> None:
         """Release reservations a client made outside any task."""
         ids = self.ledger.release_where(client=client, key=None)
         if ids:
             logger.info("released %d token reservation(s) of client %s", len(ids), client)
             self._notify()
-
-
-class BudgetPlugin(SchedulerPlugin):
-    """Installs :class:`BudgetExtension` on the scheduler; safe to register many times.
-
-    Parameters
-    ----------
-    budgets : list of mapping, optional
-        Budgets to define on start (kept usage if they exist).  Default: this
-        process's ``obdask.llm.budgets``, so a client's config reaches a remote
-        scheduler.
-
-    Examples
-    --------
-    >>> client.register_plugin(BudgetPlugin())  # doctest: +SKIP
-    """
-
-    name = "obdask-budget"
-    idempotent = True
-
-    def __init__(self, budgets: Iterable[Mapping[str, Any]] | None = None) -> None:
-        # validated here: fail on the client, not on the scheduler
-        self.budgets = configured_budgets(None if budgets is None else list(budgets))
-        self.scheduler: Any = None
-
-    async def start(self, scheduler: Any) -> None:
-        self.scheduler = scheduler
-        ext = scheduler.extensions.get(EXTENSION)
-        if ext is None:
-            ext = BudgetExtension(scheduler)
-        for b in self.budgets:
-            ext.set_budget(b)
-
-    def _ext(self) -> BudgetExtension | None:
-        return self.scheduler.extensions.get(EXTENSION) if self.scheduler else None
-
-    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
-        if start == "processing" and finish != "processing":
-            ext = self._ext()
-            if ext is not None and key in ext._by_key:
-                ext.task_left_processing(key)
-
-    def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
-        ext = self._ext()
-        if ext is not None:
-            ext.worker_removed(worker)
-
-    def remove_client(self, scheduler: Any, client: str) -> None:
-        ext = self._ext()
-        if ext is not None:
-            ext.client_removed(client)

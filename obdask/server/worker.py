@@ -1,0 +1,201 @@
+"""The worker half of obdask: :class:`ObdaskWorkerPlugin` and the state it owns.
+
+Everything obdask keeps on a worker lives in one :class:`WorkerState`, stored in
+Dask's own registry of worker extensions (``worker.extensions["obdask"]``):
+the lanes the worker takes, the URL of its local Ollama endpoint (if it serves
+models itself), the locality keys it reported warm (git clones), and the
+models its endpoint has loaded.  The worker preload fills in the settings
+before the worker registers; the plugin (installed on every worker by the
+scheduler's :class:`~obdask.server.ObdaskPlugin`) creates the state if the
+preload did not, gives a worker without ``lane-N`` resources every lane, and
+polls the local endpoint's ``GET /api/ps``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import dask
+from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.worker import get_worker
+from tornado.ioloop import PeriodicCallback
+
+import obdask.config as config
+from obdask.llm.pool import normalize_url
+from obdask.resources import lane_resources, model_key, parse_lanes, worker_lanes
+
+logger = logging.getLogger(__name__)
+
+NAME = "obdask-worker"
+EXTENSION = "obdask"
+REPORT_OP = "obdask_locality_report"
+KINDS = ("clone", "model")
+#: Seconds an Ollama ``/api/ps`` poll may take.
+OLLAMA_TIMEOUT = 2.0
+
+
+@dataclass
+class WorkerState:
+    """What obdask knows about one worker; one per worker, in ``worker.extensions``.
+
+    Attributes
+    ----------
+    lanes
+        Lanes given by the preload (None: every lane).
+    local_endpoint
+        This host's Ollama URL when the worker serves models itself, else None.
+    reported
+        ``(kind, key)`` pairs already reported warm to the scheduler.
+    models
+        Models the local endpoint has loaded (last poll); None before a poll.
+    """
+
+    lanes: tuple[int, ...] | None = None
+    local_endpoint: str | None = None
+    reported: set[tuple[str, str]] = field(default_factory=set)
+    models: list[str] | None = None
+
+    def warm_keys(self) -> set[str]:
+        """Locality keys this worker is warm for (clones reported, models loaded)."""
+        return {key for _, key in self.reported} | {model_key(m) for m in self.models or ()}
+
+
+def state_of(worker: Any) -> WorkerState:
+    """The :class:`WorkerState` of ``worker``, created on first use."""
+    state = worker.extensions.get(EXTENSION)
+    if not isinstance(state, WorkerState):
+        state = worker.extensions[EXTENSION] = WorkerState()
+    return state
+
+
+def current_state() -> WorkerState | None:
+    """The state of the worker running the calling task; None outside a worker."""
+    try:
+        return state_of(get_worker())
+    except ValueError:
+        return None
+
+
+class ObdaskWorkerPlugin(WorkerPlugin):
+    """Fill in lanes, poll the local Ollama endpoint, report loaded models.
+
+    Parameters
+    ----------
+    interval : float or str, optional
+        Poll period; default ``obdask.placement.model-poll-interval``.
+    """
+
+    name = NAME
+    idempotent = True
+
+    def __init__(self, interval: float | str | None = None) -> None:
+        self.interval = interval
+        self.worker: Any = None
+        self._http: Any = None
+        self._polling = False
+
+    @property
+    def models(self) -> list[str] | None:
+        """Models the local endpoint had loaded at the last poll."""
+        return state_of(self.worker).models if self.worker is not None else None
+
+    async def setup(self, worker: Any) -> None:
+        """Give every lane to a worker without lanes, then start polling Ollama."""
+        self.worker = worker
+        state = state_of(worker)
+        if not worker_lanes(worker.state.total_resources):
+            lanes = parse_lanes(dask.config.get("obdask.placement.lanes", None))
+            await worker.set_resources(**lane_resources(lanes))
+        endpoint = state.local_endpoint or dask.config.get("obdask.llm.local-endpoint", None)
+        if not endpoint:
+            return
+        import httpx
+
+        state.local_endpoint = normalize_url(endpoint)
+        self._http = httpx.AsyncClient(base_url=state.local_endpoint, timeout=OLLAMA_TIMEOUT)
+        period = config.get_seconds("placement.model-poll-interval", self.interval)
+        pc = PeriodicCallback(self.poll, max(period, 0.01) * 1000)
+        worker.periodic_callbacks["obdask-ollama-ps"] = pc
+        pc.start()
+        worker.loop.add_callback(self.poll)
+
+    async def teardown(self, worker: Any) -> None:
+        """Stop polling and close the HTTP client."""
+        pc = worker.periodic_callbacks.pop("obdask-ollama-ps", None)
+        if pc is not None:
+            pc.stop()
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    async def loaded_models(self) -> list[str] | None:
+        """Names from the local ``GET /api/ps``; None when unreachable or malformed."""
+        if self._http is None:
+            return None
+        try:
+            response = await self._http.get("/api/ps")
+            response.raise_for_status()
+            models = response.json().get("models") or []
+            return sorted({str(m.get("model") or m.get("name")) for m in models})
+        except Exception as exc:  # unreachable, not Ollama, bad JSON: skip silently
+            logger.debug("Ollama /api/ps at %s failed: %s", self._http.base_url, exc)
+            return None
+
+    async def poll(self) -> None:
+        """Report the loaded models when they changed since the last poll."""
+        if self._polling or self.worker is None:
+            return
+        self._polling = True
+        try:
+            models = await self.loaded_models()
+            current = [] if models is None else models
+            state = state_of(self.worker)
+            if current != state.models:
+                state.models = current
+                send(self.worker, {"op": REPORT_OP, "kind": "model",
+                                   "keys": [model_key(m) for m in current], "replace": True})
+        finally:
+            self._polling = False
+
+
+def send(worker: Any, msg: dict[str, Any]) -> None:
+    """Send ``msg`` to the scheduler over the worker's batched stream (loop thread)."""
+    try:
+        worker.batched_stream.send(msg)
+    except Exception as exc:  # closed stream while the worker shuts down
+        logger.debug("obdask: could not send %s: %s", msg.get("op"), exc)
+
+
+def report_warm(kind: str, key: str) -> bool:
+    """From code running on a worker: tell the scheduler this worker is warm for ``key``.
+
+    Cheap: one batched message, sent once per ``(kind, key)`` per worker.
+
+    Parameters
+    ----------
+    kind : {"clone", "model"}
+    key : str
+        A locality key, e.g. ``"git:/srv/repo"`` or ``model_key(name)``.
+
+    Returns
+    -------
+    bool
+        False (and nothing sent) outside a worker or when the obdask worker
+        plugin is not installed there.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"report_warm: kind must be one of {KINDS}, not {kind!r}")
+    try:
+        worker = get_worker()
+    except ValueError:
+        return False
+    if NAME not in worker.plugins:
+        return False
+    state = state_of(worker)
+    if (kind, key) in state.reported:
+        return True
+    state.reported.add((kind, key))
+    worker.loop.add_callback(send, worker, {"op": REPORT_OP, "kind": kind, "key": key})
+    return True
