@@ -355,3 +355,16 @@ def test_second_run_of_a_plan_waits_for_the_first(tmp_path, cluster_client):
     assert (tmp_path / "marks").read_text() == "x\nx\n"  # both runs really ran
     first_done = results["first"].frame.loc["mark", "finished"]
     assert second.frame.loc["slow", "started"] >= first_done
+
+
+def test_retry_reasons_name_the_command_failure_not_a_lost_worker(tmp_path, cluster_client):
+    # Regression: Dask moves an erred task with retries left through 'released', which
+    # was reported as "attempt 1: worker ... lost" although no worker was lost.
+    plan = write_plan(tmp_path, "- [ ] id=f lane=1 retries=2 payload=@cmd:echo oops >&2; false\n")
+    result = obdask.run(plan, cluster_client)
+    (record,) = result.records
+    assert record["status"] == "failed" and record["attempts"] == 3
+    assert len(record["retries"]) == 2
+    for reason in record["retries"]:
+        assert "lost" not in reason
+        assert "failed on" in reason and "exit" in reason and "oops" in reason
