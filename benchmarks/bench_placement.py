@@ -83,16 +83,17 @@ def annotation_overhead(client: Any, folder: str, jobs: int, repeat: int) -> dic
 
 def check_annotations(client: Any, folder: str) -> dict[str, Any]:
     """What the two plans compile to on this cluster's workers (no run)."""
-    from obdask.placement import lanes_in_use
+    from obdask.placement import ClusterView, place
     from obdask.runner import prepare
     from obdask.server import install
 
     install(client)  # as obdask.run does first: workers without lanes would get all
-    active = lanes_in_use(client.scheduler_info(n_workers=-1)["workers"])
-    out = {"lanes_active": active}
+    view = ClusterView(workers=client.scheduler_info(n_workers=-1)["workers"])
+    out = {"lanes_active": view.lanes_active}
     for name, annotated in (("plain", False), ("annotated", True)):
         plan = write(folder, f"check-{name}", plan_text(f"check-{name}", 1, annotated))
-        compiled, _ = prepare(plan, lanes_active=active)
+        compiled, _ = prepare(plan)
+        place(compiled, view)
         out[name] = compiled.runnable[0].resources
     return out
 

@@ -117,17 +117,29 @@ def _size(amount: float) -> str:
 @main.command()
 @click.argument("plan", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the compiled jobs as JSON.")
+@click.option("--scheduler", default=None, metavar="ADDR",
+              help="Place on this cluster (address or scheduler file): print exactly what "
+                   "'run' would submit there.  Without it no cluster is needed.")
 @_guard
-def explain(plan: str, as_json: bool) -> None:
-    """Print the compiled jobs of PLAN with deps and annotations (no cluster)."""
-    from obdask.compile import compile_plan
-    from obdask.runner import _localities_policy, _resources_policy
+def explain(plan: str, as_json: bool, scheduler: str | None) -> None:
+    """Print the compiled jobs of PLAN with deps and annotations.
+
+    Without --scheduler nothing connects: what depends on the cluster (lanes, model
+    resources, routes to warm workers) is listed at the end.
+    """
+    from obdask.runner import explain as explain_plan
 
     parsed = _load(plan)
-    jobs = compile_plan(parsed, resources_for=_resources_policy(),
-                        localities_for=_localities_policy(parsed)).explain()
+    if scheduler:
+        from obdask.cluster import connect
+
+        with connect(scheduler) as client:
+            out = explain_plan(parsed, client)
+    else:
+        out = explain_plan(parsed)
+    jobs = out["jobs"]
     if as_json:
-        click.echo(json.dumps({"plan": parsed.plan_id, "jobs": jobs}, indent=1))
+        click.echo(json.dumps(out, indent=1, default=str))
         return
     click.echo(f"plan {parsed.plan_id}: {len(jobs)} jobs")
     for job in jobs:
@@ -137,6 +149,8 @@ def explain(plan: str, as_json: bool) -> None:
         deps = ",".join(job["deps"]) or "-"
         click.echo(f"  {job['key']}  lane={job['lane']}  deps={deps}  [{job['action']}]  "
                    f"{job['payload']}  {' '.join(extras)}".rstrip())
+    for note in out["cluster_dependent"]:
+        click.echo(f"cluster-dependent: {note}")
 
 
 @main.command()

@@ -28,6 +28,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import dask
@@ -35,7 +36,14 @@ from dask.utils import format_bytes
 
 import obdask.config as config
 from obdask.exceptions import ConfigError, PlacementError
-from obdask.resources import BYTE_RESOURCES, LANE_PREFIX, get_max_lanes, model_key, worker_lanes
+from obdask.resources import (
+    BYTE_RESOURCES,
+    ENDPOINT_METRIC,
+    LANE_PREFIX,
+    get_max_lanes,
+    model_key,
+    worker_lanes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +155,8 @@ def lanes_in_use(
     return False
 
 
-def step_resources(step: StepLike, lanes_active: bool) -> dict[str, float]:
+def step_resources(step: StepLike, lanes_active: bool,
+                   models_served_locally: bool = True) -> dict[str, float]:
     """Dask resources ``step`` needs.
 
     Parameters
@@ -157,6 +166,11 @@ def step_resources(step: StepLike, lanes_active: bool) -> dict[str, float]:
     lanes_active : bool
         Result of :func:`lanes_in_use`; adds ``lane-<step.lane>: 1`` when true
         and the lane is 1 or more.
+    models_served_locally : bool
+        Whether some worker serves models from its own endpoint
+        (:attr:`ClusterView.models_served_locally`).  Only then does a model
+        role's ``GPU``/``VRAM`` bind the *Dask worker*; a worker that calls an
+        Ollama server over the network needs no GPU.
 
     Returns
     -------
@@ -171,6 +185,8 @@ def step_resources(step: StepLike, lanes_active: bool) -> dict[str, float]:
     """
     role = step_role(step)
     out = role_resources(role, step) if role is not None else {}
+    if not models_served_locally:
+        out = {}
     out.update({str(k): float(v) for k, v in (step.resources or {}).items()})
     out = {k: v for k, v in out.items() if v > 0}
     if lanes_active and step.lane is not None and int(step.lane) >= 1:
@@ -427,6 +443,12 @@ def route(
         stolen and a dead one's go elsewhere, so nothing waits on affinity.
         A locality nobody is warm for gets one home worker, chosen among the
         capable workers with the fewest routed jobs, so its jobs share a clone.
+
+        A job with resources is routed only when every worker supplies them:
+        when none of a loose restriction's workers can run a task, Dask falls
+        back to *any* worker, resources ignored, and a worker handed a task
+        needing a resource it lacks dies (``KeyError: 'lane-1'``).  Such a job
+        is placed by its resources alone.
     """
     homes: dict[str, str] = {}
     load: dict[str, int] = {}
@@ -434,7 +456,7 @@ def route(
     for key, localities, need in jobs:
         capable = [a for a, info in workers_info.items()
                    if _supplies(info.get("resources") or {}, need)]
-        if not capable:
+        if not capable or (need and len(capable) < len(workers_info)):
             continue
         localities = list(localities)
         preferred = list(dict.fromkeys(a for loc in localities for a in warm.get(loc, ())
@@ -469,3 +491,93 @@ def warm_workers(client: Any, keys: Iterable[str]) -> Any:
     Blocks for a synchronous client; returns an awaitable for an asynchronous one.
     """
     return client.sync(_warm_workers, client, list(keys))
+
+
+# ------------------------------------------------------------ the placement phase
+
+@dataclass(frozen=True)
+class ClusterView:
+    """One snapshot of the cluster, everything :func:`place` decides from.
+
+    Attributes
+    ----------
+    workers
+        ``{address: identity}`` as the scheduler's ``identity`` lists them
+        (``resources``, ``metrics``...); None when there is no cluster (``explain``
+        without ``--scheduler``): what depends on the cluster is then left out.
+    warm
+        ``{locality key: [worker addresses]}`` that reported being warm.
+    """
+
+    workers: Mapping[str, Mapping[str, Any]] | None = None
+    warm: Mapping[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def lanes_active(self) -> bool:
+        """Whether jobs must request their lane (some worker takes only some lanes)."""
+        return bool(self.workers) and lanes_in_use(self.workers or {})
+
+    @property
+    def local_endpoints(self) -> dict[str, str]:
+        """``{worker address: URL}`` of workers that serve models from their own endpoint."""
+        out = {}
+        for addr, info in (self.workers or {}).items():
+            url = (info.get("metrics") or {}).get(ENDPOINT_METRIC)
+            if url:
+                out[addr] = str(url)
+        return out
+
+    @property
+    def models_served_locally(self) -> bool:
+        """True when some worker has a local endpoint: model roles' GPU/VRAM then bind."""
+        return bool(self.local_endpoints)
+
+
+async def cluster_view(client: Any, locality: Iterable[str] = ()) -> ClusterView:
+    """Take one :class:`ClusterView` of ``client``'s cluster (two scheduler calls at most)."""
+    workers = await _workers_info(client)
+    wanted = sorted(set(locality))
+    warm = await _warm_workers(client, wanted) if wanted else {}
+    return ClusterView(workers=workers, warm=warm)
+
+
+@dataclass
+class Placement:
+    """What :func:`place` decided: per-job resources (set on the jobs) and routes."""
+
+    routes: dict[str, list[str]] = field(default_factory=dict)
+    cluster_dependent: list[str] = field(default_factory=list)
+
+
+def place(compiled: Any, view: ClusterView) -> Placement:
+    """Decide resources, lanes, placeability and routes of ``compiled``'s jobs.
+
+    Sets ``job.resources`` of every runnable job from its step and the view, so
+    ``explain`` and ``run`` give the same annotations from the same view.
+
+    Raises
+    ------
+    PlacementError
+        A job no current worker can run (only when ``view`` has workers).
+    """
+    jobs = compiled.runnable
+    offline = view.workers is None
+    served = True if offline else view.models_served_locally
+    for job in jobs:
+        job.resources = step_resources(job.step, view.lanes_active, served)
+    placement = Placement()
+    if offline:
+        if any(step_role(j.step) for j in jobs):
+            placement.cluster_dependent.append(
+                "model roles' GPU/VRAM bind only where a worker serves models itself "
+                "(dask worker --preload obdask.preload.worker --ollama-endpoint URL)")
+        placement.cluster_dependent.append("lanes (lane-N resources when a worker takes some)")
+        placement.cluster_dependent.append("routes to warm workers")
+        return placement
+    if view.workers:
+        check_placeable([(j.key, j.step.line, j.resources) for j in jobs if j.resources],
+                        view.workers)
+    if config.get("placement.locality"):
+        keyed = [(j.key, j.spec.localities, j.resources) for j in jobs if j.spec.localities]
+        placement.routes = route(keyed, view.warm, view.workers or {})
+    return placement

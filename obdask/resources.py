@@ -40,6 +40,8 @@ LANE_PREFIX = "lane-"
 LANE_CAPACITY = 1e6
 #: Resources whose values are sizes (``"16GB"`` is accepted for them).
 BYTE_RESOURCES = frozenset({"VRAM", "MEM"})
+#: Worker metric (sent in Dask's heartbeats) naming the worker's own Ollama endpoint.
+ENDPOINT_METRIC = "obdask-local-endpoint"
 
 
 @dataclass(frozen=True)

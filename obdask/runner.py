@@ -21,7 +21,8 @@ from obdask import config
 from obdask.artifacts import ArtifactStore
 from obdask.compile import CompiledPlan, Job, annotations, batches, compile_plan
 from obdask.context import CommandPolicy, RunContext
-from obdask.exceptions import JobFailed, ObdaskError, PlanError
+from obdask.exceptions import JobFailed, ObdaskError, PlacementError, PlanError
+from obdask.placement import Placement
 from obdask.plan import Plan
 from obdask.records import RunStore, new_run_id
 
@@ -92,9 +93,12 @@ def resolve_workspace(plan: Plan, workspace: str | None) -> str:
 
 def prepare(plan: Plan, *, workspace: str | None = None, resume: bool = False,
             artifacts: str | None = None, records: str | None = None,
-            run_id: str | None = None,
-            lanes_active: bool = False) -> tuple[CompiledPlan, RunContext]:
-    """Resolve stores, resume and dedupe state, and compile (no cluster needed)."""
+            run_id: str | None = None) -> tuple[CompiledPlan, RunContext]:
+    """Resolve stores, resume and dedupe state, and compile (no cluster needed).
+
+    Resources, lanes and routes are left to the placement phase
+    (:func:`obdask.placement.place`).
+    """
     storage_options = dict(config.get("storage-options") or {})
     art_url = _store_url("artifacts", artifacts, plan)
     rec_url = _store_url("records", records, plan)
@@ -108,7 +112,6 @@ def prepare(plan: Plan, *, workspace: str | None = None, resume: bool = False,
         plan, completed=completed, deduplicated=deduplicated, staged=stage_files(plan, art),
         default_retries=config.get_int("run.retries"),
         default_timeout=config.get_seconds("run.timeout"),
-        resources_for=_resources_policy(lanes_active),
         localities_for=_localities_policy(plan),
     )
     has_models = any(step.is_model_task for step in plan.steps)
@@ -144,12 +147,6 @@ def stage_files(plan: Plan, store: ArtifactStore) -> dict[str, str]:
         except OSError:
             continue
     return staged
-
-
-def _resources_policy(lanes_active: bool = False):
-    from obdask.placement import step_resources
-
-    return lambda step: step_resources(step, lanes_active=lanes_active)
 
 
 def _localities_policy(plan: Plan):
@@ -221,19 +218,16 @@ def _run_embedded(plan: Plan, n_workers: int | None, kwargs: dict[str, Any]) -> 
 async def _run(client: Client, plan: Plan, *, workspace: str | None, resume: bool,
                artifacts: str | None, records: str | None, priority: int,
                progress: Progress | None) -> RunResult:
-    from obdask.placement import lanes_in_use
-
     started = time.time()
     await _install_plugins(client, plan)
-    workers = (await client.scheduler.identity(n_workers=-1)).get("workers", {})
-    compiled, ctx = prepare(plan, workspace=workspace, resume=resume, artifacts=artifacts,
-                            records=records, lanes_active=lanes_in_use(workers))
-    await _check_placeable(client, compiled)
+    # Stores are read and written through fsspec, which blocks: never on the event loop.
+    compiled, ctx = await asyncio.to_thread(
+        prepare, plan, workspace=workspace, resume=resume, artifacts=artifacts, records=records)
+    placement = await place_on(client, compiled)
     await _wait_keys_free(client, [j.key for j in compiled.runnable], plan)
     events = _subscribe_events(client, ctx.run_id)
     try:
-        routes = await _routes(client, compiled, workers)
-        futures, span_id = _submit(client, compiled, ctx, priority, routes)
+        futures, span_id = _submit(client, compiled, ctx, priority, placement.routes)
         await _wait(client, futures, progress)
         outcomes = await _collect(client, compiled, futures, ctx, events)
         del futures
@@ -242,7 +236,7 @@ async def _run(client: Client, plan: Plan, *, workspace: str | None, resume: boo
     duration = time.time() - started
     summary = _summary(plan, ctx, outcomes, duration)
     summary["span"] = span_id
-    location = ctx.records.write_records(outcomes, summary)
+    location = await asyncio.to_thread(ctx.records.write_records, outcomes, summary)
     return RunResult(plan_id=plan.plan_id, run_id=ctx.run_id, records=outcomes,
                      location=location, duration_s=duration, summary=summary)
 
@@ -256,22 +250,42 @@ async def _install_plugins(client: Client, plan: Plan) -> None:
         await result
 
 
-async def _check_placeable(client: Client, compiled: CompiledPlan) -> None:
-    from obdask.placement import wait_for_placeable
+async def place_on(client: Client, compiled: CompiledPlan) -> Placement:
+    """The placement phase against ``client``'s cluster: one view, :func:`place`.
+
+    A cluster without workers, or without a worker able to run some job, is
+    waited on for ``obdask.run.wait-for-resources`` (0: fail at once).
+    """
+    from obdask.placement import cluster_view, place
 
     if compiled.runnable and not (await client.scheduler.identity(n_workers=-1)).get(
             "workers"):
         await _wait_for_a_worker(client)
-
-    needs = [(j.key, j.step.line, j.resources) for j in compiled.runnable if j.resources]
-    if needs:
-        await wait_for_placeable(client, needs)
+    wanted = set()
+    if config.get("placement.locality"):
+        wanted = {k for j in compiled.runnable for k in j.spec.localities}
+    limit = config.get_seconds("run.wait-for-resources")
+    deadline = time.monotonic() + limit
+    logged = False
+    while True:
+        view = await cluster_view(client, wanted)
+        try:
+            return place(compiled, view)
+        except PlacementError as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if limit <= 0:
+                    raise
+                raise PlacementError(
+                    f"{exc} (waited {limit:g}s; see obdask.run.wait-for-resources)") from None
+            if not logged:
+                logger.info("waiting up to %.0fs for a worker: %s", left, exc)
+                logged = True
+            await asyncio.sleep(min(0.5, left))
 
 
 async def _wait_for_a_worker(client: Client) -> None:
     """A cluster without workers would leave every job waiting: fail or wait, per config."""
-    from obdask.exceptions import PlacementError
-
     limit = config.get_seconds("run.wait-for-resources")
     try:
         if limit <= 0:
@@ -303,17 +317,46 @@ async def _wait_keys_free(client: Client, keys: list[str], plan: Plan,
         await asyncio.sleep(0.05)
 
 
-async def _routes(client: Client, compiled: CompiledPlan,
-                  workers: dict[str, Any]) -> dict[str, list[str]]:
-    """Preferred workers per job key, from warm clones and loaded models."""
-    from obdask.placement import route, warm_workers
+def job_annotations(job: Job, routes: dict[str, list[str]], priority: int = 0
+                    ) -> dict[str, Any]:
+    """The Dask annotations ``run`` submits ``job`` with (``explain`` shows the same)."""
+    preferred = routes.get(job.key)
+    return annotations(job, priority=priority, workers=preferred,
+                       allow_other_workers=True if preferred else None)
 
-    keyed = [j for j in compiled.runnable if j.spec.localities]
-    if not keyed or not config.get("placement.locality"):
-        return {}
-    wanted = sorted({k for j in keyed for k in j.spec.localities})
-    warm = await warm_workers(client, wanted)
-    return route([(j.key, j.spec.localities, j.resources) for j in keyed], warm, workers)
+
+def explain(plan: Plan, client: Client | None = None, priority: int = 0) -> dict[str, Any]:
+    """What ``run`` would submit: every job with its Dask key and annotations.
+
+    With a client, the plan is prepared and placed exactly as :func:`run` does
+    it on that cluster (stores read for resume/dedupe; nothing is submitted).
+    Without one, what depends on the cluster is listed under ``cluster_dependent``.
+    """
+    if client is None:
+        from obdask.placement import ClusterView, place
+
+        compiled = compile_plan(plan, default_retries=config.get_int("run.retries"),
+                                default_timeout=config.get_seconds("run.timeout"),
+                                localities_for=_localities_policy(plan))
+        return _explained(compiled, place(compiled, ClusterView()), priority)
+    return client.sync(_explain_on, client, plan, priority)
+
+
+async def _explain_on(client: Client, plan: Plan, priority: int) -> dict[str, Any]:
+    await _install_plugins(client, plan)
+    compiled, _ = await asyncio.to_thread(prepare, plan)
+    return _explained(compiled, await place_on(client, compiled), priority)
+
+
+def _explained(compiled: CompiledPlan, placement: Placement, priority: int) -> dict[str, Any]:
+    jobs = compiled.explain()
+    for row, job in zip(jobs, compiled.jobs, strict=True):
+        row["resources"] = job.resources
+        row["dask_key"] = list(job.spec.dask_key)
+        row["annotations"] = (job_annotations(job, placement.routes, priority)
+                              if job.runnable else None)
+    return {"plan": compiled.plan.plan_id, "jobs": jobs,
+            "cluster_dependent": placement.cluster_dependent}
 
 
 def _submit(client: Client, compiled: CompiledPlan, ctx: RunContext, priority: int,
@@ -337,9 +380,7 @@ def _submit(client: Client, compiled: CompiledPlan, ctx: RunContext, priority: i
     routes = routes or {}
 
     def annotate(job: Job) -> dict[str, Any]:
-        preferred = routes.get(job.key)
-        return annotations(job, priority=priority, workers=preferred,
-                           allow_other_workers=True if preferred else None)
+        return job_annotations(job, routes, priority)
 
     if not runnable:
         return futures, None

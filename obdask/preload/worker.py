@@ -24,8 +24,9 @@ import click
 import dask
 
 import obdask.config as config
+from obdask.llm.pool import normalize_url
 from obdask.resources import LANE_PREFIX, detect_resources, lane_resources, parse_lanes
-from obdask.server.worker import state_of
+from obdask.server.worker import advertise_endpoint, state_of
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ async def configure_worker(
     state = state_of(worker)
     state.lanes = lanes_t
     state.local_endpoint = endpoint or None
+    advertise_endpoint(worker, normalize_url(endpoint) if endpoint else None)
     if registered:  # a late call: tell the scheduler; keys can only be zeroed, not removed
         stale = {k: 0.0 for k in worker.state.total_resources if k not in merged}
         await worker.set_resources(**stale, **merged)

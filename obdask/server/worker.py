@@ -24,7 +24,7 @@ from tornado.ioloop import PeriodicCallback
 
 import obdask.config as config
 from obdask.llm.pool import normalize_url
-from obdask.resources import lane_resources, model_key, parse_lanes, worker_lanes
+from obdask.resources import ENDPOINT_METRIC, lane_resources, model_key, parse_lanes, worker_lanes
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class ObdaskWorkerPlugin(WorkerPlugin):
         import httpx
 
         state.local_endpoint = normalize_url(endpoint)
+        advertise_endpoint(worker, state.local_endpoint)
         self._http = httpx.AsyncClient(base_url=state.local_endpoint, timeout=OLLAMA_TIMEOUT)
         period = config.get_seconds("placement.model-poll-interval", self.interval)
         pc = PeriodicCallback(self.poll, max(period, 0.01) * 1000)
@@ -158,6 +159,18 @@ class ObdaskWorkerPlugin(WorkerPlugin):
                                    "keys": [model_key(m) for m in current], "replace": True})
         finally:
             self._polling = False
+
+
+def advertise_endpoint(worker: Any, url: str | None) -> None:
+    """Put the worker's local endpoint in the metrics of its heartbeats (None: remove).
+
+    Placement reads it from the scheduler's worker list: only where some worker
+    serves models itself do model roles' GPU/VRAM needs bind Dask workers.
+    """
+    if url:
+        worker.metrics[ENDPOINT_METRIC] = lambda _worker: url
+    else:
+        worker.metrics.pop(ENDPOINT_METRIC, None)
 
 
 def send(worker: Any, msg: dict[str, Any]) -> None:
