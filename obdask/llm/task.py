@@ -76,11 +76,8 @@ def _endpoints(ctx: RunContext) -> list[str] | None:
     local = config.get("llm.local-endpoint")
     if config.get("llm.endpoints") or local or _worker_endpoint():
         return None  # the worker's own configuration
-    import os
-
-    if os.environ.get("OLLAMA_HOST"):
-        return endpoint_urls()
-    return []
+    # OLLAMA_HOST, else the official client's default http://127.0.0.1:11434
+    return endpoint_urls()
 
 
 def _worker_endpoint() -> str | None:
@@ -100,12 +97,6 @@ def run_model_task(spec: JobSpec, ctx: RunContext,
     from obdask.payloads.file import read_payload_file
 
     endpoints = _endpoints(ctx)
-    if endpoints == []:
-        raise ModelError(
-            f"job {spec.key}: {spec.payload.raw} is a model task but there is no model "
-            "backend configured (set obdask.llm.endpoints or OLLAMA_HOST, or start workers "
-            "with --ollama-endpoint)"
-        )
     if spec.payload.prefix == "doc":  # @doc:LLM_TASK <task> (policy llm_doc_tasks=true)
         text = spec.payload.body[len("LLM_TASK"):].strip()
     else:
