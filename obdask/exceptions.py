@@ -104,18 +104,23 @@ class SnapshotConflict(SessionError):
 class LeaseLost(ObdaskError, RuntimeError):
     """A session driver was superseded: a newer driver holds a higher epoch.
 
-    Raised to the stale driver on its write; that write is not made durable.
+    Raised to the stale driver on its write.  ``kept`` is False when that write
+    was refused or voided (it never becomes part of the record), True when the
+    newer driver had already read it (it stays; nothing is lost or doubled),
+    None when the newer driver had not sealed its takeover yet (the write stays
+    exactly when the newer driver's read saw it).
     """
 
     def __init__(self, message: str, session: str | None = None, epoch: int | None = None,
-                 highest: int | None = None) -> None:
+                 highest: int | None = None, kept: bool | None = None) -> None:
         super().__init__(message)
         self.session = session
         self.epoch = epoch
         self.highest = highest
+        self.kept = kept
 
     def __reduce__(self):
-        return (type(self), (str(self), self.session, self.epoch, self.highest))
+        return (type(self), (str(self), self.session, self.epoch, self.highest, self.kept))
 
 
 FencedError = LeaseLost
