@@ -62,6 +62,7 @@ from obdask.session.model import PROCESSES, Move, SessionState
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "open_store",
     "CallTicket",
     "Consultation",
     "ProcessSnapshot",
@@ -779,14 +780,19 @@ class SessionStore:
 
     # -- consultations -------------------------------------------------------------------
     def ask(self, session_id: str, epoch: int, index: int, position: str, question: str, *,
-            timeout: float = 60.0, deadline: float | None = None) -> Consultation:
+            timeout: float | None = None, deadline: float | None = None) -> Consultation:
         """Record a question asked during process ``index`` at ``position``.
 
         Asking again at the same process (a resumed driver) returns the recorded
         consultation with its original deadline.  ``deadline`` is wall-clock
-        seconds since the epoch (default: now + ``timeout``).
+        seconds since the epoch (default: now + ``timeout``, whose default is
+        ``obdask.sessions.consultation-timeout``).
         """
         epoch = _check_epoch(epoch)
+        if timeout is None and deadline is None:
+            from obdask import config
+
+            timeout = config.get_seconds("sessions.consultation-timeout")
         self._require(session_id)
         cid = f"{int(index):04d}-{position}"
         path = self._path(session_id, "consultations", f"{cid}.json")
@@ -796,7 +802,8 @@ class SessionStore:
         self._fence(session_id, epoch, f"asking {cid}")
         now = _now()
         c = Consultation(cid, int(index), position, question, now,
-                         now + timeout if deadline is None else float(deadline), epoch)
+                         now + float(timeout or 0) if deadline is None else float(deadline),
+                         epoch)
         if not self._create(path, _dumps(c.to_dict())):
             return Consultation.from_dict(self._read_json(path))
         self._verify(session_id, epoch, f"asking {cid}")
@@ -1006,3 +1013,17 @@ class SessionStore:
                                          summary.updated, summary.epoch)
             out.append(summary)
         return sorted(out, key=lambda s: (s.created or 0, s.id))
+
+
+def open_store(url: str | None = None, workspace: str | None = None) -> SessionStore:
+    """The session store at ``url``, else ``obdask.sessions.store``, else
+    ``<workspace>/.obdask/sessions`` (``workspace`` defaults to the current folder).
+
+    fsspec options come from ``obdask.storage-options`` for the URL's protocol.
+    """
+    from obdask import config
+
+    url = config.get("sessions.store", url)
+    if url is None:
+        url = os.path.join(os.path.abspath(workspace or os.getcwd()), ".obdask", "sessions")
+    return SessionStore(url, config.storage_options(url))

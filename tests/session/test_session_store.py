@@ -353,3 +353,31 @@ def test_s3_store(s3_bucket):
     record = SessionStore(url, config.storage_options(url)).read("s")
     assert record.flow_code == "S1P12" and record.epoch == 2
     assert [s.status for s in store.list_sessions()] == ["running"]
+
+
+def test_open_store_from_config(tmp_path):
+    import dask
+
+    from obdask.session.store import open_store
+
+    store = open_store(workspace=str(tmp_path))
+    assert store.url == str(tmp_path / ".obdask" / "sessions")
+    with dask.config.set({"obdask.sessions.store": "memory://cfg-sessions",
+                          "obdask.sessions.consultation-timeout": "5s"}):
+        store = open_store()
+        assert store.url == "memory://cfg-sessions"
+        store.create("q", "p")
+        c = store.ask("q", 0, 1, "S2P2", "?")
+        assert 4 < c.deadline - c.asked <= 5
+    assert open_store("memory://explicit").url == "memory://explicit"
+
+
+def test_session_package_does_not_import_distributed():
+    import subprocess
+    import sys
+
+    code = ("import sys, obdask.session, obdask.session.store; "
+            "print('distributed' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
