@@ -666,62 +666,75 @@ class SessionStore:
                     f"({previous.flow_code!r})")
         data = _dumps(snap.to_dict())
         path = posixpath.join(folder, snap.filename)
-        if not self._create(path, data):
-            existing_name, existing = self._existing_at(session_id, index)
-            if existing is not None and existing.same_content(snap):
-                self._verify(session_id, epoch, doing, index)
-                return existing
-            if existing is not None and existing.epoch > epoch:
-                raise self._lost(session_id, epoch, existing.epoch, doing, kept=False)
-            if existing is not None and existing.epoch == epoch:
-                raise SnapshotConflict(
-                    f"session {session_id}: {existing.filename} is already recorded by epoch "
-                    f"{epoch} with different content (flow code {existing.flow_code!r}); "
-                    f"refusing to overwrite it with {snap.filename} ({snap.flow_code!r})")
-            # Damaged, or written by a superseded epoch after this one took over: replace.
-            logger.warning("session %s: replacing %s (%s) at process %d", session_id,
-                           existing_name, "damaged" if existing is None else
-                           f"void write of epoch {existing.epoch}", index)
-            self._write(path, data)
-        else:
-            # A void snapshot at the same index under another position's name: remove it.
-            for name in self._ls(folder):
-                m = _SNAPSHOT.match(name)
-                if m and int(m.group(1)) == index and name != snap.filename:
-                    other = self._read_json(posixpath.join(folder, name))
-                    if isinstance(other, dict) and int(other.get("epoch", 0)) < epoch:
-                        self.fs.rm_file(posixpath.join(folder, name))
+        for attempt in range(2):
+            for name, existing in self._all_at(session_id, index):
+                if (existing is not None and name == snap.filename
+                        and existing.same_content(snap)):
+                    self._verify(session_id, epoch, doing, index)
+                    return existing  # a retried write
+                self._clear(session_id, epoch, snap, name, existing, doing)
+            if self._create(path, data):
+                break
+            if attempt:  # lost the race for this name twice: report what is there
+                raise SnapshotConflict(f"session {session_id}: {snap.filename} keeps being "
+                                       "written by another driver")
         self._verify(session_id, epoch, doing, index)
         self._update_meta(session_id, epoch, flow_code=state.flow_code, position=position,
                           processes=index)
         return snap
 
-    def _existing_at(self, session_id: str, index: int
-                     ) -> tuple[str | None, ProcessSnapshot | None]:
+    def _clear(self, session_id: str, epoch: int, snap: ProcessSnapshot, name: str,
+               existing: ProcessSnapshot | None, doing: str) -> None:
+        """Make room at ``snap``'s index, or refuse: a snapshot already there is removed
+        only when damaged or written by a lower epoch this epoch's takeover voided."""
+        if existing is not None:
+            if existing.epoch > epoch:
+                raise self._lost(session_id, epoch, existing.epoch, doing, kept=False)
+            sealed = self._seals(session_id).get(epoch)
+            if existing.epoch == epoch or (sealed is not None and sealed >= existing.index):
+                raise SnapshotConflict(
+                    f"session {session_id}: {name} is already recorded (epoch "
+                    f"{existing.epoch}, flow code {existing.flow_code!r}); refusing to "
+                    f"overwrite it with {snap.filename} ({snap.flow_code!r}); a resume "
+                    "continues after the last recorded process")
+        logger.warning("session %s: removing %s (%s) before writing %s", session_id, name,
+                       "damaged" if existing is None else
+                       f"void write of superseded epoch {existing.epoch}", snap.filename)
+        try:
+            self.fs.rm_file(self._path(session_id, "processes", name))
+        except FileNotFoundError:
+            pass
+
+    def _all_at(self, session_id: str, index: int
+                ) -> list[tuple[str, ProcessSnapshot | None]]:
+        """Every snapshot file at ``index``: (name, snapshot or None when damaged)."""
         folder = self._path(session_id, "processes")
+        out: list[tuple[str, ProcessSnapshot | None]] = []
         for name in self._ls(folder):
             m = _SNAPSHOT.match(name)
             if m and int(m.group(1)) == index:
                 data = self._read_json(posixpath.join(folder, name))
                 try:
-                    return name, ProcessSnapshot.from_dict(data)
-                except (TypeError, KeyError, ValueError):
-                    return name, None
-        return None, None
+                    out.append((name, ProcessSnapshot.from_dict(data)))
+                except (TypeError, KeyError, ValueError, AttributeError):
+                    out.append((name, None))
+        return out
 
     def _find_snapshot(self, session_id: str, index: int
                        ) -> tuple[bool, ProcessSnapshot | None]:
         """(present, snapshot) at ``index``: (False, None) absent or void; (True, None)
         damaged; (True, snapshot) valid."""
-        name, snap = self._existing_at(session_id, index)
-        if name is None:
+        found = self._all_at(session_id, index)
+        if not found:
             return False, None
-        if snap is None:
+        seals = self._seals(session_id)
+        valid = [snap for _, snap in found if snap is not None and not any(
+            e > snap.epoch and after < snap.index for e, after in seals.items())]
+        if valid:
+            return True, max(valid, key=lambda snap: snap.epoch)
+        if any(snap is None for _, snap in found):
             return True, None
-        for e, after in self._seals(session_id).items():
-            if e > snap.epoch and after < snap.index:
-                return False, None
-        return True, snap
+        return False, None
 
     def update(self, session_id: str, epoch: int, *, state: SessionState | None = None,
                status: str | None = None, **fields: Any) -> None:
@@ -944,7 +957,8 @@ class SessionStore:
             if any(e > snap.epoch and after < snap.index for e, after in seals.items()):
                 voided.append(name)
                 continue
-            snapshots[snap.index] = snap
+            if snap.index not in snapshots or snap.epoch > snapshots[snap.index].epoch:
+                snapshots[snap.index] = snap
         ordered = [snapshots[i] for i in sorted(snapshots)]
         state = SessionState()
         if ordered:

@@ -89,12 +89,21 @@ def test_same_write_again_is_a_no_op_different_content_refused(store):
     s1, s2 = walk("S1", "P2")
     store.append_process("s", 0, s1, {"a": 1})
     store.append_process("s", 0, s1, {"a": 1})  # a retried write
-    with pytest.raises(SnapshotConflict, match="0001-S1P1.json.*different content"):
+    with pytest.raises(SnapshotConflict, match="0001-S1P1.json is already recorded"):
         store.append_process("s", 0, s1, {"a": 2})
+    store.append_process("s", 0, s2, {"b": 1})
+    other = walk("P1", state=s1)[0]  # a different process at index 2, same epoch
+    with pytest.raises(SnapshotConflict, match="0002-S1P2.json is already recorded"):
+        store.append_process("s", 0, other, {})
+    # A newer driver that read process 2 may not rewrite it either (it resumes after it).
+    store.claim("s", 1)
+    with pytest.raises(SnapshotConflict, match="a resume continues after"):
+        store.append_process("s", 1, other, {})
+    assert [n for n in files(store, "s", "processes")] == ["0001-S1P1.json", "0002-S1P2.json"]
     with pytest.raises(SnapshotConflict, match="does not extend"):
-        store.append_process("s", 0, walk("S2", "P2")[1], {})
-    with pytest.raises(SnapshotConflict, match="process 2 is not recorded"):
-        store.append_process("s", 0, walk("P3", state=s2)[0], {})
+        store.append_process("s", 1, walk("S2", "P2")[1], {})
+    with pytest.raises(SnapshotConflict, match="process 3 is not recorded"):
+        store.append_process("s", 1, walk("P3", "P3", state=s2)[1], {})
     assert store.read("s").snapshots[0].payload == {"a": 1}
 
 
