@@ -232,6 +232,11 @@ class Move:
             out["justification"] = self.justification
         return out
 
+    def __repr__(self) -> str:
+        if self.justification:
+            return f"Move({str(self)!r}, justification={self.justification!r})"
+        return f"Move({str(self)!r})"
+
     def __str__(self) -> str:
         if self.kind is MoveKind.PROCESS:
             return f"P{int(self.target)}"

@@ -12,7 +12,7 @@ Layout under the store URL (spec section 6; ``docs/sessions.md``)::
     <id>/calls/0004-S2P1-1.json       "model call started" marks (re-spent detection)
     <id>/tokens/0004-S2P1-1.json      token usage of one call
     <id>/epochs/000000000003          write-once: epoch 3 was registered
-    <id>/seals/000000000003.json      write-once: epoch 3 took over after process N
+    <id>/seals/000000000003-after-000012.json  write-once: epoch 3 took over after process 12
 
 Fencing.  Every write carries an epoch (the lease's fencing token).  A write whose
 epoch is lower than the highest registered is refused with
@@ -76,6 +76,7 @@ FORMAT = 1
 STATUSES = ("running", "waiting", "interrupted", "done", "failed", "cancelled")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SNAPSHOT = re.compile(r"^(\d{4,})-S([1-5])P([1-3])\.json$")
+_SEAL = re.compile(r"^(\d+)-after-(\d+)\.json$")
 _MEMORY_LOCK = threading.Lock()
 
 
@@ -382,6 +383,7 @@ class SessionStore:
             raise SessionError(f"session store {url!r}: {exc}") from exc
         self._local = isinstance(self.fs, LocalFileSystem)
         self._memory = isinstance(self.fs, MemoryFileSystem)
+        self._written: dict[str, ProcessSnapshot] = {}  # last snapshot this store wrote
 
     def __reduce__(self):
         return (type(self), (self.url, self.storage_options))
@@ -511,16 +513,16 @@ class SessionStore:
         return epochs[-1] if epochs else 0
 
     def _seals(self, session_id: str) -> dict[int, int]:
-        """epoch -> the last process index that epoch found when it took over."""
+        """epoch -> the last process index that epoch found when it took over.
+
+        The index is in the file name, so one listing reads every seal.
+        """
         seals: dict[int, int] = {}
-        folder = self._path(session_id, "seals")
-        for name in self._ls(folder):
-            stem = name.removesuffix(".json")
-            if not stem.isdigit():
-                continue
-            data = self._read_json(posixpath.join(folder, name))
-            if isinstance(data, dict) and isinstance(data.get("after"), int):
-                seals[int(stem)] = data["after"]
+        for name in self._ls(self._path(session_id, "seals")):
+            m = _SEAL.match(name)
+            if m:
+                epoch, after = int(m.group(1)), int(m.group(2))
+                seals[epoch] = min(after, seals.get(epoch, after))
         return seals
 
     def _lost(self, session_id: str, epoch: int, highest: int, doing: str,
@@ -583,8 +585,9 @@ class SessionStore:
         self._create(self._path(session_id, "epochs", f"{epoch:012d}"), str(epoch).encode())
         record = self.read(session_id)
         last = record.last.index if record.last else 0
-        self._create(self._path(session_id, "seals", f"{epoch:012d}.json"),
-                     _dumps({"epoch": epoch, "after": last, "at": _now()}))
+        if epoch not in self._seals(session_id):
+            self._create(self._path(session_id, "seals", f"{epoch:012d}-after-{last:06d}.json"),
+                         _dumps({"epoch": epoch, "after": last, "at": _now()}))
         self._verify(session_id, epoch, "claim")
         logger.debug("session %s: epoch %d took over after process %d", session_id, epoch, last)
         return record
@@ -652,8 +655,16 @@ class SessionStore:
         doing = f"writing {snap.filename}"
         self._fence(session_id, epoch, doing)
         folder = self._path(session_id, "processes")
+        names = self._ls(folder)
+        previous: ProcessSnapshot | None = None
         if index > 1:
-            present, previous = self._find_snapshot(session_id, index - 1)
+            mine = self._written.get(session_id)
+            if (mine is not None and mine.index == index - 1 and mine.epoch == epoch
+                    and mine.filename in names):
+                # Written by this epoch, which the fence just found current: not void.
+                present, previous = True, mine
+            else:
+                present, previous = self._find_snapshot(session_id, index - 1, names)
             if not present:
                 raise SnapshotConflict(
                     f"session {session_id}: process {index - 1} is not recorded, so "
@@ -667,7 +678,7 @@ class SessionStore:
         data = _dumps(snap.to_dict())
         path = posixpath.join(folder, snap.filename)
         for attempt in range(2):
-            for name, existing in self._all_at(session_id, index):
+            for name, existing in self._all_at(session_id, index, None if attempt else names):
                 if (existing is not None and name == snap.filename
                         and existing.same_content(snap)):
                     self._verify(session_id, epoch, doing, index)
@@ -679,6 +690,7 @@ class SessionStore:
                 raise SnapshotConflict(f"session {session_id}: {snap.filename} keeps being "
                                        "written by another driver")
         self._verify(session_id, epoch, doing, index)
+        self._written[session_id] = snap
         self._update_meta(session_id, epoch, flow_code=state.flow_code, position=position,
                           processes=index)
         return snap
@@ -705,12 +717,12 @@ class SessionStore:
         except FileNotFoundError:
             pass
 
-    def _all_at(self, session_id: str, index: int
+    def _all_at(self, session_id: str, index: int, names: list[str] | None = None
                 ) -> list[tuple[str, ProcessSnapshot | None]]:
         """Every snapshot file at ``index``: (name, snapshot or None when damaged)."""
         folder = self._path(session_id, "processes")
         out: list[tuple[str, ProcessSnapshot | None]] = []
-        for name in self._ls(folder):
+        for name in self._ls(folder) if names is None else names:
             m = _SNAPSHOT.match(name)
             if m and int(m.group(1)) == index:
                 data = self._read_json(posixpath.join(folder, name))
@@ -720,11 +732,11 @@ class SessionStore:
                     out.append((name, None))
         return out
 
-    def _find_snapshot(self, session_id: str, index: int
+    def _find_snapshot(self, session_id: str, index: int, names: list[str] | None = None
                        ) -> tuple[bool, ProcessSnapshot | None]:
         """(present, snapshot) at ``index``: (False, None) absent or void; (True, None)
         damaged; (True, snapshot) valid."""
-        found = self._all_at(session_id, index)
+        found = self._all_at(session_id, index, names)
         if not found:
             return False, None
         seals = self._seals(session_id)
