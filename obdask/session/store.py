@@ -424,7 +424,7 @@ class SessionStore:
                     self.fs.pipe_file(path, data)
             else:
                 self.fs.pipe_file(path, data)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001  (botocore errors are not OSErrors)
             raise SessionError(f"cannot write {self._where(path)}: {exc}") from exc
 
     def _create(self, path: str, data: bytes) -> bool:
@@ -455,7 +455,7 @@ class SessionStore:
             except FileExistsError:
                 return False
             return True
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001  (botocore errors are not OSErrors)
             raise SessionError(f"cannot write {self._where(path)}: {exc}") from exc
 
     def _read_bytes(self, path: str) -> bytes | None:
@@ -466,7 +466,7 @@ class SessionStore:
             return bytes(self.fs.cat_file(path))
         except FileNotFoundError:
             return None
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001  (botocore errors are not OSErrors)
             raise SessionError(f"cannot read {self._where(path)}: {exc}") from exc
 
     def _read_json(self, path: str, damaged: list[tuple[str, str]] | None = None) -> Any:
@@ -474,6 +474,9 @@ class SessionStore:
         data = self._read_bytes(path)
         if data is None:
             return None
+        return self._parse(path, data, damaged)
+
+    def _parse(self, path: str, data: bytes, damaged: list[tuple[str, str]] | None) -> Any:
         try:
             return json.loads(data)
         except ValueError as exc:
@@ -491,7 +494,7 @@ class SessionStore:
             names = self.fs.ls(path, detail=False)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001  (botocore errors are not OSErrors)
             raise SessionError(f"cannot list {self._where(path)}: {exc}") from exc
         return sorted(posixpath.basename(n.rstrip("/")) for n in names
                       if not n.endswith(".tmp"))
@@ -762,6 +765,7 @@ class SessionStore:
         self._fence(session_id, epoch, "updating meta.json")
         changes: dict[str, Any] = dict(fields)
         if state is not None:
+            self._check_recorded(session_id, epoch, state)
             changes.update(flow_code=state.flow_code, position=state.position,
                            finished=state.finished, justification=state.justification)
             if state.finished:
@@ -770,6 +774,24 @@ class SessionStore:
             changes["status"] = status
         self._update_meta(session_id, epoch, **changes)
         self._verify(session_id, epoch, "updating meta.json")
+
+    def _check_recorded(self, session_id: str, epoch: int, state: SessionState) -> None:
+        """``state`` must be the recorded one (plus error marks or the finish)."""
+        index = state.processes_run
+        mine = self._written.get(session_id)
+        recorded: str | None
+        if index == 0:
+            recorded = ""
+        elif mine is not None and mine.index == index and mine.epoch == epoch:
+            recorded = mine.flow_code
+        else:
+            _, snap = self._find_snapshot(session_id, index)
+            recorded = snap.flow_code if snap is not None else None
+        if recorded is None or not state.flow_code.startswith(recorded):
+            raise SnapshotConflict(
+                f"session {session_id}: state {state.flow_code!r} does not match the "
+                f"recorded process {index} ({recorded!r}); record each process with "
+                "append_process first")
 
     def _append_item(self, session_id: str, epoch: int, folder: str,
                      item: dict[str, Any]) -> dict[str, Any]:
@@ -932,8 +954,12 @@ class SessionStore:
                 if isinstance(data, dict):
                     yield data
 
-    def read(self, session_id: str) -> SessionRecord:
+    def read(self, session_id: str, *, full: bool = True) -> SessionRecord:
         """The session's record; damaged files are reported in ``damaged`` and skipped.
+
+        ``full=False`` reads only what the state needs (meta, the last valid
+        snapshot, consultations): ``snapshots`` then holds only the last one and
+        notes, actions, resources, calls and tokens are left empty.
 
         Raises
         ------
@@ -941,18 +967,21 @@ class SessionStore:
         """
         damaged: list[tuple[str, str]] = []
         meta_path = self._path(session_id, "meta.json")
-        if self._read_bytes(meta_path) is None:
+        raw = self._read_bytes(meta_path)
+        if raw is None:
             raise UnknownSession(f"no session {session_id!r} in {self.url}")
-        meta = self._read_json(meta_path, damaged)
+        meta = self._parse(meta_path, raw, damaged)
         meta = meta if isinstance(meta, dict) else {}
         seals = self._seals(session_id)
         snapshots: dict[int, ProcessSnapshot] = {}
         voided: list[str] = []
         folder = self._path(session_id, "processes")
-        for name in self._ls(folder):
-            m = _SNAPSHOT.match(name)
-            if not m:
-                continue
+        names = [n for n in self._ls(folder) if _SNAPSHOT.match(n)]
+        if not full:  # newest first, stop at the first valid one
+            names.sort(key=lambda n: int(n.split("-", 1)[0]), reverse=True)
+        for name in names:
+            if not full and snapshots:
+                break
             data = self._read_json(posixpath.join(folder, name), damaged)
             if data is None:
                 continue
@@ -989,7 +1018,8 @@ class SessionStore:
                 state = state.apply(Move.finish(str(meta.get("justification") or "")))
             except ValueError as exc:
                 damaged.append((self._where(meta_path), f"finish: {exc}"))
-        resources = self._read_json(self._path(session_id, "resources.json"), damaged)
+        resources = (self._read_json(self._path(session_id, "resources.json"), damaged)
+                     if full else None)
         consultations = []
         for data in self._items(session_id, "consultations", damaged):
             try:
@@ -997,7 +1027,7 @@ class SessionStore:
             except (TypeError, KeyError, ValueError) as exc:
                 damaged.append((f"consultation {data.get('id')}", f"damaged ({exc})"))
         calls = []
-        for data in self._items(session_id, "calls", damaged):
+        for data in self._items(session_id, "calls", damaged) if full else ():
             try:
                 calls.append(CallTicket(int(data["index"]), str(data["position"]),
                                         int(data["attempt"]), int(data["epoch"])))
@@ -1009,12 +1039,12 @@ class SessionStore:
             updated=meta.get("updated"), stored_status=stored_status,
             epoch=max(self.highest_epoch(session_id), int(meta.get("epoch") or 0)),
             state=state, snapshots=ordered,
-            notes=list(self._items(session_id, "notes", damaged)),
-            actions=list(self._items(session_id, "actions", damaged)),
+            notes=list(self._items(session_id, "notes", damaged)) if full else [],
+            actions=list(self._items(session_id, "actions", damaged)) if full else [],
             resources=resources if isinstance(resources, dict) else {},
             consultations=sorted(consultations, key=lambda c: c.id),
             calls=sorted(calls, key=lambda c: c.key),
-            tokens=list(self._items(session_id, "tokens", damaged)),
+            tokens=list(self._items(session_id, "tokens", damaged)) if full else [],
             meta=meta, damaged=damaged, voided=voided)
 
     def list_sessions(self, live: Collection[str] | None = None) -> list[SessionSummary]:
@@ -1029,7 +1059,7 @@ class SessionStore:
             if not _ID.match(name):
                 continue
             try:
-                summary = self.read(name).summary()
+                summary = self.read(name, full=False).summary()
             except UnknownSession:
                 continue  # a folder without meta.json: not a session
             if (live is not None and summary.status in ("running", "waiting")

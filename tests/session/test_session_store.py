@@ -390,3 +390,38 @@ def test_session_package_does_not_import_distributed():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_update_refuses_a_state_that_is_not_recorded(store):
+    store.create("s", "p")
+    s1, s2 = walk("S1", "P2")
+    store.append_process("s", 0, s1)
+    with pytest.raises(SnapshotConflict, match="append_process first"):
+        store.update("s", 0, state=s2)
+    store.update("s", 0, state=s1.error())
+    assert SessionStore(store.url).read("s").flow_code == "S1P1X"
+    fresh = SessionStore(store.url)  # no memory of its own writes
+    fresh.update("s", 0, state=s1.error().error())
+    assert fresh.read("s").flow_code == "S1P1XX"
+
+
+def test_light_read_for_listing(store):
+    store.create("s", "p")
+    for st in walk("S1", "P2", "P3"):
+        store.append_process("s", 0, st)
+    store.add_note("s", 0, "n")
+    store._write(store._path("s", "processes", "0003-S1P3.json"), b"{broken")
+    light = store.read("s", full=False)
+    assert light.flow_code == "S1P12" and [s.index for s in light.snapshots] == [2]
+    assert light.notes == [] and light.damaged
+    assert store.read("s").notes[0]["text"] == "n"
+
+
+def test_unreachable_s3_store_is_a_one_line_session_error():
+    pytest.importorskip("s3fs")
+    store = SessionStore("s3://bucket1/sessions", {
+        "endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s",
+        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}})
+    with pytest.raises(SessionError, match=r"cannot .*s3://bucket1/sessions/a/meta.json") as e:
+        store.create("a", "p")
+    assert "\n" not in str(e.value)
