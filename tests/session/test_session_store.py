@@ -27,7 +27,10 @@ def store(request, tmp_path):
         url = f"memory://obdask-sessions-{uuid.uuid4().hex[:8]}"
     else:
         url = str(tmp_path / "sessions")
-    return SessionStore(url)
+    store = SessionStore(url)
+    yield store
+    if request.param == "memory" and store.fs.exists(store.root):
+        store.fs.rm(store.root, recursive=True)  # memory:// is one process-wide dict
 
 
 def walk(*moves, state=None):

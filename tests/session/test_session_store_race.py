@@ -85,3 +85,5 @@ def test_two_drivers_race(kind, tmp_path):
             assert a_told.is_set()
         assert all(by[i] == "B" for i in range(record.next_index, 13))
         assert all(by[i] == "A" for i in range(1, record.next_index))
+        if kind == "memory":
+            store_b.fs.rm(store_b.root, recursive=True)  # one process-wide dict
