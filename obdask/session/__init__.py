@@ -19,8 +19,24 @@ from obdask.session.model import (
     parse_flow_code,
     process_info,
 )
+from obdask.session.store import (
+    CallTicket,
+    Consultation,
+    ProcessSnapshot,
+    SessionRecord,
+    SessionStore,
+    SessionSummary,
+    open_store,
+)
 
 __all__ = [
+    "CallTicket",
+    "Consultation",
+    "ProcessSnapshot",
+    "SessionRecord",
+    "SessionStore",
+    "SessionSummary",
+    "open_store",
     "Event",
     "Move",
     "MoveKind",
