@@ -57,3 +57,70 @@ class JobFailed(PayloadError):
 
     def __reduce__(self):
         return (type(self), (str(self), self.record))
+
+
+class InvalidTransition(ObdaskError, ValueError):
+    """A session move breaks the navigation rules of the 5x3 state machine.
+
+    ``state`` is the position (e.g. ``"S1P1"``), ``move`` the refused move
+    (e.g. ``"P3"``) and ``legal`` the moves that were allowed there.
+    """
+
+    def __init__(self, message: str, state: str | None = None, move: str | None = None,
+                 legal: tuple = ()) -> None:
+        super().__init__(message)
+        self.state = state
+        self.move = move
+        self.legal = tuple(legal)
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.state, self.move, self.legal))
+
+
+class FlowCodeError(ObdaskError, ValueError):
+    """A flow code (``S1P123S2P12``) is malformed or records an illegal path."""
+
+
+class SessionError(ObdaskError, RuntimeError):
+    """A session record cannot be created, read or written (names the session and file)."""
+
+
+class SessionExists(SessionError):
+    """A session with this id is already recorded."""
+
+
+class UnknownSession(ObdaskError, LookupError):
+    """No session with this id is recorded in the session store."""
+
+
+class SnapshotConflict(SessionError):
+    """The snapshot recorded at a position differs from the one being written there.
+
+    Raised when a resume would run a different process at a recorded position,
+    or a driver writes different content where its own epoch already wrote.
+    """
+
+
+class LeaseLost(ObdaskError, RuntimeError):
+    """A session driver was superseded: a newer driver holds a higher epoch.
+
+    Raised to the stale driver on its write.  ``kept`` is False when that write
+    was refused or voided (it never becomes part of the record), True when the
+    newer driver had already read it (it stays; nothing is lost or doubled),
+    None when the newer driver had not sealed its takeover yet (the write stays
+    exactly when the newer driver's read saw it).
+    """
+
+    def __init__(self, message: str, session: str | None = None, epoch: int | None = None,
+                 highest: int | None = None, kept: bool | None = None) -> None:
+        super().__init__(message)
+        self.session = session
+        self.epoch = epoch
+        self.highest = highest
+        self.kept = kept
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.session, self.epoch, self.highest, self.kept))
+
+
+FencedError = LeaseLost
