@@ -37,6 +37,7 @@ class JobSpec:
     step_id: str
     lane: int
     payload: Payload
+    kind: str = "cmd"  # see job_kind; decides the executor (obdask.payloads)
     deps: tuple[str, ...] = ()
     timeout: float | None = None
     dedupe: str | None = None
@@ -90,15 +91,12 @@ class CompiledPlan:
     def runnable(self) -> list[Job]:
         return [j for j in self.jobs if j.runnable]
 
-    @property
-    def precompleted(self) -> list[Job]:
-        return [j for j in self.jobs if not j.runnable]
-
     def explain(self) -> list[dict[str, Any]]:
         """One plain dict per job: what ``obdask explain`` prints."""
         return [
             {
                 "key": j.key,
+                "kind": j.spec.kind,
                 "lane": j.spec.lane,
                 "deps": list(j.spec.deps),
                 "payload": j.spec.payload.raw,
@@ -113,6 +111,29 @@ class CompiledPlan:
             }
             for j in self.jobs
         ]
+
+
+#: The job kinds of plans; :mod:`obdask.payloads` maps each runnable kind to its executor.
+KINDS = ("cmd", "apply", "test", "model", "metadata")
+
+
+def job_kind(step: Step) -> str:
+    """The kind of job ``step`` compiles to, decided once, here.
+
+    ``model`` for a task for a language model (a bare ``@file:`` spec, or an
+    ``@doc:LLM_TASK`` step of a plan that opted in), ``metadata`` for a payload
+    that completes at compile time, else ``cmd``, ``apply`` or ``test``.
+    """
+    if step.is_model_task:
+        return "model"
+    if step.is_metadata:
+        return "metadata"
+    payload = step.payload
+    if payload.prefix == "cmd":
+        return "cmd"
+    if payload.prefix == "file":
+        return "apply" if payload.apply else "test"
+    return "metadata"
 
 
 def fingerprint(step: Step) -> str:
@@ -178,7 +199,7 @@ def compile_plan(
             localities = (checkout, *localities)
         spec = JobSpec(
             key=plan.key(step.id), plan_id=plan.plan_id, step_id=step.id, lane=step.lane,
-            payload=step.payload, deps=tuple(plan.key(d) for d in step.deps),
+            payload=step.payload, kind=job_kind(step), deps=tuple(plan.key(d) for d in step.deps),
             # Model calls use obdask.llm.timeout unless the step sets its own.
             timeout=step.timeout if step.timeout is not None else (
                 None if step.is_model_task else default_timeout),

@@ -115,7 +115,7 @@ def token_records() -> list[dict[str, Any]]:
 
 def estimate_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
     """Upper estimate of the prompt tokens: per message ``max(words+marks, chars/3) + 4``."""
-    from obdask.llm.testing import count_tokens
+    from obdask.llm.tokens import count_tokens
 
     total = 0
     for m in messages:

@@ -94,7 +94,7 @@ def _worker_endpoint() -> str | None:
 def run_model_task(spec: JobSpec, ctx: RunContext,
                    deps: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Run one model task; returns the job record fields (reply artifact, tokens)."""
-    from obdask.payloads.file import read_payload_file
+    from obdask.payloads.read import read_payload_file
 
     endpoints = _endpoints(ctx)
     if spec.payload.prefix == "doc":  # @doc:LLM_TASK <task> (policy llm_doc_tasks=true)

@@ -24,7 +24,7 @@ import copy
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -380,7 +380,8 @@ def _store(ctx: RunContext, data: bytes) -> str | None:
     return ctx.artifacts.put(data) if data else None
 
 
-def execute_command(spec: JobSpec, ctx: RunContext) -> dict[str, Any]:
+def execute_command(spec: JobSpec, ctx: RunContext,
+                    deps: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     """Run a job's ``@cmd:`` payload in the run's workspace; return record fields.
 
     Settings come from ``ctx.command`` (the client's config snapshot) and the

@@ -19,10 +19,9 @@ import tempfile
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import fsspec
-
 from obdask.artifacts import sha1_bytes
-from obdask.exceptions import IntegrityError, PayloadError
+from obdask.exceptions import PayloadError
+from obdask.payloads.read import read_payload_file
 
 if TYPE_CHECKING:
     from obdask.compile import JobSpec
@@ -30,61 +29,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-JOB_PREFIX = "job:"  # @file:job:<step> reads a dependency's stored output
-
-
-def _job_output(spec: JobSpec, ctx: RunContext, deps: Sequence[dict[str, Any]]) -> bytes:
-    """``@file:job:<step>``: the reply (or stdout) a dependency stored as an artifact."""
-    step = spec.payload.body[len(JOB_PREFIX):]
-    for dep in deps:
-        if dep.get("step") == step:
-            key = dep.get("reply") or dep.get("stdout")
-            if not key:
-                raise PayloadError(f"job {spec.key}: step {step!r} produced no output")
-            return ctx.artifacts.get(key)
-    raise PayloadError(f"job {spec.key}: the output of step {step!r} is not available here "
-                       "(it must be a dependency that ran in this run; resumed or "
-                       "deduplicated steps pass no output)")
-
-
-def read_payload_file(spec: JobSpec, ctx: RunContext,
-                      deps: Sequence[dict[str, Any]] = ()) -> bytes:
-    """Content of the step's file, verified against ``#sha1=`` when pinned."""
-    if spec.payload.body.startswith(JOB_PREFIX):
-        return _verify(spec, f"output of {spec.payload.body}", _job_output(spec, ctx, deps))
-    if spec.staged:  # the client staged the plan-local file in the artifact store
-        return _verify(spec, spec.payload.body, ctx.artifacts.get(spec.staged))
-    url = ctx.resolve(spec.payload.body)
-    try:
-        with fsspec.open(url, "rb", **ctx.options_for(url)) as f:
-            data = f.read()
-    except FileNotFoundError as exc:
-        raise PayloadError(f"job {spec.key}: file not found: {url}") from exc
-    except IsADirectoryError as exc:
-        raise PayloadError(f"job {spec.key}: {url} is a folder, not a file") from exc
-    except (OSError, ValueError, ImportError) as exc:
-        raise PayloadError(f"job {spec.key}: cannot read {url}: {exc}") from exc
-    return _verify(spec, url, data)
-
-
-def _verify(spec: JobSpec, what: str, data: bytes) -> bytes:
-    pinned = spec.payload.sha1
-    if pinned and sha1_bytes(data) != pinned:
-        raise IntegrityError(
-            f"job {spec.key}: {what} has sha1 {sha1_bytes(data)}, the plan pins {pinned}; "
-            "update #sha1= or restore the file"
-        )
-    return data
-
-
 def execute_file(spec: JobSpec, ctx: RunContext,
                  deps: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Run an ``@file:`` payload; returns result fields for the job record."""
     payload = spec.payload
-    if payload.is_model_task:
-        from obdask.llm.task import run_model_task
-
-        return run_model_task(spec, ctx, deps)
     data = read_payload_file(spec, ctx, deps)
     result: dict[str, Any] = {"input_sha1": sha1_bytes(data), "input_bytes": len(data)}
     if payload.apply:

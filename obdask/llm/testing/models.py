@@ -15,29 +15,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from obdask.llm.tokens import count_tokens  # noqa: F401  (re-exported)
+
 logger = logging.getLogger(__name__)
 
 BUSY_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
 MODEL_PATHS = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings")
-_TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 _PIECE_RE = re.compile(r"\s*(?:\w+|[^\w\s])")
 _FOREVER = float("inf")
-
-
-def count_tokens(text: str) -> int:
-    """Count tokens the way the test server does: words and punctuation marks.
-
-    Parameters
-    ----------
-    text : str
-        Any text.
-
-    Returns
-    -------
-    int
-        ``len(re.findall(r"\\w+|[^\\w\\s]", text))``.
-    """
-    return len(_TOKEN_RE.findall(text or ""))
 
 
 def split_pieces(text: str) -> list[str]:
