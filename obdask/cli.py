@@ -197,7 +197,7 @@ def run(plan: str, scheduler: str | None, workers: int | None, workspace: str | 
     overrides = {} if wait_for_resources is None else {
         "obdask.run.wait-for-resources": wait_for_resources}
     try:
-        with dask.config.set(overrides), connect(scheduler, workers) as client:
+        with dask.config.set(overrides), connect(scheduler, workers, _announce) as client:
             result = run_plan(parsed, client, workspace=workspace, resume=resume,
                               progress=bar)
     finally:
@@ -217,14 +217,16 @@ def run(plan: str, scheduler: str | None, workers: int | None, workspace: str | 
 @_guard
 def budgets(scheduler: str | None, as_json: bool) -> None:
     """Show token budgets: limit, used, reserved in flight, available."""
+    from obdask.cluster import configured_scheduler
     from obdask.llm import budget
 
-    if scheduler is None:
+    target, _ = configured_scheduler(scheduler)
+    if target is None:
         frame = budget.budgets()
     else:
         from obdask.cluster import connect
 
-        with connect(scheduler) as client:
+        with connect(target, announce=_announce) as client:
             budget.install(client)
             frame = budget.budgets(client)
     if as_json:
@@ -233,6 +235,11 @@ def budgets(scheduler: str | None, as_json: bool) -> None:
         click.echo("no budgets (set obdask.llm.budgets or obdask.llm.budget.set_budget)")
     else:
         click.echo(frame.to_string())
+
+
+def _announce(line: str) -> None:
+    """Which cluster a command uses: one line on stderr (stdout stays for --json)."""
+    click.echo(line, err=True)
 
 
 def _records_url(parsed) -> tuple[str, dict]:

@@ -7,8 +7,9 @@ import copy
 import json
 import logging
 import os
+import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from obdask import config
@@ -30,7 +31,8 @@ def embedded_cluster(n_workers: int | None = None,
     n_workers = config.get_int("run.n-workers", n_workers, minimum=1)
     threads = config.get_int("run.threads-per-worker", threads_per_worker, minimum=1)
     with LocalCluster(n_workers=0, threads_per_worker=threads, processes=True,
-                      dashboard_address=":0", silence_logs=logging.CRITICAL) as cluster:
+                      dashboard_address="127.0.0.1:0",  # this host only (see docs/security)
+                      silence_logs=logging.CRITICAL) as cluster:
         # Each worker gets its share of this host (GPUs whole), declared at start
         # so the scheduler can place resource-restricted steps from the first task.
         for i, resources in enumerate(split_resources(host_resources(), n_workers)):
@@ -40,6 +42,9 @@ def embedded_cluster(n_workers: int | None = None,
         cluster.sync(cluster._correct_state)
         with Client(cluster) as client:
             client.wait_for_workers(n_workers, timeout=60)
+            from obdask.server import install
+
+            install(client)
             yield client
 
 
@@ -56,14 +61,51 @@ def split_resources(total: dict[str, float], n: int) -> list[dict[str, float]]:
     return shares
 
 
+def configured_scheduler(explicit: str | None = None) -> tuple[str | None, str]:
+    """The scheduler to use, in Dask's own order, and where it came from.
+
+    An explicit address or scheduler file, else dask config ``scheduler-address``
+    (``DASK_SCHEDULER_ADDRESS``), else the file of ``scheduler-file``
+    (``DASK_SCHEDULER_FILE``); ``(None, "embedded")`` when none is set.
+    """
+    import dask
+
+    if explicit:
+        return explicit, "--scheduler"
+    address = dask.config.get("scheduler-address", None)
+    if address:
+        return str(address), "dask config scheduler-address / DASK_SCHEDULER_ADDRESS"
+    path = dask.config.get("scheduler-file", None)
+    if path:
+        return str(path), "dask config scheduler-file / DASK_SCHEDULER_FILE"
+    return None, "embedded"
+
+
 @contextlib.contextmanager
-def connect(scheduler: str | None = None, n_workers: int | None = None) -> Iterator[Client]:
-    """A client of ``scheduler`` (address or scheduler file), else an embedded cluster."""
-    if scheduler is None:
+def connect(scheduler: str | None = None, n_workers: int | None = None,
+            announce: Callable[[str], None] | None = None) -> Iterator[Client]:
+    """A client of ``scheduler``, of the one Dask's config names, else an embedded cluster.
+
+    Parameters
+    ----------
+    scheduler : str, optional
+        Address or scheduler file (``.json``); default :func:`configured_scheduler`.
+    announce : callable, optional
+        Called with one line saying which cluster is used.
+    """
+    target, origin = configured_scheduler(scheduler)
+    if target is None:
         with embedded_cluster(n_workers) as client:
+            if announce is not None:
+                workers = len(client.scheduler_info(n_workers=-1)["workers"])
+                link = client.dashboard_link
+                announce(f"cluster: embedded LocalCluster, {workers} workers, "
+                         f"dashboard {link}")
             yield client
         return
-    with _client(scheduler) as client:
+    with _client(target) as client:
+        if announce is not None:
+            announce(f"cluster: {client.scheduler.address} (from {origin})")
         yield client
 
 
@@ -78,6 +120,7 @@ def _client(scheduler: str) -> Iterator[Client]:
         address = _address_from_file(scheduler, timeout)
     else:
         address = scheduler
+    _refused_at_once(address, scheduler)
     try:
         client = Client(address, timeout=timeout)
     except ValueError as exc:  # e.g. "missing port number in address"
@@ -91,6 +134,29 @@ def _client(scheduler: str) -> Iterator[Client]:
             "there? (wait longer with obdask.run.connect-timeout)") from None
     with client:
         yield client
+
+
+def _refused_at_once(address: str, given: str) -> None:
+    """Fail at once when nothing listens at ``address`` (Dask's Client retries a refused
+    connection until its timeout); a slow or filtered host still gets the full timeout."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, location = parse_address(address)
+        host, port = parse_host_port(location)
+    except (ValueError, TypeError):
+        return  # Client reports a malformed address with the usual message
+    if scheme not in ("tcp", "tls") or not port:
+        return
+    try:
+        socket.create_connection((host, port), timeout=1.0).close()
+    except ConnectionRefusedError:
+        what = address if address == given else f"{address} (from {given})"
+        raise ClusterUnreachable(
+            f"no scheduler at {what}: connection refused; is `dask scheduler` running "
+            "there?") from None
+    except OSError:
+        return
 
 
 def _address_from_file(path: str, timeout: float) -> str:

@@ -172,8 +172,10 @@ def run(plan: Plan | str | os.PathLike[str], client: Client | str | None = None,
     client
         Any ``distributed.Client``; with an asynchronous client this returns
         an awaitable.  A string: a scheduler address or scheduler file to
-        connect to for this run.  None: the current default client, else an
-        embedded ``LocalCluster`` started (and closed) for this run.
+        connect to for this run.  None: Dask's order: the scheduler of dask config
+        ``scheduler-address`` / ``scheduler-file`` (``DASK_SCHEDULER_ADDRESS``), else
+        the current default client, else an embedded ``LocalCluster`` started (and
+        closed) for this run.
     workspace
         Folder ``@cmd:`` steps run in and ``#apply`` diffs apply to.
     resume
@@ -193,18 +195,26 @@ def run(plan: Plan | str | os.PathLike[str], client: Client | str | None = None,
         plan = Plan.from_file(plan)
     kwargs = dict(workspace=workspace, resume=resume, artifacts=artifacts, records=records,
                   priority=priority, progress=progress)
+    if client is None:
+        # Dask's own order: the scheduler named in dask config (DASK_SCHEDULER_ADDRESS),
+        # then the current default client, then an embedded cluster for this run.
+        from obdask.cluster import configured_scheduler
+
+        configured, _ = configured_scheduler()
+        if configured is not None:
+            client = configured
+        else:
+            from distributed import default_client
+
+            try:
+                client = default_client()
+            except ValueError:
+                return _run_embedded(plan, n_workers, kwargs)
     if isinstance(client, str):
         from obdask.cluster import connect
 
         with connect(client) as connected:
             return connected.sync(_run, connected, plan, **kwargs)
-    if client is None:
-        from distributed import default_client
-
-        try:
-            client = default_client()
-        except ValueError:
-            return _run_embedded(plan, n_workers, kwargs)
     return client.sync(_run, client, plan, **kwargs)
 
 
