@@ -324,6 +324,10 @@ def _print_summary(result: Any, limit: int = 40) -> None:
     verdict = "ok" if result.ok else "FAILED"
     click.echo(f"{result.plan_id}: {verdict} ({counts}) in {result.duration_s:.1f}s; "
                f"records: {result.location}")
+    lost = result.summary.get("workers_lost") or []
+    if lost:
+        click.echo(f"workers lost during the run: {', '.join(lost)} (their jobs were re-run "
+                   "elsewhere; recorded completions were not applied again)")
     if result.summary.get("warm_hit_rate") is not None:
         click.echo(f"warm-worker hit rate: {result.summary['warm_hit_rate']:.0%}")
     for model, used in sorted((result.summary.get("tokens") or {}).items()):

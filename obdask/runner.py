@@ -309,11 +309,11 @@ async def _wait_for_a_worker(client: Client) -> None:
         ) from None
 
 
-async def _wait_keys_free(client: Client, keys: list[str], plan: Plan,
-                          timeout: float = 10.0) -> None:
+async def _wait_keys_free(client: Client, keys: list[str], plan: Plan) -> None:
     """Refuse to start while another run of the same plan holds its keys."""
     if not keys:
         return
+    timeout = config.get_seconds("run.busy-plan-wait")
     deadline = time.monotonic() + timeout
     while True:
         held = await client.scheduler.obdask_jobs_held(keys=keys)
@@ -518,6 +518,10 @@ def _attempts(record: dict[str, Any], tries: list[list[Any]],
     record["attempts"] = len(tries)
     errors = {e["worker"]: e.get("error") for e in events if e["event"] == "failed"}
     reasons = describe(tries, errors)
+    lost = sorted({w for w, outcome in tries[:-1]
+                   if outcome not in ("erred", "waiting") and w not in errors and w})
+    if lost:
+        record["workers_lost"] = lost
     if any(e["event"] == "replayed" for e in events):
         reasons.append("re-run after worker loss: result replayed from the ledger")
     if reasons:
@@ -537,7 +541,8 @@ def _summary(plan: Plan, ctx: RunContext, outcomes: list[dict[str, Any]],
             used["prompt"] += int(r.get("prompt_eval_count") or 0)
             used["output"] += int(r.get("eval_count") or 0)
             used["calls"] += 1
-    return {"plan": plan.plan_id, "run_id": ctx.run_id, "ok": not (
+    lost = sorted({w for r in outcomes for w in r.get("workers_lost", ())})
+    return {"plan": plan.plan_id, "run_id": ctx.run_id, "workers_lost": lost, "ok": not (
         counts.get("failed") or counts.get("skipped")), "counts": counts,
         "duration_s": duration, "workspace": ctx.workspace,
         "warm_hit_rate": (sum(warm) / len(warm)) if warm else None, "tokens": tokens,

@@ -18,6 +18,7 @@ import tempfile
 import threading
 from typing import TYPE_CHECKING
 
+from obdask import config
 from obdask.exceptions import PayloadError
 
 if TYPE_CHECKING:
@@ -50,7 +51,8 @@ def _lock(path: str) -> threading.Lock:
 def _git(args: list[str], cwd: str | None, key: str) -> str:
     try:
         done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
-                              stdin=subprocess.DEVNULL, timeout=600,
+                              stdin=subprocess.DEVNULL,
+                              timeout=config.get_seconds("run.git-timeout"),
                               env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
     except FileNotFoundError as exc:
         raise PayloadError(f"job {key}: git is not installed on this worker") from exc

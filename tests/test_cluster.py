@@ -311,6 +311,7 @@ def test_worker_loss_recovery_applies_each_job_once(tmp_path):
     victim = by_id(result)[killed["step"]]
     assert victim["status"] == "done" and victim["worker"] != dead
     assert written.count(killed["step"]) == 1
+    assert dead in result.summary["workers_lost"]  # the run says it lost a worker
     # Results the dead worker held were recomputed: replayed from the ledger, not re-run.
     on_dead = frame[frame.worker == dead]
     assert len(on_dead) >= 1

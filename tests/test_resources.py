@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from types import SimpleNamespace
 
 import dask
@@ -138,8 +139,15 @@ def test_detect_real_machine():
     except Exception:
         assert res["GPU"] == 0 and res["VRAM"] == 0
     else:  # pragma: no cover - only on GPU machines
+        count = pynvml.nvmlDeviceGetCount()
+        vram = sum(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).total
+                   for i in range(count))
         pynvml.nvmlShutdown()
-        assert res["GPU"] >= 0
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is None:  # every device counts, with its whole memory
+            assert res["GPU"] == count and res["VRAM"] == float(vram)
+        else:
+            assert 0 <= res["GPU"] <= count and res["VRAM"] <= float(vram)
 
 
 def test_explicit_wins_and_sizes_parse():

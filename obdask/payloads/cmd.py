@@ -398,7 +398,8 @@ def execute_command(spec: JobSpec, ctx: RunContext,
         fields above) are attached for the job record.
     """
     policy = ctx.command
-    timeout = spec.timeout or policy.timeout
+    # timeout=0 on the step: no wall timeout (None: the run's default)
+    timeout = policy.timeout if spec.timeout is None else (spec.timeout or None)
     body = spec.payload.body
     try:
         res = run_command(

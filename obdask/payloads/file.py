@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from obdask import config
 from obdask.artifacts import sha1_bytes
 from obdask.exceptions import PayloadError
 from obdask.payloads.read import read_payload_file
@@ -41,9 +42,10 @@ def execute_file(spec: JobSpec, ctx: RunContext,
 
 
 def _git(args: list[str], cwd: str, spec: JobSpec, patch: str) -> subprocess.CompletedProcess:
+    limit = spec.timeout or config.get_seconds("run.apply-timeout")
     try:
         return subprocess.run(["git", *args, patch], cwd=cwd, capture_output=True, text=True,
-                              timeout=spec.timeout or 120, stdin=subprocess.DEVNULL)
+                              timeout=limit, stdin=subprocess.DEVNULL)
     except FileNotFoundError as exc:
         raise PayloadError(f"job {spec.key}: git is not installed on this worker") from exc
     except subprocess.TimeoutExpired as exc:

@@ -214,8 +214,8 @@ def _exec_prefix(shell: str, rlimits: tuple[tuple[int, int, int], ...],
 def _exec_tools() -> tuple[str | None, str | None]:
     tools = shutil.which("setpriv"), shutil.which("prlimit")
     if None in tools:
-        logger.warning("@cmd: obdask.cmd.launcher 'spawn'/'exec' need util-linux setpriv "
-                       "(and prlimit for 'exec'); using 'preexec' where they are missing")
+        logger.warning("@cmd: obdask.cmd.launcher 'exec' needs util-linux setpriv and "
+                       "prlimit; using 'preexec' where they are missing")
     return tools
 
 
