@@ -55,9 +55,14 @@ class CommandPolicy:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunContext:
-    """Everything a job needs besides its own spec."""
+    """Everything a job needs besides its own spec.
+
+    Frozen: its pickled form is computed once and cached (every task carries it),
+    so a field changed afterwards would ship stale; ``dataclasses.replace`` makes a
+    new context with a cache of its own.
+    """
 
     run_id: str
     plan_id: str

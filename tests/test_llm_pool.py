@@ -300,3 +300,11 @@ def test_module_reexport():
 
     assert obdask.llm.call_model is llm_client.call_model
     assert obdask.testing.OllamaTestServer is obdask.llm.OllamaTestServer
+
+
+def test_backoff_has_jitter_within_bounds():
+    from obdask.llm.client import backoff_delay
+
+    delays = [backoff_delay(1.0, 10.0) for _ in range(200)]
+    assert all(0.5 <= d <= 1.0 for d in delays) and len(set(delays)) > 100
+    assert all(2.5 <= backoff_delay(8.0, 5.0) <= 5.0 for _ in range(50))

@@ -368,3 +368,20 @@ def test_retry_reasons_name_the_command_failure_not_a_lost_worker(tmp_path, clus
     for reason in record["retries"]:
         assert "lost" not in reason
         assert "failed on" in reason and "exit" in reason and "oops" in reason
+
+
+def test_run_context_cannot_change_after_it_was_pickled(tmp_path):
+    # Regression: the context caches its pickled form; a field set after the first
+    # pickle shipped the old value to every later task.
+    import dataclasses
+    import pickle
+
+    from obdask.runner import prepare
+
+    plan = write_plan(tmp_path, "- [ ] id=a lane=1 payload=@cmd:true\n")
+    _, ctx = prepare(plan)
+    pickle.dumps(ctx)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ctx.workspace = "/elsewhere"
+    moved = dataclasses.replace(ctx, workspace="/elsewhere")
+    assert pickle.loads(pickle.dumps(moved)).workspace == "/elsewhere"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import threading
 import time
 from collections import deque
@@ -273,6 +274,16 @@ def call_model(
     )
 
 
+def backoff_delay(delay: float, limit: float) -> float:
+    """The pause before the next attempt: ``delay`` capped at ``limit``, with jitter.
+
+    Workers that all got a 503 from one endpoint would otherwise retry in lockstep
+    and hit it together again; a uniform draw in ``[delay/2, delay]`` spreads them.
+    """
+    capped = min(delay, limit)
+    return random.uniform(capped / 2, capped)
+
+
 def _check_format(text: str, fmt: Any) -> tuple[Any, list[str]]:
     """Parse and validate ``text`` for ``fmt``; returns ``(data, problems)``."""
     if not fmt:
@@ -316,7 +327,7 @@ def _call_with_failover(pool: EndpointPool, spec: _CallSpec) -> ModelReply:
                 busy.append(url)
             logger.info("%s: attempt %d/%d failed: %s", spec.where(), n, spec.attempts, last)
             if n < spec.attempts and (exc.backoff or not any(map(pool.healthy, pool.urls))):
-                time.sleep(min(delay, spec.backoff_max))
+                time.sleep(backoff_delay(delay, spec.backoff_max))
                 delay *= 2
     raise ModelError(
         f"{spec.where()}: all {spec.attempts} attempts failed, last: {last}; check the Ollama "
