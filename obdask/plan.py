@@ -17,6 +17,7 @@ import difflib
 import logging
 import os
 import re
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -33,8 +34,9 @@ FIELDS = (
 )
 REQUIRED = ("id", "lane", "payload")
 LLM_TASK = "LLM_TASK"
-# Fields the single-machine tool still reads when they trail the payload.
-TRAILING_FIELDS = ("deps", "dedupe")
+#: Longest step id, plan id or dedupe key, in UTF-8 bytes: they name files and folders
+#: (``jobs/<id>.json``), and a file name holds 255 bytes.
+MAX_ID_BYTES = 128
 
 _STEP_RE = re.compile(r"^\s*[-*]\s+\[( |x|X)\]\s+(.*?)\s*$")
 # A line that carries step fields but is not a step line (e.g. "- [] id=a ..."): a typo
@@ -136,17 +138,24 @@ class Plan:
     workspace: str | None = None
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> Plan:
-        """Read and validate a plan file (local path)."""
-        path = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except FileNotFoundError as exc:
-            raise PlanError(f"{path}: plan file not found") from exc
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PlanError(f"{path}: cannot read plan file: {exc}") from exc
-        return cls.from_text(text, path=path)
+    def from_file(cls, path: str | os.PathLike[str], max_bytes: int | None = None) -> Plan:
+        """Read and validate a plan file (local path).
+
+        Parameters
+        ----------
+        path
+            The plan file; it must be a regular file (a FIFO, device or
+            directory is refused at once, without reading).
+        max_bytes
+            Largest plan accepted; default ``obdask.plan.max-bytes``.
+
+        Raises
+        ------
+        PlanError
+            The file is missing, unreadable, not a regular file, too large,
+            not UTF-8, or an invalid plan.
+        """
+        return cls.from_text(read_plan_text(path, max_bytes), path=os.fspath(path))
 
     @classmethod
     def from_text(cls, text: str, path: str | None = None, plan_id: str | None = None) -> Plan:
@@ -165,6 +174,83 @@ class Plan:
     def key(self, step_id: str) -> str:
         """Global job id ``{plan_id}::{step_id}``."""
         return f"{self.plan_id}::{step_id}"
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def read_plan_text(path: str | os.PathLike[str], max_bytes: int | None = None) -> str:
+    """The text of a plan file: a regular file of at most ``max_bytes``, UTF-8.
+
+    The file is opened without blocking (``O_NONBLOCK``: a FIFO with no
+    writer does not hang) and checked with ``fstat`` on the open descriptor,
+    so what is checked is what is read.  A UTF-8 BOM is kept (:func:`parse`
+    drops it).
+
+    Raises
+    ------
+    PlanError
+        Naming the file and what is wrong with it.
+    """
+    from obdask import config  # dask.config; kept out of import time
+
+    path = os.fspath(path)
+    limit = config.get_bytes("plan.max-bytes", max_bytes)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError as exc:
+        raise PlanError(f"{path}: plan file not found") from exc
+    except OSError as exc:
+        raise PlanError(f"{path}: cannot read plan file: {exc.strerror or exc}") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = next((name for test, name in _KINDS if test(info.st_mode)), "special")
+            raise PlanError(f"{path}: not a regular file ({kind}); a plan must be a "
+                            "markdown file")
+        if info.st_size > limit:
+            raise PlanError(f"{path}: plan file is {info.st_size} bytes, more than "
+                            f"obdask.plan.max-bytes ({limit}); split the plan or raise "
+                            "the limit")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=True) as f:
+            fd = -1
+            data = f.read(limit + 1)  # the file may have grown since fstat
+    except OSError as exc:
+        raise PlanError(f"{path}: cannot read plan file: {exc.strerror or exc}") from exc
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if len(data) > limit:
+        raise PlanError(f"{path}: plan file is more than obdask.plan.max-bytes ({limit}) "
+                        "bytes; split the plan or raise the limit")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PlanError(f"{path}: plan file is not UTF-8 text (byte {exc.start}: "
+                        f"{exc.reason})") from exc
+
+
+def _check_id(what: str, value: str, errors: _Errors, line: int | None,
+              fix: str = "") -> bool:
+    """Add an error if ``value`` is not a valid id (characters, length); True if valid."""
+    what += "" if what.endswith("=") else " "
+    if not _ID_RE.match(value):
+        errors.add(line, f"{what}{value!r} may only hold letters, digits, '_', '.', "
+                         "'-' (not dots only)")
+        return False
+    size = len(value.encode("utf-8"))
+    if size > MAX_ID_BYTES:
+        shown = f"{value[:20]}...{value[-8:]}"
+        length = (f"{len(value)} characters long" if size == len(value)
+                  else f"{size} bytes long in UTF-8")
+        errors.add(line, f"{what}{shown!r} is {length}; at most {MAX_ID_BYTES} "
+                         f"(ids name files of the run records){fix}")
+        return False
+    return True
 
 
 def slugify(name: str) -> str:
@@ -232,9 +318,8 @@ def parse(text: str, path: str | None = None, plan_id: str | None = None) -> Pla
     if plan_id is None:
         stem = os.path.splitext(os.path.basename(path))[0] if path else "plan"
         plan_id = found_id or slugify(stem)
-    if not _ID_RE.match(plan_id):
-        errors.add(None, f"plan_id {plan_id!r} may only hold letters, digits, '_', '.', "
-                         "'-' (not dots only)")
+    _check_id("plan_id", plan_id, errors, None,
+              "" if found_id else "; add a shorter plan_id= line")
     if policy.get("accrue_all_ideas"):
         _check_orphans(text, errors)
     if policy.get("llm_doc_tasks"):
@@ -313,13 +398,10 @@ def _parse_step(body: str, done: bool, lineno: int, errors: _Errors) -> Step | N
         return None
     sid = fields["id"]
     n_before = len(errors.items)
-    if not _ID_RE.match(sid):
-        errors.add(lineno, f"step id {sid!r} may only hold letters, digits, '_', '.', "
-                           "'-' (not dots only)")
-    if fields.get("dedupe") and not _ID_RE.match(fields["dedupe"]):
+    _check_id("step id", sid, errors, lineno)
+    if fields.get("dedupe"):
         # The key names a file in the artifact store: no '/' and no '..'.
-        errors.add(lineno, f"step {sid!r}: dedupe={fields['dedupe']!r} may only hold "
-                           "letters, digits, '_', '.', '-' (not dots only), e.g. a sha1")
+        _check_id(f"step {sid[:40]!r}: dedupe=", fields["dedupe"], errors, lineno)
     lane = _parse_int(fields["lane"], "lane", sid, lineno, errors)
     payload = parse_payload(fields["payload"], sid, lineno, errors)
     deps = tuple(d for d in fields.get("deps", "").split(",") if d)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -253,3 +257,85 @@ def test_step_fields_inside_code_fences_are_examples():
 @pytest.mark.parametrize("text", ["", "# Plan: nothing yet\n\nsome notes\n"])
 def test_a_plan_without_steps_is_an_error(text):
     assert "no steps found" in error_of(text)
+
+
+# ----------------------------------------------------------- special files and sizes
+
+def _from_file_in_child(path) -> str:
+    """``Plan.from_file(path)`` in a child with 1 GiB of address space and a timeout.
+
+    Today's code reads ``/dev/zero`` until memory runs out and blocks forever on
+    a FIFO: a child keeps that from taking the test run (or the machine) down.
+    """
+    code = ("import resource, sys\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))\n"
+            "from obdask.plan import Plan\n"
+            "from obdask.exceptions import PlanError\n"
+            "try:\n    Plan.from_file(sys.argv[1])\n"
+            "except PlanError as exc:\n    print(exc)\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                              text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"Plan.from_file({path}) hangs")
+    return done.stdout + done.stderr[-300:]
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "/dev/urandom", "/dev/null"])
+def test_device_files_are_refused_at_once(special):
+    if not os.path.exists(special):
+        pytest.skip(f"no {special}")
+    assert f"{special}: not a regular file (a character device)" in _from_file_in_child(special)
+
+
+def test_a_fifo_is_refused_without_hanging(tmp_path):
+    fifo = tmp_path / "plan.md"
+    os.mkfifo(fifo)
+    assert f"{fifo}: not a regular file (a FIFO)" in _from_file_in_child(fifo)
+
+
+def test_a_directory_is_refused(tmp_path):
+    with pytest.raises(PlanError, match="not a regular file \\(a directory\\)"):
+        Plan.from_file(tmp_path)
+
+
+def test_plan_size_is_capped_by_config(tmp_path):
+    import dask
+
+    path = tmp_path / "big.md"
+    path.write_text("- [ ] id=a lane=1 payload=@doc:x\n" + "x" * 2000 + "\n")
+    with dask.config.set({"obdask.plan.max-bytes": "1kB"}):
+        with pytest.raises(PlanError, match=r"big.md: plan file is 2\d{3} bytes, more than "
+                                            r"obdask.plan.max-bytes \(1000\)"):
+            Plan.from_file(path)
+    assert Plan.from_file(path).steps  # the default cap is far larger
+
+
+def test_plan_max_bytes_default_is_in_the_defaults_file():
+    from obdask import config
+
+    assert config.get_bytes("plan.max-bytes") >= 16 * 2**20
+
+
+@pytest.mark.parametrize("length, ok", [(128, True), (129, False), (300, False)])
+def test_step_id_length_is_limited(length, ok):
+    text = f"- [ ] id={'s' * length} lane=1 payload=@doc:x\n"
+    if ok:
+        assert parse(text).steps[0].id == "s" * length
+    else:
+        message = error_of(text)
+        assert "demo.md:1" in message and f"is {length} characters long; at most 128" in message
+
+
+def test_plan_id_length_is_limited():
+    message = error_of(f"plan_id={'p' * 200}\n- [ ] id=a lane=1 payload=@doc:x\n")
+    assert "plan_id" in message and "is 200 characters long; at most 128" in message
+    # a long file name gives a long derived plan id: the message says how to fix it
+    message = error_of("- [ ] id=a lane=1 payload=@doc:x\n", path=f"{'n' * 200}.md")
+    assert "add a shorter plan_id= line" in message
+
+
+def test_non_ascii_ids_are_limited_in_bytes():
+    # ids name files: 128 bytes of UTF-8 at most (a file name holds 255)
+    message = error_of(f"- [ ] id={'é' * 100} lane=1 payload=@doc:x\n")
+    assert "200 bytes long in UTF-8; at most 128" in message
