@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import os
 import re
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from obdask.exceptions import PlanError
@@ -34,6 +35,11 @@ FIELDS = (
 )
 REQUIRED = ("id", "lane", "payload")
 LLM_TASK = "LLM_TASK"
+#: Bounds of the numeric step fields (a larger value is a PlanError, not an overflow later).
+MAX_LANE = 9999
+MAX_RETRIES = 100
+MAX_TIMEOUT = 30 * 86400.0  # seconds: 30 days
+MAX_RESOURCE = 1e18         # any resource amount (1e18 bytes is an exabyte)
 #: Longest step id, plan id or dedupe key, in UTF-8 bytes: they name files and folders
 #: (``jobs/<id>.json``), and a file name holds 255 bytes.
 MAX_ID_BYTES = 128
@@ -42,6 +48,7 @@ _STEP_RE = re.compile(r"^\s*[-*]\s+\[( |x|X)\]\s+(.*?)\s*$")
 # A line that carries step fields but is not a step line (e.g. "- [] id=a ..."): a typo
 # that would otherwise drop the step without a word.
 _NEAR_STEP_RE = re.compile(r"(^|[\s\]])id=\S+.*\spayload=\S")
+_DIGITS_RE = re.compile(r"[0-9]+")  # ASCII only: int() also reads "1_0", "+1" and "١٢"
 _FENCE_RE = re.compile(r"^\s*(```|~~~)")
 _TRAILING_RE = re.compile(r"\s+(deps|dedupe)=(\S*)$")
 _ID_RE = re.compile(r"^(?!\.+$)[\w.\-]+$")  # not "." or "..": ids become path parts
@@ -204,13 +211,14 @@ def read_plan_text(path: str | os.PathLike[str], max_bytes: int | None = None) -
     except FileNotFoundError as exc:
         raise PlanError(f"{path}: plan file not found") from exc
     except OSError as exc:
+        try:  # a socket cannot be opened at all (ENXIO): say what it is
+            _check_regular(path, os.stat(path).st_mode)
+        except OSError:
+            pass
         raise PlanError(f"{path}: cannot read plan file: {exc.strerror or exc}") from exc
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            kind = next((name for test, name in _KINDS if test(info.st_mode)), "special")
-            raise PlanError(f"{path}: not a regular file ({kind}); a plan must be a "
-                            "markdown file")
+        _check_regular(path, info.st_mode)
         if info.st_size > limit:
             raise PlanError(f"{path}: plan file is {info.st_size} bytes, more than "
                             f"obdask.plan.max-bytes ({limit}); split the plan or raise "
@@ -232,6 +240,12 @@ def read_plan_text(path: str | os.PathLike[str], max_bytes: int | None = None) -
     except UnicodeDecodeError as exc:
         raise PlanError(f"{path}: plan file is not UTF-8 text (byte {exc.start}: "
                         f"{exc.reason})") from exc
+
+
+def _check_regular(path: str, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "a special file")
+        raise PlanError(f"{path}: not a regular file ({kind}); a plan must be a markdown file")
 
 
 def _check_id(what: str, value: str, errors: _Errors, line: int | None,
@@ -402,40 +416,57 @@ def _parse_step(body: str, done: bool, lineno: int, errors: _Errors) -> Step | N
     if fields.get("dedupe"):
         # The key names a file in the artifact store: no '/' and no '..'.
         _check_id(f"step {sid[:40]!r}: dedupe=", fields["dedupe"], errors, lineno)
-    lane = _parse_int(fields["lane"], "lane", sid, lineno, errors)
+    lane = _parse_int(fields["lane"], "lane", sid, lineno, errors, MAX_LANE)
     payload = parse_payload(fields["payload"], sid, lineno, errors)
     deps = tuple(d for d in fields.get("deps", "").split(",") if d)
     step = Step(id=sid, lane=lane or 0, payload=payload, line=lineno, deps=deps,
                 dedupe=fields.get("dedupe") or None, done=done,
                 model=fields.get("model") or None, locality=fields.get("locality") or None)
     if "retries" in fields:
-        step.retries = _parse_int(fields["retries"], "retries", sid, lineno, errors)
+        step.retries = _parse_int(fields["retries"], "retries", sid, lineno, errors,
+                                  MAX_RETRIES)
     if "timeout" in fields:
         step.timeout = _parse_value(parse_duration, fields["timeout"], "timeout", sid, lineno,
-                                    errors, "a duration such as 90s or 5m")
+                                    errors, "a duration such as 90s or 5m", MAX_TIMEOUT,
+                                    "30 days")
     if "resources" in fields:
         step.resources = _parse_resources(fields["resources"], sid, lineno, errors)
     return step if len(errors.items) == n_before else None
 
 
-def _parse_int(value: str, name: str, sid: str, lineno: int, errors: _Errors) -> int | None:
-    try:
-        number = int(value)
-    except ValueError:
-        errors.add(lineno, f"step {sid!r}: {name}={value!r} is not an integer")
-        return None
-    if number < 0:
+def _parse_int(value: str, name: str, sid: str, lineno: int, errors: _Errors,
+               maximum: int) -> int | None:
+    """A whole number in ASCII digits, ``0 <= n <= maximum``; else an error and None."""
+    if value.startswith("-") and _DIGITS_RE.fullmatch(value[1:]):
         errors.add(lineno, f"step {sid!r}: {name}={value!r} must not be negative")
         return None
-    return number
+    if not _DIGITS_RE.fullmatch(value):
+        errors.add(lineno, f"step {sid!r}: {name}={value!r} is not an integer (digits 0-9 "
+                           "only)")
+        return None
+    # compare lengths first: int() of a very long digit string is slow or refused
+    if len(value.lstrip("0")) > len(str(maximum)) or int(value) > maximum:
+        errors.add(lineno, f"step {sid!r}: {name}={value!r} is more than {maximum}")
+        return None
+    return int(value)
 
 
-def _parse_value(parser, value, name, sid, lineno, errors, expected):  # noqa: ANN001
+def _parse_value(parser: Callable[[str], float], value: str, name: str, sid: str,
+                 lineno: int, errors: _Errors, expected: str, maximum: float,
+                 shown_max: str) -> float | None:
+    """``parser(value)`` bounded to ``0 <= x <= maximum``; else an error and None."""
     try:
-        return parser(value)
+        number = parser(value)
     except ValueError:
         errors.add(lineno, f"step {sid!r}: {name}={value!r} is not {expected}")
         return None
+    if math.isnan(number) or number < 0:
+        errors.add(lineno, f"step {sid!r}: {name}={value!r} is not {expected}")
+        return None
+    if number > maximum:  # inf too (1e400)
+        errors.add(lineno, f"step {sid!r}: {name}={value!r} is more than {shown_max}")
+        return None
+    return number
 
 
 def _parse_resources(value: str, sid: str, lineno: int, errors: _Errors) -> dict[str, float]:
@@ -448,7 +479,8 @@ def _parse_resources(value: str, sid: str, lineno: int, errors: _Errors) -> dict
                                "(e.g. resources=GPU:1,VRAM:16GB)")
             continue
         parsed = _parse_value(parse_bytes, amount, f"resources {name}", sid, lineno, errors,
-                              "an amount >= 0 or a size (e.g. GPU:1,VRAM:16GB)")
+                              "an amount >= 0 or a size (e.g. GPU:1,VRAM:16GB)",
+                              MAX_RESOURCE, f"{MAX_RESOURCE:g}")
         if parsed is not None:
             resources[name] = float(parsed)
     return resources

@@ -339,3 +339,148 @@ def test_non_ascii_ids_are_limited_in_bytes():
     # ids name files: 128 bytes of UTF-8 at most (a file name holds 255)
     message = error_of(f"- [ ] id={'é' * 100} lane=1 payload=@doc:x\n")
     assert "200 bytes long in UTF-8; at most 128" in message
+
+
+# ----------------------------------------------------------------------- numbers
+
+@pytest.mark.parametrize(("field", "expected"), [
+    ("retries=99999999999999999999999", "retries='99999999999999999999999' is more than 100"),
+    ("retries=101", "retries='101' is more than 100"),
+    ("lane=12345678901234567890123", "lane='12345678901234567890123' is more than 9999"),
+    ("lane=1_0", "lane='1_0' is not an integer (digits 0-9 only)"),
+    ("lane=\u0661\u0662", "lane='\u0661\u0662' is not an integer (digits 0-9 only)"),
+    ("lane=\uff11", "is not an integer (digits 0-9 only)"),  # fullwidth digit one
+    ("lane=+1", "lane='+1' is not an integer"),
+    ("lane=-1", "lane='-1' must not be negative"),
+    ("retries=1.0", "retries='1.0' is not an integer"),
+    ("timeout=1e400", "timeout='1e400' is more than 30 days"),
+    ("timeout=1e400s", "timeout='1e400s' is more than 30 days"),
+    ("timeout=31d", "timeout='31d' is more than 30 days"),
+    ("timeout=inf", "timeout='inf' is not a duration"),
+    ("timeout=nan", "timeout='nan' is not a duration"),
+    ("timeout=1_0s", "timeout='1_0s' is not a duration"),
+    ("timeout=\u0661\u0660s", "is not a duration"),
+    ("resources=GPU:1e400", "resources GPU='1e400' is more than 1e+18"),
+    ("resources=VRAM:1e20GB", "resources VRAM='1e20GB' is more than 1e+18"),
+    ("resources=GPU:nan", "resources GPU='nan' is not an amount"),
+    ("resources=GPU:inf", "resources GPU='inf' is not an amount"),
+    ("resources=GPU:1_0", "resources GPU='1_0' is not an amount"),
+    ("resources=GPU:\u0661", "is not an amount"),
+])
+def test_numbers_are_ascii_and_bounded(field, expected):
+    message = error_of(f"- [ ] id=a lane=1 {field} payload=@cmd:true\n".replace(
+        "lane=1 lane=", "lane="))
+    assert message.startswith("plans/demo.md:1: step 'a': ") and expected in message
+
+
+def test_numbers_at_their_bounds_parse():
+    step = parse("- [ ] id=a lane=9999 retries=100 timeout=30d resources=GPU:1e18,VRAM:0.5GB "
+                 "payload=@cmd:true\n").steps[0]
+    assert (step.lane, step.retries, step.timeout) == (9999, 100, 30 * 86400.0)
+    assert step.resources == {"GPU": 1e18, "VRAM": 5e8}
+    assert parse("- [ ] id=a lane=007 timeout=.5s payload=@cmd:true").steps[0].timeout == 0.5
+
+
+numbers = st.one_of(
+    st.integers(min_value=-10, max_value=10**30).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.text(alphabet="0123456789_.eE+-kKmMgGiBsdh\u0661\u0662\uff11\u00b2 ", min_size=1,
+            max_size=12).map(lambda s: s.replace(" ", "")).filter(bool),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(["lane", "retries", "timeout", "resources"]), numbers)
+def test_numeric_fields_parse_bounded_or_raise_plan_error(field, value):
+    import math
+
+    text = f"- [ ] id=a lane=1 {field}={'GPU:' if field == 'resources' else ''}{value} " \
+           "payload=@cmd:true\n"
+    if field == "lane":
+        text = text.replace("lane=1 ", "", 1)
+    try:
+        step = Plan.from_text(text, path="n.md").steps[0]
+    except PlanError:
+        return
+    assert value.isascii()
+    if field in ("lane", "retries"):
+        number = getattr(step, field)
+        assert isinstance(number, int) and value.isdigit()
+        assert 0 <= number <= (9999 if field == "lane" else 100)
+    elif field == "timeout":
+        assert math.isfinite(step.timeout) and 0 <= step.timeout <= 30 * 86400
+    else:
+        amount = step.resources["GPU"]
+        assert math.isfinite(amount) and 0 <= amount <= 1e18
+
+
+_made = iter(range(10**9))
+
+
+@st.composite
+def special_files(draw, tmp):
+    kind = draw(st.sampled_from(["fifo", "dir", "socket", "link-to-fifo", "devnull"]))
+    path = os.path.join(tmp, f"{kind}-{next(_made)}.md")  # a new file for every example
+    if kind in ("fifo", "link-to-fifo"):
+        target = path + ".fifo" if kind == "link-to-fifo" else path
+        os.mkfifo(target)
+        if kind == "link-to-fifo":
+            os.symlink(target, path)
+    elif kind == "dir":
+        os.mkdir(path)
+    elif kind == "socket":
+        import socket
+
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(path)
+        sock.close()
+    else:
+        path = os.devnull
+    return path
+
+
+def test_special_files_are_plan_errors_never_hangs(tmp_path):
+    import signal
+
+    def hung(*_):
+        raise TimeoutError("Plan.from_file hangs")
+
+    old = signal.signal(signal.SIGALRM, hung)
+
+    @settings(max_examples=25, deadline=None)
+    @given(special_files(str(tmp_path)))
+    def check(path):
+        signal.alarm(10)
+        try:
+            with pytest.raises(PlanError, match="not a regular file"):
+                Plan.from_file(path)
+        finally:
+            signal.alarm(0)
+
+    try:
+        check()
+    finally:
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_units_are_dask_parsers_with_ascii_digits():
+    import math
+
+    import dask.utils
+
+    from obdask.units import parse_bytes, parse_duration
+
+    for text in ("90s", "5m", "1.5h", "2d", "300ms", "1w"):
+        assert parse_duration(text) == dask.utils.parse_timedelta(text)
+    for text in ("16GB", "512MiB", "1kB", "3G"):
+        assert parse_bytes(text) == dask.utils.parse_bytes(text)
+    assert parse_duration("2 min") == 120 and parse_duration("1hr") == 3600
+    assert parse_duration(".5s") == 0.5  # dask alone reads ".5s" as 1.5 s
+    assert parse_bytes("0.5") == 0.5  # a plain amount keeps its fraction
+    assert math.isinf(parse_duration("1e400")) and math.isinf(parse_bytes("1e400GB"))
+    for bad in ("1_0s", "\u0661\u0660s", "inf", "nan", "", "s", "-1s", "5 parsecs"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+    for bad in ("1_0", "\uff11", "inf", "-1", "5 foos"):
+        with pytest.raises(ValueError):
+            parse_bytes(bad)
