@@ -49,7 +49,9 @@ _STEP_RE = re.compile(r"^\s*[-*]\s+\[( |x|X)\]\s+(.*?)\s*$")
 # that would otherwise drop the step without a word.
 _NEAR_STEP_RE = re.compile(r"(^|[\s\]])id=\S+.*\spayload=\S")
 _DIGITS_RE = re.compile(r"[0-9]+")  # ASCII only: int() also reads "1_0", "+1" and "١٢"
-_FENCE_RE = re.compile(r"^\s*(```|~~~)")
+# A fence opens with 3+ backticks or tildes (a backtick fence's info string holds no
+# backtick) and closes with 3+ of the same character, at least as many, and nothing else.
+_FENCE_RE = re.compile(r"^\s*(`{3,}(?=[^`]*$)|~{3,})")
 _TRAILING_RE = re.compile(r"\s+(deps|dedupe)=(\S*)$")
 _ID_RE = re.compile(r"^(?!\.+$)[\w.\-]+$")  # not "." or "..": ids become path parts
 _SHA1_RE = re.compile(r"^[0-9a-fA-F]{40}$")
@@ -308,16 +310,25 @@ def parse(text: str, path: str | None = None, plan_id: str | None = None) -> Pla
     found_id = workspace = None
     policy: dict[str, bool] = {}
     steps: list[Step] = []
-    fenced = False
+    fence: tuple[str, int] | None = None  # (marker, line it opened on) of an open fence
+    hidden: list[int] = []  # step lines inside fences
     for lineno, line in enumerate(text.splitlines(), start=1):
-        if _FENCE_RE.match(line):
-            fenced = not fenced
+        if fence is not None:
+            # Inside a fenced code block everything is an example, never a step.
+            if line.strip().startswith(fence[0]) and not line.strip().strip(fence[0][0]):
+                fence = None
+            elif _STEP_RE.match(line):
+                hidden.append(lineno)
+            continue
+        if m := _FENCE_RE.match(line):
+            fence = (m.group(1), lineno)
+            continue
         m = _STEP_RE.match(line)
         if m:
             step = _parse_step(m.group(2), m.group(1) != " ", lineno, errors)
             if step is not None:
                 steps.append(step)
-        elif not fenced and _NEAR_STEP_RE.search(line):
+        elif _NEAR_STEP_RE.search(line):
             errors.add(lineno, "this line has step fields but is not a step line; write "
                                "'- [ ] id=... lane=... payload=...' ('- [x]' when done)")
         elif (m := _PLAN_ID_RE.match(line)) and found_id is None:
@@ -329,6 +340,10 @@ def parse(text: str, path: str | None = None, plan_id: str | None = None) -> Pla
             policy = _parse_policy(m.group(1), lineno, errors)
         elif title is None and (m := _TITLE_RE.match(line)):
             title = m.group(1)
+    if fence is not None and hidden:
+        errors.add(fence[1], f"code fence {fence[0]} opened here is never closed, so the "
+                             f"{len(hidden)} step line(s) after it (first on line {hidden[0]}) "
+                             f"are examples, not steps; close it with a {fence[0]} line")
     if plan_id is None:
         stem = os.path.splitext(os.path.basename(path))[0] if path else "plan"
         plan_id = found_id or slugify(stem)

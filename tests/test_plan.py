@@ -484,3 +484,39 @@ def test_units_are_dask_parsers_with_ascii_digits():
     for bad in ("1_0", "\uff11", "inf", "-1", "5 foos"):
         with pytest.raises(ValueError):
             parse_bytes(bad)
+
+
+# ----------------------------------------------------------------- fenced examples
+
+STEP = "- [ ] id=a lane=1 payload=@doc:x\n"
+
+
+@pytest.mark.parametrize("text", [
+    "```\n- [ ] id=ex lane=1 payload=@cmd:echo ran\n```\n" + STEP,
+    "~~~\n- [ ] id=ex lane=1 payload=@cmd:echo ran\n~~~\n" + STEP,
+    "```markdown\n- [x] id=ex lane=1 payload=@cmd:echo ran\n```\n" + STEP,
+    "  ```\n  - [ ] id=ex lane=1 payload=@cmd:echo ran\n  ```\n" + STEP,
+    # a fence closes only with the same character, at least as long
+    "```\n~~~\n- [ ] id=ex lane=1 payload=@cmd:echo ran\n```\n" + STEP,
+    "````\n```\n- [ ] id=ex lane=1 payload=@cmd:echo ran\n````\n" + STEP,
+    "~~~\n```\n- [ ] id=ex lane=1 payload=@cmd:echo ran\n~~~\n" + STEP,
+])
+def test_lines_inside_fenced_code_blocks_are_never_steps(text):
+    assert [s.id for s in parse(text).steps] == ["a"]
+
+
+def test_plan_settings_inside_fences_are_examples_too():
+    plan = parse("```\nplan_id=other\nworkspace=/elsewhere\npolicy: llm_doc_tasks=true\n"
+                 "# Plan: example\n```\n" + STEP)
+    assert (plan.plan_id, plan.workspace, plan.policy, plan.title) == ("demo", None, {}, None)
+
+
+def test_inline_backticks_do_not_open_a_fence():
+    # "```x```" on one line is inline code, not a fence (no backtick in a fence's info)
+    plan = parse("```inline``` code, not a fence\n" + STEP + "- [ ] id=b lane=1 payload=@doc:y\n")
+    assert [s.id for s in plan.steps] == ["a", "b"]
+
+
+def test_an_unclosed_fence_that_hides_steps_is_an_error():
+    message = error_of(STEP + "```\n- [ ] id=b lane=1 payload=@doc:y\n")
+    assert "demo.md:2" in message and "never closed" in message
