@@ -175,10 +175,12 @@ def run(plan: str, scheduler: str | None, workers: int | None, workspace: str | 
     """Run PLAN on Dask; exits 1 if any job failed."""
     import dask
 
+    from obdask import config
     from obdask.cluster import connect
     from obdask.runner import run as run_plan
 
     parsed = _load(plan)
+    config.check()  # every bad setting fails here, naming its key, before any job runs
     bar = None if as_json else _ProgressBar(parsed.plan_id)
     overrides = {} if wait_for_resources is None else {
         "obdask.run.wait-for-resources": wait_for_resources}
