@@ -180,10 +180,11 @@ def run(plan: str, scheduler: str | None, workers: int | None, workspace: str | 
     from obdask.runner import run as run_plan
 
     parsed = _load(plan)
-    config.check()  # every bad setting fails here, naming its key, before any job runs
-    bar = None if as_json else _ProgressBar(parsed.plan_id)
     overrides = {} if wait_for_resources is None else {
         "obdask.run.wait-for-resources": wait_for_resources}
+    with dask.config.set(overrides):
+        config.check()  # every bad setting fails here, naming its key, before any job runs
+    bar = None if as_json else _ProgressBar(parsed.plan_id)
     try:
         with dask.config.set(overrides), connect(scheduler, workers) as client:
             result = run_plan(parsed, client, workspace=workspace, resume=resume,

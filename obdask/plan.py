@@ -48,6 +48,7 @@ _STEP_RE = re.compile(r"^\s*[-*]\s+\[( |x|X)\]\s+(.*?)\s*$")
 # A line that carries step fields but is not a step line (e.g. "- [] id=a ..."): a typo
 # that would otherwise drop the step without a word.
 _NEAR_STEP_RE = re.compile(r"(^|[\s\]])id=\S+.*\spayload=\S")
+_LOCALITY_RE = re.compile(r"^git:\S+$")  # git:<url>@<rev> (or git:<path> of a checkout)
 _DIGITS_RE = re.compile(r"[0-9]+")  # ASCII only: int() also reads "1_0", "+1" and "١٢"
 # A fence opens with 3+ backticks or tildes (a backtick fence's info string holds no
 # backtick) and closes with 3+ of the same character, at least as many, and nothing else.
@@ -306,6 +307,8 @@ def parse(text: str, path: str | None = None, plan_id: str | None = None) -> Pla
     errors = _Errors(where)
     if not isinstance(text, str):
         raise PlanError(f"{where}: plan text must be a string, not {type(text).__name__}")
+    if text.startswith("\ufeff"):  # a UTF-8 byte order mark is not part of the first line
+        text = text[1:]
     title = policy_line = None
     found_id = workspace = None
     policy: dict[str, bool] = {}
@@ -433,10 +436,14 @@ def _parse_step(body: str, done: bool, lineno: int, errors: _Errors) -> Step | N
         _check_id(f"step {sid[:40]!r}: dedupe=", fields["dedupe"], errors, lineno)
     lane = _parse_int(fields["lane"], "lane", sid, lineno, errors, MAX_LANE)
     payload = parse_payload(fields["payload"], sid, lineno, errors)
-    deps = tuple(d for d in fields.get("deps", "").split(",") if d)
+    deps = _parse_list("deps", fields.get("deps", ""), sid, lineno, errors)
+    locality = fields.get("locality") or None
+    if locality is not None and not _LOCALITY_RE.match(locality):
+        errors.add(lineno, f"step {sid!r}: locality={locality!r} is not a locality; use "
+                           "locality=git:<url>@<rev> (a repository and revision to run in)")
     step = Step(id=sid, lane=lane or 0, payload=payload, line=lineno, deps=deps,
                 dedupe=fields.get("dedupe") or None, done=done,
-                model=fields.get("model") or None, locality=fields.get("locality") or None)
+                model=fields.get("model") or None, locality=locality)
     if "retries" in fields:
         step.retries = _parse_int(fields["retries"], "retries", sid, lineno, errors,
                                   MAX_RETRIES)
@@ -444,9 +451,27 @@ def _parse_step(body: str, done: bool, lineno: int, errors: _Errors) -> Step | N
         step.timeout = _parse_value(parse_duration, fields["timeout"], "timeout", sid, lineno,
                                     errors, "a duration such as 90s or 5m", MAX_TIMEOUT,
                                     "30 days")
-    if "resources" in fields:
+    if "resources" in fields and _parse_list("resources", fields["resources"], sid, lineno,
+                                             errors, unique=False):
         step.resources = _parse_resources(fields["resources"], sid, lineno, errors)
     return step if len(errors.items) == n_before else None
+
+
+def _parse_list(name: str, value: str, sid: str, lineno: int, errors: _Errors,
+                unique: bool = True) -> tuple[str, ...]:
+    """Comma-separated items; an empty item (``deps=,a,,``) or a repeat is an error."""
+    if not value:
+        return ()
+    items = tuple(value.split(","))
+    if "" in items:
+        errors.add(lineno, f"step {sid!r}: {name}={value!r} has an empty item; separate "
+                           "items with single commas and no spaces (deps=a,b)")
+        return ()
+    twice = next((i for n, i in enumerate(items) if i in items[:n]), None) if unique else None
+    if twice is not None:
+        errors.add(lineno, f"step {sid!r}: {name}={value!r} names {twice!r} twice")
+        return ()
+    return items
 
 
 def _parse_int(value: str, name: str, sid: str, lineno: int, errors: _Errors,

@@ -520,3 +520,30 @@ def test_inline_backticks_do_not_open_a_fence():
 def test_an_unclosed_fence_that_hides_steps_is_an_error():
     message = error_of(STEP + "```\n- [ ] id=b lane=1 payload=@doc:y\n")
     assert "demo.md:2" in message and "never closed" in message
+
+
+# ------------------------------------------------------------ silently ignored input
+
+@pytest.mark.parametrize(("field", "expected"), [
+    ("locality=zzz", "locality='zzz' is not a locality; use locality=git:<url>@<rev>"),
+    ("locality=git:", "locality='git:' is not a locality"),
+    ("locality=model:x", "locality='model:x' is not a locality"),
+    ("deps=,a,,", "deps=',a,,' has an empty item"),
+    ("deps=a,,0", "deps='a,,0' has an empty item"),
+    ("deps=a,a", "deps='a,a' names 'a' twice"),
+    ("deps=0,0", "deps='0,0' names '0' twice"),
+    ("resources=,GPU:1", "resources=',GPU:1' has an empty item"),
+])
+def test_malformed_fields_are_errors_not_ignored(field, expected):
+    message = error_of("- [ ] id=0 lane=1 payload=@doc:x\n- [ ] id=a lane=1 payload=@doc:y\n"
+                       f"- [ ] id=c lane=1 {field} payload=@cmd:true\n")
+    assert message.startswith("plans/demo.md:3: step 'c': ") and expected in message
+
+
+def test_a_bom_before_the_first_line_is_dropped(tmp_path):
+    plan = parse("\ufeff- [ ] id=a lane=1 payload=@doc:x\n")
+    assert [s.id for s in plan.steps] == ["a"]
+    path = tmp_path / "bom.md"
+    path.write_bytes(b"\xef\xbb\xbfplan_id=bom\n- [ ] id=a lane=1 payload=@doc:x\n")
+    plan = Plan.from_file(path)
+    assert plan.plan_id == "bom" and [s.id for s in plan.steps] == ["a"]
