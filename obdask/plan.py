@@ -14,6 +14,8 @@ a :class:`~obdask.exceptions.PlanError` naming file, line and cause.
 from __future__ import annotations
 
 import difflib
+import graphlib
+import heapq
 import logging
 import math
 import os
@@ -595,55 +597,68 @@ def _validate(steps: list[Step], errors: _Errors) -> None:
                 body[4:] not in step.deps:
             errors.add(step.line, f"step {step.id!r} reads @file:{body} but {body[4:]!r} is "
                                   f"not in its deps (add deps={body[4:]})")
-    if not errors.items:
-        cycle = find_cycle(by_id)
-        if cycle:
-            errors.add(by_id[cycle[0]].line,
-                       "dependency cycle: " + " -> ".join(cycle + [cycle[0]]))
+    # Reported together with every other problem (unknown and self deps are left out).
+    cycle = find_cycle(by_id)
+    if cycle:
+        # "a -> b": a depends on b
+        errors.add(by_id[cycle[0]].line, "dependency cycle: " + " -> ".join(cycle + [cycle[0]]))
+
+
+def _graph(by_id: dict[str, Step]) -> dict[str, list[str]]:
+    """``{step id: its deps}`` over known ids (unknown and self deps are reported elsewhere)."""
+    return {sid: [d for d in step.deps if d in by_id and d != sid]
+            for sid, step in by_id.items()}
+
+
+def _in_order(position: dict[str, int], steps: Iterable[Step]) -> bool:
+    """Whether every known dep of every step comes earlier in ``position`` order."""
+    return all(position.get(d, i) < i for i, s in enumerate(steps) for d in s.deps
+               if d != s.id)
 
 
 def find_cycle(by_id: dict[str, Step]) -> list[str] | None:
-    """Return the ids of one dependency cycle, or None (iterative DFS)."""
-    state: dict[str, int] = {}  # 1 = on stack, 2 = finished
-    for root in by_id:
-        if root in state:
-            continue
-        stack: list[tuple[str, Iterable[str]]] = [(root, iter(by_id[root].deps))]
-        path = [root]
-        state[root] = 1
-        while stack:
-            node, it = stack[-1]
-            dep = next(it, None)
-            if dep is None:
-                state[node] = 2
-                stack.pop()
-                path.pop()
-            elif state.get(dep) == 1:
-                return path[path.index(dep):]
-            elif dep not in state:
-                state[dep] = 1
-                path.append(dep)
-                stack.append((dep, iter(by_id[dep].deps)))
+    """Return the ids of one dependency cycle, each depending on the next, or None.
+
+    Uses :class:`graphlib.TopologicalSorter`; the cycle starts at its step
+    that comes first in the file.
+    """
+    position = {sid: i for i, sid in enumerate(by_id)}
+    if _in_order(position, by_id.values()):
+        return None  # every dep comes earlier in the file: no cycle is possible
+    try:
+        graphlib.TopologicalSorter(_graph(by_id)).prepare()
+    except graphlib.CycleError as exc:
+        # graphlib lists predecessors first (a dep before its dependent): reverse it
+        cycle = list(reversed(exc.args[1][1:]))
+        start = min(range(len(cycle)), key=lambda i: by_id[cycle[i]].line)
+        return cycle[start:] + cycle[:start]
     return None
 
 
 def topological_order(steps: list[Step]) -> list[Step]:
-    """Steps ordered so that every step comes after its dependencies (stable)."""
+    """Steps ordered so that every step comes after its dependencies.
+
+    Stable: among the steps whose dependencies are all placed, the one that
+    comes first in the file goes next, so a plan already in dependency order
+    keeps its order (:class:`graphlib.TopologicalSorter` with a heap).
+
+    Raises
+    ------
+    graphlib.CycleError
+        If the steps have a dependency cycle (a validated plan has none).
+    """
+    position = {s.id: i for i, s in enumerate(steps)}
+    if _in_order(position, steps):
+        return list(steps)  # already in dependency order (the usual plan): nothing to sort
     by_id = {s.id: s for s in steps}
-    seen: set[str] = set()
+    sorter = graphlib.TopologicalSorter(_graph(by_id))
+    sorter.prepare()
+    ready: list[int] = []
     order: list[Step] = []
-    for root in steps:
-        if root.id in seen:
-            continue
-        stack = [(root, iter(root.deps))]
-        seen.add(root.id)
-        while stack:
-            node, it = stack[-1]
-            dep = next(it, None)
-            if dep is None:
-                order.append(node)
-                stack.pop()
-            elif dep not in seen:
-                seen.add(dep)
-                stack.append((by_id[dep], iter(by_id[dep].deps)))
+    while sorter.is_active():
+        for sid in sorter.get_ready():
+            heapq.heappush(ready, position[sid])
+        step = steps[heapq.heappop(ready)]
+        order.append(step)
+        sorter.done(step.id)
     return order

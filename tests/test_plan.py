@@ -547,3 +547,28 @@ def test_a_bom_before_the_first_line_is_dropped(tmp_path):
     path.write_bytes(b"\xef\xbb\xbfplan_id=bom\n- [ ] id=a lane=1 payload=@doc:x\n")
     plan = Plan.from_file(path)
     assert plan.plan_id == "bom" and [s.id for s in plan.steps] == ["a"]
+
+
+# ------------------------------------------------------------- graph (graphlib)
+
+def test_a_cycle_is_reported_with_every_other_error_in_one_pass():
+    with pytest.raises(PlanError) as info:
+        parse("- [ ] id=a lane=1 deps=b payload=@cmd:true\n"
+              "- [ ] id=b lane=1 deps=a payload=@cmd:true\n"
+              "- [ ] id=c lane=x payload=@cmd:true\n"
+              "- [ ] id=d lane=1 deps=zz payload=@cmd:true\n")
+    errors = info.value.errors
+    assert any("demo.md:1: dependency cycle: a -> b -> a" in e for e in errors), errors
+    assert any("demo.md:3:" in e and "lane='x'" in e for e in errors)
+    assert any("demo.md:4:" in e and "unknown step 'zz'" in e for e in errors)
+
+
+def test_topological_order_keeps_file_order_when_it_already_fits():
+    from obdask.plan import topological_order
+
+    plan = parse("- [ ] id=a lane=1 payload=@cmd:true\n"
+                 "- [ ] id=b lane=1 deps=a payload=@cmd:true\n"
+                 "- [ ] id=c lane=1 payload=@cmd:true\n"
+                 "- [ ] id=e lane=1 deps=d payload=@cmd:true\n"
+                 "- [ ] id=d lane=1 payload=@cmd:true\n")
+    assert [s.id for s in topological_order(plan.steps)] == ["a", "b", "c", "d", "e"]
