@@ -80,14 +80,13 @@ def main() -> None:
 @click.argument("plan", type=click.Path(dir_okay=False))
 @_guard
 def validate(plan: str) -> None:
-    """Parse and check PLAN; list every problem found."""
-    from obdask.exceptions import PlanError
+    """Check PLAN as run would, without a cluster; list every problem found."""
+    from obdask.validate import validate_file
 
-    try:
-        parsed = _load(plan)
-    except PlanError as exc:
-        for line in getattr(exc, "errors", [str(exc)]):
-            click.echo(f"error: {line}", err=True)
+    parsed, problems = validate_file(plan)
+    for line in problems:
+        click.echo(f"error: {line}", err=True)
+    if parsed is None:
         sys.exit(EXIT_USAGE)
     click.echo(f"{plan}: ok, plan {parsed.plan_id!r}, {len(parsed.steps)} steps")
 

@@ -284,10 +284,12 @@ class _Errors:
     def __init__(self, where: str) -> None:
         self.where = where
         self.items: list[str] = []
+        self.lines: list[int] = []  # line of each item (0: the whole file)
 
     def add(self, line: int | None, message: str) -> None:
         loc = f"{self.where}:{line}" if line else self.where
         self.items.append(f"{loc}: {message}")
+        self.lines.append(line or 0)
 
     def raise_if_any(self) -> None:
         if self.items:
@@ -306,9 +308,21 @@ def parse(text: str, path: str | None = None, plan_id: str | None = None) -> Pla
         With every problem found, each naming file, line and cause.
     """
     where = path or "<plan>"
-    errors = _Errors(where)
     if not isinstance(text, str):
         raise PlanError(f"{where}: plan text must be a string, not {type(text).__name__}")
+    plan, errors = parse_all(text, path, plan_id)
+    errors.raise_if_any()
+    return plan
+
+
+def parse_all(text: str, path: str | None = None,
+              plan_id: str | None = None) -> tuple[Plan, _Errors]:
+    """Parse ``text`` and return the plan of its valid steps and every problem found.
+
+    For :mod:`obdask.validate`, which adds the refusals of ``run`` to the
+    plan's own errors; :func:`parse` raises instead.
+    """
+    errors = _Errors(path or "<plan>")
     if text.startswith("\ufeff"):  # a UTF-8 byte order mark is not part of the first line
         text = text[1:]
     title = policy_line = None
@@ -365,9 +379,8 @@ def parse(text: str, path: str | None = None, plan_id: str | None = None) -> Pla
     if not steps and not errors.items:
         errors.add(None, "no steps found; a step is a line such as "
                          "'- [ ] id=build lane=1 payload=@cmd:make'")
-    errors.raise_if_any()
     return Plan(plan_id=plan_id, steps=steps, path=path, title=title, policy=policy,
-                workspace=workspace)
+                workspace=workspace), errors
 
 
 def _parse_policy(body: str, lineno: int, errors: _Errors) -> dict[str, bool]:
