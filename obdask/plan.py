@@ -6,9 +6,11 @@ line (``- [ ]`` to run, ``- [x]`` already done)::
 
     - [ ] id=build lane=2 deps=fetch payload=@cmd:make -j4 retries=2
 
-This module imports no Dask: parsing is pure Python so ``obdask validate``
-and ``obdask explain`` work without a cluster.  Every problem is reported as
-a :class:`~obdask.exceptions.PlanError` naming file, line and cause.
+This module imports no ``distributed`` (only ``dask.utils`` and ``dask.config``
+for units and settings), so ``obdask validate`` and ``obdask explain`` work
+without a cluster.  Every problem is reported as a
+:class:`~obdask.exceptions.PlanError` naming file, line and cause; lines inside
+fenced code blocks are examples, never steps.
 """
 
 from __future__ import annotations
@@ -482,10 +484,12 @@ def _parse_list(name: str, value: str, sid: str, lineno: int, errors: _Errors,
         errors.add(lineno, f"step {sid!r}: {name}={value!r} has an empty item; separate "
                            "items with single commas and no spaces (deps=a,b)")
         return ()
-    twice = next((i for n, i in enumerate(items) if i in items[:n]), None) if unique else None
-    if twice is not None:
-        errors.add(lineno, f"step {sid!r}: {name}={value!r} names {twice!r} twice")
-        return ()
+    seen: set[str] = set()
+    for item in items if unique else ():
+        if item in seen:
+            errors.add(lineno, f"step {sid!r}: {name}={value!r} names {item!r} twice")
+            return ()
+        seen.add(item)
     return items
 
 
