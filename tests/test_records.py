@@ -149,3 +149,30 @@ def test_obdask_show_and_resume_survive_damaged_records(tmp_path):
     assert "Traceback" not in result.stderr and "records.jsonl:2" in result.stderr
     assert {r["step"]: r["status"] for r in json.loads(result.stdout)} == \
         {"a": "done", "b": "damaged"}
+
+
+def test_obdask_run_resume_reruns_a_job_whose_records_are_damaged(tmp_path):
+    (tmp_path / "plan.md").write_text("- [ ] id=a lane=1 payload=@cmd:echo a >> a.txt\n"
+                                      "- [ ] id=b lane=1 payload=@cmd:echo b >> b.txt\n")
+
+    def obdask(*args):
+        return subprocess.run([sys.executable, "-m", "obdask.cli", *args, "--workers", "1"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=180)
+
+    first = obdask("run", "plan.md", "--json")
+    assert first.returncode == 0, first.stderr
+    run_dir = next((tmp_path / ".obdask" / "records" / "plan").iterdir())
+    records = run_dir / "records.jsonl"
+    lines = records.read_text().splitlines(keepends=True)
+    index = next(i for i, line in enumerate(lines) if '"step": "b"' in line)
+    lines[index] = lines[index][:lines[index].index('"step": "b"') + 12]  # cut after the id
+    records.write_text("".join(lines))
+    ledger = run_dir / "jobs" / "b.json"
+    ledger.write_text(ledger.read_text()[:30])
+    again = obdask("run", "plan.md", "--resume", "--json")
+    assert again.returncode == 0, again.stderr
+    assert "Traceback" not in again.stderr and "damaged record skipped" in again.stderr
+    status = {j["id"]: j["status"] for j in json.loads(again.stdout)["jobs"]}
+    assert status == {"a": "resumed", "b": "done"}
+    assert (tmp_path / "a.txt").read_text() == "a\n"
+    assert (tmp_path / "b.txt").read_text() == "b\nb\n"
