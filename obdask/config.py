@@ -154,7 +154,11 @@ def _one_of(*choices: Any) -> Callable[[str], Any]:
         raw = get(key)
         if raw not in choices:
             shown = ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in choices)
-            raise ConfigError(f"obdask.{key}: {raw!r} is not one of {shown}")
+            hint = ""
+            if any(isinstance(c, bool) for c in choices) and isinstance(raw, str) and \
+                    raw.lower() in ("true", "false"):
+                hint = " (a YAML boolean; in an environment variable write True or False)"
+            raise ConfigError(f"obdask.{key}: {raw!r} is not one of {shown}{hint}")
         return raw
     return check
 

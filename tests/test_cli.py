@@ -55,6 +55,16 @@ def test_validate_reports_what_run_would_refuse(tmp_path):
     assert "dependency cycle" in failed.stderr and "substitution $(...) is refused" in failed.stderr
 
 
+@pytest.mark.parametrize("command", ["validate", "explain", "run"])
+def test_special_file_as_plan_is_one_line_not_a_hang(tmp_path, command):
+    fifo = tmp_path / "plan.md"
+    os.mkfifo(fifo)
+    result = obdask(command, fifo, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"error: {fifo}: not a regular file (a FIFO); a plan "
+                                      "must be a markdown file")
+
+
 def test_missing_plan_file_is_one_line(tmp_path):
     result = obdask("run", tmp_path / "nope.md")
     assert result.returncode == 2

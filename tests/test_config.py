@@ -150,6 +150,7 @@ def test_bad_config_stops_obdask_run_before_any_job(tmp_path, env, message):
     ("run.connect-timeout", "zz", "obdask.run.connect-timeout: 'zz' is not a duration"),
     ("plan.max-bytes", "zz", "obdask.plan.max-bytes: 'zz' is not a size"),
     ("store.stage-files", "zz", "obdask.store.stage-files: 'zz' is not one of auto, true, false"),
+    ("store.stage-files", "false", "in an environment variable write True or False"),
     ("cmd.launcher", "zz", "obdask.cmd.launcher: 'zz' is not one of spawn, exec, preexec"),
     ("cmd.shell", 5, "obdask.cmd.shell: 5 is not a non-empty string"),
     ("placement.locality", "zz", "obdask.placement.locality: 'zz' is not true or false"),

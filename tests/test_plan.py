@@ -198,7 +198,8 @@ def test_random_valid_plans_compile_to_the_declared_graph(dag):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(alphabet=st.sampled_from(list("- [x]id=lanepyload@cmdfile:#,\n .sha1deps")),
+@given(st.text(alphabet=st.sampled_from(list("- [x]id=lanepyload@cmdfile:#,\n .sha1deps"
+                                             "retimouscg0129_eE+`~\ufeff\u0661\uff11")),
                max_size=200))
 def test_garbage_raises_nothing_but_plan_error(text):
     try:
