@@ -23,6 +23,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from obdask.exceptions import PayloadError
+from obdask.records import load_record, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,8 @@ class ArtifactStore:
         path = self._path(digest)
         if not self.fs.exists(path):
             self._makedirs(path)
-            self.fs.pipe_file(path, data)
+            # whole or nothing: a partial file under the hash would count as present
+            write_atomic(self.fs, path, data, local=self.is_local)
         return digest
 
     def get(self, digest: str) -> bytes:
@@ -111,7 +113,7 @@ class ArtifactStore:
         self._check(dedupe)
         path = self._path(f"{dedupe}.result.json")
         self._makedirs(path)
-        self.fs.pipe_file(path, json.dumps(record, default=str).encode())
+        write_atomic(self.fs, path, json.dumps(record, default=str).encode(), local=self.is_local)
 
     def done_keys(self, keys: Iterable[str]) -> set[str]:
         """Which of ``keys`` already have an artifact (``by-hash/<key>`` or ``<key>.*``)."""
@@ -127,7 +129,9 @@ class ArtifactStore:
 
     def result(self, dedupe: str) -> dict[str, Any] | None:
         """The stored result for a dedupe key, if a job stored one."""
+        path = self._path(f"{dedupe}.result.json")
         try:
-            return json.loads(self.fs.cat_file(self._path(f"{dedupe}.result.json")))
+            data = self.fs.cat_file(path)
         except FileNotFoundError:
             return None
+        return load_record(data, path, note="")

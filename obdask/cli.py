@@ -80,14 +80,13 @@ def main() -> None:
 @click.argument("plan", type=click.Path(dir_okay=False))
 @_guard
 def validate(plan: str) -> None:
-    """Parse and check PLAN; list every problem found."""
-    from obdask.exceptions import PlanError
+    """Check PLAN as run would, without a cluster; list every problem found."""
+    from obdask.validate import validate_file
 
-    try:
-        parsed = _load(plan)
-    except PlanError as exc:
-        for line in getattr(exc, "errors", [str(exc)]):
-            click.echo(f"error: {line}", err=True)
+    parsed, problems = validate_file(plan)
+    for line in problems:
+        click.echo(f"error: {line}", err=True)
+    if parsed is None:
         sys.exit(EXIT_USAGE)
     click.echo(f"{plan}: ok, plan {parsed.plan_id!r}, {len(parsed.steps)} steps")
 
@@ -189,13 +188,16 @@ def run(plan: str, scheduler: str | None, workers: int | None, workspace: str | 
     """Run PLAN on Dask; exits 1 if any job failed."""
     import dask
 
+    from obdask import config
     from obdask.cluster import connect
     from obdask.runner import run as run_plan
 
     parsed = _load(plan)
-    bar = None if as_json else _ProgressBar(parsed.plan_id)
     overrides = {} if wait_for_resources is None else {
         "obdask.run.wait-for-resources": wait_for_resources}
+    with dask.config.set(overrides):
+        config.check()  # every bad setting fails here, naming its key, before any job runs
+    bar = None if as_json else _ProgressBar(parsed.plan_id)
     try:
         with dask.config.set(overrides), connect(scheduler, workers, _announce) as client:
             result = run_plan(parsed, client, workspace=workspace, resume=resume,

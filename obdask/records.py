@@ -11,6 +11,12 @@ The ledger is what makes side effects happen at most once per recorded
 completion: a task that Dask re-runs (worker lost after the job finished)
 finds its ledger entry and returns it instead of running the payload again.
 ``--resume`` reads ledgers and records of earlier runs of the same plan.
+
+Every file is written whole or not at all (:func:`write_atomic`: write then
+rename on local disk; one-request object writes on object stores).  A record
+that is damaged anyway (truncated by hand, a full disk on another writer) is
+logged as a warning naming file and line and skipped, never fatal: its step
+gets a ``status: "damaged"`` record, which ``--resume`` does not count as done.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ import json
 import logging
 import os
 import posixpath
+import re
 import secrets
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -34,7 +42,9 @@ logger = logging.getLogger(__name__)
 
 # Statuses that mean "this job's work is complete" (resume and ledger replay).
 COMPLETE = frozenset({"done", "deduplicated", "done-at-compile", "resumed"})
-STATUSES = ("done", "failed", "skipped", "deduplicated", "done-at-compile", "resumed")
+#: Status of a step whose record could not be read (truncated or not JSON): not complete.
+DAMAGED = "damaged"
+_STEP_RE = re.compile(r'"step":\s*("(?:[^"\\]|\\.)*")')
 
 
 @functools.lru_cache(maxsize=64)
@@ -101,10 +111,12 @@ class RunStore:
         try:
             if self._local:
                 with open(path, "rb") as f:
-                    return json.loads(f.read())
-            return json.loads(self.fs.cat_file(path))
+                    data = f.read()
+            else:
+                data = self.fs.cat_file(path)
         except FileNotFoundError:
             return None
+        return load_record(data, path)
 
     def ledger_put(self, step_id: str, record: dict[str, Any]) -> None:
         """Record a completed job (atomic where the filesystem allows)."""
@@ -112,22 +124,22 @@ class RunStore:
         if not self._jobs_made:
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
             self._jobs_made = True
-        data = json.dumps(record, default=str).encode()
-        if self._local:
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        else:
-            self.fs.pipe_file(path, data)
+        write_atomic(self.fs, path, json.dumps(record, default=str).encode(),
+                     local=self._local)
 
     def write_records(self, records: list[dict[str, Any]], summary: dict[str, Any]) -> str:
-        """Write the per-job lines and the summary; returns the records location."""
+        """Write the per-job lines and the summary; returns the records location.
+
+        Each file is written whole or not at all (:func:`write_atomic`); the
+        summary comes last, so a run with a summary has complete records.
+        """
         self.fs.makedirs(self.root, exist_ok=True)
         lines = "".join(json.dumps(r, default=str) + "\n" for r in records)
-        self.fs.pipe_file(posixpath.join(self.root, "records.jsonl"), lines.encode())
-        self.fs.pipe_file(posixpath.join(self.root, "summary.json"),
-                          json.dumps(summary, default=str, indent=1).encode())
+        write_atomic(self.fs, posixpath.join(self.root, "records.jsonl"), lines.encode(),
+                     local=self._local, sync=True)
+        write_atomic(self.fs, posixpath.join(self.root, "summary.json"),
+                     json.dumps(summary, default=str, indent=1).encode(), local=self._local,
+                     sync=True)
         return self.location
 
     def previous_runs(self) -> list[str]:
@@ -156,23 +168,115 @@ class RunStore:
         return {k: r for k, r in latest.items() if r.get("status") in COMPLETE}
 
     def _read_run(self, run_root: str) -> list[dict[str, Any]]:
+        """Records of one run: ``records.jsonl``, completed by the ledger.
+
+        A damaged line or ledger file is logged (file:line) and skipped; a step
+        whose only record is damaged gets a ``status: "damaged"`` record, which
+        is not complete (``--resume`` runs the step again).
+        """
         records: list[dict[str, Any]] = []
+        path = posixpath.join(run_root, "records.jsonl")
         try:
-            text = self.fs.cat_file(posixpath.join(run_root, "records.jsonl")).decode()
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+            text = self.fs.cat_file(path).decode("utf-8", errors="replace")
         except FileNotFoundError:
-            pass
-        known = {r["step"] for r in records}
+            text = ""
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                records.append(load_record(line, f"{path}:{lineno}", placeholder=True))
+        known = {r.get("step") for r in records if r.get("status") != DAMAGED}
+        damaged = {r.get("step"): i for i, r in enumerate(records) if r.get("status") == DAMAGED}
         # A run that crashed before writing records still has its ledger.
         try:
             paths = self.fs.glob(posixpath.join(run_root, "jobs", "*.json"))
         except FileNotFoundError:
             paths = []
         for path in paths:
-            record = json.loads(self.fs.cat_file(path))
-            if record.get("step") not in known:
-                records.append(record)
-        return records
+            record = load_record(self.fs.cat_file(path), path, placeholder=True)
+            if record.get("status") == DAMAGED:
+                record["step"] = posixpath.basename(path)[:-len(".json")]
+            step = record.get("step")
+            if step in known:
+                continue
+            if step in damaged:
+                if record.get("status") != DAMAGED:  # the worker's own record stands in
+                    records[damaged[step]] = record
+                continue
+            records.append(record)
+            known.add(step)
+        return [r for r in records if r.get("step") is not None]
+
+
+def write_atomic(fs: Any, path: str, data: bytes, local: bool | None = None,
+                 sync: bool = False) -> None:
+    """Write ``data`` to ``path`` whole or not at all.
+
+    On local disk the bytes go to a temporary file beside ``path`` that is
+    then renamed over it (``os.replace``), so a crash or a full disk leaves
+    the old file or none, never a truncated one; ``sync`` also flushes the
+    file to disk before the rename.  Object stores (S3, GCS, ``memory://``)
+    store an object in one request, which is atomic already.
+
+    Parameters
+    ----------
+    fs
+        The fsspec filesystem ``path`` is on.
+    path
+        Destination (a path of ``fs``).
+    data
+        The complete content.
+    local
+        Whether ``fs`` is local disk; default: looked up.
+    sync
+        ``fsync`` the file before renaming (records written once per run).
+    """
+    if local is None:
+        local = isinstance(fs, LocalFileSystem)
+    if not local:
+        fs.pipe_file(path, data)
+        return
+    tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load_record(data: bytes | str, where: str, placeholder: bool = False,
+                 note: str = "; its job counts as not done") -> dict[str, Any] | None:
+    """Decode one JSON record; a damaged one is logged and skipped.
+
+    Returns None for a damaged record, or with ``placeholder`` a record
+    ``{"step": <id if readable>, "status": "damaged", "error": ...}``.
+    """
+    try:
+        record = json.loads(data)
+        if isinstance(record, dict):
+            return record
+        problem = f"not a JSON object ({type(record).__name__})"
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        problem = str(exc)
+    if ":" not in where.rsplit("/", 1)[-1]:
+        where = f"{where}:1"
+    logger.warning("%s: damaged record skipped (%s)%s", where, problem, note)
+    if not placeholder:
+        return None
+    text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
+    step = None
+    if m := _STEP_RE.search(text):
+        try:
+            step = json.loads(m.group(1))
+        except ValueError:
+            step = None
+    return {"step": step, "status": DAMAGED, "error": f"damaged record at {where}: {problem}"}
 
 
 def run_summaries(url: str, plan_id: str,
@@ -182,10 +286,14 @@ def run_summaries(url: str, plan_id: str,
     summaries = []
     for run_id in store.previous_runs():
         path = posixpath.join(store.plan_root, run_id, "summary.json")
+        summary = None
         try:
-            summaries.append(json.loads(store.fs.cat_file(path)))
+            summary = load_record(store.fs.cat_file(path), path,
+                                   note="; the run is listed as incomplete")
         except FileNotFoundError:  # a run that died before writing its records
-            summaries.append({"run_id": run_id, "plan": plan_id, "ok": None, "counts": {}})
+            pass
+        summaries.append(summary if summary is not None else
+                         {"run_id": run_id, "plan": plan_id, "ok": None, "counts": {}})
     return summaries
 
 

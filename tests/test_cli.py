@@ -42,6 +42,29 @@ def test_validate_ok_and_errors(plan_file, tmp_path):
     assert "Traceback" not in failed.stderr
 
 
+def test_validate_reports_what_run_would_refuse(tmp_path):
+    bad = tmp_path / "bad.md"
+    bad.write_text("- [ ] id=a lane=1 payload=@cmd:rm -rf x\n"
+                   "- [ ] id=b lane=1 deps=c payload=@cmd:echo $(whoami)\n"
+                   "- [ ] id=c lane=1 deps=b payload=@cmd:true\n")
+    failed = obdask("validate", bad)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr
+    lines = failed.stderr.strip().splitlines()
+    assert [line.split(": ", 2)[1].rsplit(":", 1)[1] for line in lines] == ["1", "2", "2"]
+    assert "'rm' is not on the allowlist" in lines[0]
+    assert "dependency cycle" in failed.stderr and "substitution $(...) is refused" in failed.stderr
+
+
+@pytest.mark.parametrize("command", ["validate", "explain", "run"])
+def test_special_file_as_plan_is_one_line_not_a_hang(tmp_path, command):
+    fifo = tmp_path / "plan.md"
+    os.mkfifo(fifo)
+    result = obdask(command, fifo, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"error: {fifo}: not a regular file (a FIFO); a plan "
+                                      "must be a markdown file")
+
+
 def test_missing_plan_file_is_one_line(tmp_path):
     result = obdask("run", tmp_path / "nope.md")
     assert result.returncode == 2

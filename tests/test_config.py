@@ -117,6 +117,12 @@ def test_typed_getters_accept_good_values():
     ("DASK_OBDASK__LLM__BUDGETS=zzz", "obdask.llm.budgets: 'zzz' is not a list of budgets"),
     ("DASK_OBDASK__PLACEMENT__MAX_LOCALITY_RECORDS=zzz",
      "obdask.placement.max-locality-records: 'zzz' is not a whole number"),
+    ("DASK_OBDASK__STORAGE_OPTIONS=zzz",
+     "obdask.storage-options: 'zzz' is not a mapping of protocol -> fsspec options"),
+    ("DASK_OBDASK__PLACEMENT__MODELS=zzz",
+     "obdask.placement.models: 'zzz' is not a mapping of role -> {model, gpu, vram}"),
+    ("DASK_OBDASK__RUN__WAIT_FOR_RESOURCES=zz",
+     "obdask.run.wait-for-resources: 'zz' is not a duration"),
 ])
 def test_bad_config_stops_obdask_run_before_any_job(tmp_path, env, message):
     (tmp_path / "plan.md").write_text("- [ ] id=a lane=1 payload=@cmd:touch ran\n")
@@ -128,3 +134,51 @@ def test_bad_config_stops_obdask_run_before_any_job(tmp_path, env, message):
     assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
     assert message in result.stderr
     assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("storage-options", "zzz", "obdask.storage-options: 'zzz' is not a mapping"),
+    ("storage-options", {"s3": "zzz"}, "obdask.storage-options.s3: 'zzz' is not a mapping"),
+    ("placement.models", "zzz", "obdask.placement.models: 'zzz' is not a mapping"),
+    ("placement.models", {"coder": {"model": "x", "gpu": "lots"}},
+     "obdask.placement.models.coder.gpu: 'lots' is not a number >= 0"),
+    ("placement.models", {"coder": {"model": "x", "vram": "huge"}},
+     "obdask.placement.models.coder.vram: 'huge' is not a size"),
+    ("placement.models", {"coder": {"gpu": 1}},
+     "obdask.placement.models.coder.model: None is not a non-empty string"),
+    ("run.wait-for-resources", "zz", "obdask.run.wait-for-resources: 'zz' is not a duration"),
+    ("run.connect-timeout", "zz", "obdask.run.connect-timeout: 'zz' is not a duration"),
+    ("plan.max-bytes", "zz", "obdask.plan.max-bytes: 'zz' is not a size"),
+    ("store.stage-files", "zz", "obdask.store.stage-files: 'zz' is not one of auto, true, false"),
+    ("store.stage-files", "false", "in an environment variable write True or False"),
+    ("cmd.launcher", "zz", "obdask.cmd.launcher: 'zz' is not one of spawn, exec, preexec"),
+    ("cmd.shell", 5, "obdask.cmd.shell: 5 is not a non-empty string"),
+    ("placement.locality", "zz", "obdask.placement.locality: 'zz' is not true or false"),
+    ("llm.on-exhausted", "zz", "obdask.llm.on-exhausted: 'zz' is not one of wait, fail"),
+    ("llm.endpoints", "zz", "obdask.llm.endpoints: 'zz' is not a list of strings"),
+    ("llm.timeout", "zz", "obdask.llm.timeout: 'zz' is not a duration"),
+])
+def test_check_names_every_bad_key(key, value, message):
+    from obdask.exceptions import ConfigError
+
+    with dask.config.set({f"obdask.{key}": value}):
+        with pytest.raises(ConfigError) as info:
+            config.check()
+    assert message in str(info.value)
+
+
+def test_check_reports_every_problem_at_once():
+    from obdask.exceptions import ConfigError
+
+    config.check()  # the defaults are valid
+    with dask.config.set({"obdask.run.retries": "x", "obdask.storage-options": 3}):
+        with pytest.raises(ConfigError, match=r"\(and 1 more problem") as info:
+            config.check()
+    assert len(info.value.errors) == 2
+
+
+def test_storage_options_of_the_wrong_shape_is_a_config_error():
+    from obdask.exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match="obdask.storage-options: 'zzz' is not a mapping"):
+        config.storage_options("s3://b/k", "zzz")

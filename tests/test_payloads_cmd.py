@@ -318,3 +318,34 @@ def test_shell_dies_with_the_worker(tmp_path, launcher):
                 os.killpg(int(pid_file.read_text()), 9)  # the orphaned sleep
             except ProcessLookupError:
                 pass
+
+
+# ---------------------------------------------------------------- argument length
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux argument limits")
+@pytest.mark.parametrize("launcher", ["spawn", "exec", "preexec"])
+def test_a_command_over_the_argument_limit_says_it_is_too_long(tmp_path, launcher):
+    command = "echo " + "x" * 200_000  # one argument of sh -c: over Linux's 128 KiB
+    with dask.config.set({"obdask.cmd.launcher": launcher}):
+        with pytest.raises(PayloadError) as info:
+            run_command(command, tmp_path, allowlist=DEFAULT_ALLOW)
+    message = str(info.value)
+    assert "too long" in message and "200005 bytes" in message and "script" in message
+    assert "cannot run shell" not in message and "obdask.cmd.shell" not in message
+
+
+@pytest.mark.parametrize("launcher", ["spawn", "exec", "preexec"])
+def test_the_longest_command_still_runs(tmp_path, launcher):
+    from obdask.payloads.launch import MAX_COMMAND_BYTES
+
+    with dask.config.set({"obdask.cmd.launcher": launcher}):
+        result = run_command("printf " + "x" * (MAX_COMMAND_BYTES - 7), tmp_path,
+                             allowlist=DEFAULT_ALLOW)
+    assert result.ok and result.stdout_bytes == MAX_COMMAND_BYTES - 7
+
+
+def test_check_length_refuses_before_running():
+    from obdask.payloads.launch import MAX_COMMAND_BYTES, check_length
+
+    check_length("echo " + "x" * (MAX_COMMAND_BYTES - 5))
+    with pytest.raises(PayloadError, match="too long"):
+        check_length("echo " + "x" * MAX_COMMAND_BYTES)

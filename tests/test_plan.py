@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -194,7 +198,8 @@ def test_random_valid_plans_compile_to_the_declared_graph(dag):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(alphabet=st.sampled_from(list("- [x]id=lanepyload@cmdfile:#,\n .sha1deps")),
+@given(st.text(alphabet=st.sampled_from(list("- [x]id=lanepyload@cmdfile:#,\n .sha1deps"
+                                             "retimouscg0129_eE+`~\ufeff\u0661\uff11")),
                max_size=200))
 def test_garbage_raises_nothing_but_plan_error(text):
     try:
@@ -253,3 +258,318 @@ def test_step_fields_inside_code_fences_are_examples():
 @pytest.mark.parametrize("text", ["", "# Plan: nothing yet\n\nsome notes\n"])
 def test_a_plan_without_steps_is_an_error(text):
     assert "no steps found" in error_of(text)
+
+
+# ----------------------------------------------------------- special files and sizes
+
+def _from_file_in_child(path) -> str:
+    """``Plan.from_file(path)`` in a child with 1 GiB of address space and a timeout.
+
+    Today's code reads ``/dev/zero`` until memory runs out and blocks forever on
+    a FIFO: a child keeps that from taking the test run (or the machine) down.
+    """
+    code = ("import resource, sys\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))\n"
+            "from obdask.plan import Plan\n"
+            "from obdask.exceptions import PlanError\n"
+            "try:\n    Plan.from_file(sys.argv[1])\n"
+            "except PlanError as exc:\n    print(exc)\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                              text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"Plan.from_file({path}) hangs")
+    return done.stdout + done.stderr[-300:]
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "/dev/urandom", "/dev/null"])
+def test_device_files_are_refused_at_once(special):
+    if not os.path.exists(special):
+        pytest.skip(f"no {special}")
+    assert f"{special}: not a regular file (a character device)" in _from_file_in_child(special)
+
+
+def test_a_fifo_is_refused_without_hanging(tmp_path):
+    fifo = tmp_path / "plan.md"
+    os.mkfifo(fifo)
+    assert f"{fifo}: not a regular file (a FIFO)" in _from_file_in_child(fifo)
+
+
+def test_a_directory_is_refused(tmp_path):
+    with pytest.raises(PlanError, match="not a regular file \\(a directory\\)"):
+        Plan.from_file(tmp_path)
+
+
+def test_plan_size_is_capped_by_config(tmp_path):
+    import dask
+
+    path = tmp_path / "big.md"
+    path.write_text("- [ ] id=a lane=1 payload=@doc:x\n" + "x" * 2000 + "\n")
+    with dask.config.set({"obdask.plan.max-bytes": "1kB"}):
+        with pytest.raises(PlanError, match=r"big.md: plan file is 2\d{3} bytes, more than "
+                                            r"obdask.plan.max-bytes \(1000\)"):
+            Plan.from_file(path)
+    assert Plan.from_file(path).steps  # the default cap is far larger
+
+
+def test_plan_max_bytes_default_is_in_the_defaults_file():
+    from obdask import config
+
+    assert config.get_bytes("plan.max-bytes") >= 16 * 2**20
+
+
+@pytest.mark.parametrize("length, ok", [(128, True), (129, False), (300, False)])
+def test_step_id_length_is_limited(length, ok):
+    text = f"- [ ] id={'s' * length} lane=1 payload=@doc:x\n"
+    if ok:
+        assert parse(text).steps[0].id == "s" * length
+    else:
+        message = error_of(text)
+        assert "demo.md:1" in message and f"is {length} characters long; at most 128" in message
+
+
+def test_plan_id_length_is_limited():
+    message = error_of(f"plan_id={'p' * 200}\n- [ ] id=a lane=1 payload=@doc:x\n")
+    assert "plan_id" in message and "is 200 characters long; at most 128" in message
+    # a long file name gives a long derived plan id: the message says how to fix it
+    message = error_of("- [ ] id=a lane=1 payload=@doc:x\n", path=f"{'n' * 200}.md")
+    assert "add a shorter plan_id= line" in message
+
+
+def test_non_ascii_ids_are_limited_in_bytes():
+    # ids name files: 128 bytes of UTF-8 at most (a file name holds 255)
+    message = error_of(f"- [ ] id={'é' * 100} lane=1 payload=@doc:x\n")
+    assert "200 bytes long in UTF-8; at most 128" in message
+
+
+# ----------------------------------------------------------------------- numbers
+
+@pytest.mark.parametrize(("field", "expected"), [
+    ("retries=99999999999999999999999", "retries='99999999999999999999999' is more than 100"),
+    ("retries=101", "retries='101' is more than 100"),
+    ("lane=12345678901234567890123", "lane='12345678901234567890123' is more than 9999"),
+    ("lane=1_0", "lane='1_0' is not an integer (digits 0-9 only)"),
+    ("lane=\u0661\u0662", "lane='\u0661\u0662' is not an integer (digits 0-9 only)"),
+    ("lane=\uff11", "is not an integer (digits 0-9 only)"),  # fullwidth digit one
+    ("lane=+1", "lane='+1' is not an integer"),
+    ("lane=-1", "lane='-1' must not be negative"),
+    ("retries=1.0", "retries='1.0' is not an integer"),
+    ("timeout=1e400", "timeout='1e400' is more than 30 days"),
+    ("timeout=1e400s", "timeout='1e400s' is more than 30 days"),
+    ("timeout=31d", "timeout='31d' is more than 30 days"),
+    ("timeout=inf", "timeout='inf' is not a duration"),
+    ("timeout=nan", "timeout='nan' is not a duration"),
+    ("timeout=1_0s", "timeout='1_0s' is not a duration"),
+    ("timeout=\u0661\u0660s", "is not a duration"),
+    ("resources=GPU:1e400", "resources GPU='1e400' is more than 1e+18"),
+    ("resources=VRAM:1e20GB", "resources VRAM='1e20GB' is more than 1e+18"),
+    ("resources=GPU:nan", "resources GPU='nan' is not an amount"),
+    ("resources=GPU:inf", "resources GPU='inf' is not an amount"),
+    ("resources=GPU:1_0", "resources GPU='1_0' is not an amount"),
+    ("resources=GPU:\u0661", "is not an amount"),
+])
+def test_numbers_are_ascii_and_bounded(field, expected):
+    message = error_of(f"- [ ] id=a lane=1 {field} payload=@cmd:true\n".replace(
+        "lane=1 lane=", "lane="))
+    assert message.startswith("plans/demo.md:1: step 'a': ") and expected in message
+
+
+def test_numbers_at_their_bounds_parse():
+    step = parse("- [ ] id=a lane=9999 retries=100 timeout=30d resources=GPU:1e18,VRAM:0.5GB "
+                 "payload=@cmd:true\n").steps[0]
+    assert (step.lane, step.retries, step.timeout) == (9999, 100, 30 * 86400.0)
+    assert step.resources == {"GPU": 1e18, "VRAM": 5e8}
+    assert parse("- [ ] id=a lane=007 timeout=.5s payload=@cmd:true").steps[0].timeout == 0.5
+
+
+numbers = st.one_of(
+    st.integers(min_value=-10, max_value=10**30).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.text(alphabet="0123456789_.eE+-kKmMgGiBsdh\u0661\u0662\uff11\u00b2 ", min_size=1,
+            max_size=12).map(lambda s: s.replace(" ", "")).filter(bool),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(["lane", "retries", "timeout", "resources"]), numbers)
+def test_numeric_fields_parse_bounded_or_raise_plan_error(field, value):
+    import math
+
+    text = f"- [ ] id=a lane=1 {field}={'GPU:' if field == 'resources' else ''}{value} " \
+           "payload=@cmd:true\n"
+    if field == "lane":
+        text = text.replace("lane=1 ", "", 1)
+    try:
+        step = Plan.from_text(text, path="n.md").steps[0]
+    except PlanError:
+        return
+    assert value.isascii()
+    if field in ("lane", "retries"):
+        number = getattr(step, field)
+        assert isinstance(number, int) and value.isdigit()
+        assert 0 <= number <= (9999 if field == "lane" else 100)
+    elif field == "timeout":
+        assert math.isfinite(step.timeout) and 0 <= step.timeout <= 30 * 86400
+    else:
+        amount = step.resources["GPU"]
+        assert math.isfinite(amount) and 0 <= amount <= 1e18
+
+
+_made = iter(range(10**9))
+
+
+@st.composite
+def special_files(draw, tmp):
+    kind = draw(st.sampled_from(["fifo", "dir", "socket", "link-to-fifo", "devnull"]))
+    path = os.path.join(tmp, f"{kind}-{next(_made)}.md")  # a new file for every example
+    if kind in ("fifo", "link-to-fifo"):
+        target = path + ".fifo" if kind == "link-to-fifo" else path
+        os.mkfifo(target)
+        if kind == "link-to-fifo":
+            os.symlink(target, path)
+    elif kind == "dir":
+        os.mkdir(path)
+    elif kind == "socket":
+        import socket
+
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(path)
+        sock.close()
+    else:
+        path = os.devnull
+    return path
+
+
+def test_special_files_are_plan_errors_never_hangs(tmp_path):
+    import signal
+
+    def hung(*_):
+        raise TimeoutError("Plan.from_file hangs")
+
+    old = signal.signal(signal.SIGALRM, hung)
+
+    @settings(max_examples=25, deadline=None)
+    @given(special_files(str(tmp_path)))
+    def check(path):
+        signal.alarm(10)
+        try:
+            with pytest.raises(PlanError, match="not a regular file"):
+                Plan.from_file(path)
+        finally:
+            signal.alarm(0)
+
+    try:
+        check()
+    finally:
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_units_are_dask_parsers_with_ascii_digits():
+    import math
+
+    import dask.utils
+
+    from obdask.units import parse_bytes, parse_duration
+
+    for text in ("90s", "5m", "1.5h", "2d", "300ms", "1w"):
+        assert parse_duration(text) == dask.utils.parse_timedelta(text)
+    for text in ("16GB", "512MiB", "1kB", "3G"):
+        assert parse_bytes(text) == dask.utils.parse_bytes(text)
+    assert parse_duration("2 min") == 120 and parse_duration("1hr") == 3600
+    assert parse_duration(".5s") == 0.5  # dask alone reads ".5s" as 1.5 s
+    assert parse_bytes("0.5") == 0.5  # a plain amount keeps its fraction
+    assert math.isinf(parse_duration("1e400")) and math.isinf(parse_bytes("1e400GB"))
+    for bad in ("1_0s", "\u0661\u0660s", "inf", "nan", "", "s", "-1s", "5 parsecs"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+    for bad in ("1_0", "\uff11", "inf", "-1", "5 foos"):
+        with pytest.raises(ValueError):
+            parse_bytes(bad)
+
+
+# ----------------------------------------------------------------- fenced examples
+
+STEP = "- [ ] id=a lane=1 payload=@doc:x\n"
+
+
+@pytest.mark.parametrize("text", [
+    "```\n- [ ] id=ex lane=1 payload=@cmd:echo ran\n```\n" + STEP,
+    "~~~\n- [ ] id=ex lane=1 payload=@cmd:echo ran\n~~~\n" + STEP,
+    "```markdown\n- [x] id=ex lane=1 payload=@cmd:echo ran\n```\n" + STEP,
+    "  ```\n  - [ ] id=ex lane=1 payload=@cmd:echo ran\n  ```\n" + STEP,
+    # a fence closes only with the same character, at least as long
+    "```\n~~~\n- [ ] id=ex lane=1 payload=@cmd:echo ran\n```\n" + STEP,
+    "````\n```\n- [ ] id=ex lane=1 payload=@cmd:echo ran\n````\n" + STEP,
+    "~~~\n```\n- [ ] id=ex lane=1 payload=@cmd:echo ran\n~~~\n" + STEP,
+])
+def test_lines_inside_fenced_code_blocks_are_never_steps(text):
+    assert [s.id for s in parse(text).steps] == ["a"]
+
+
+def test_plan_settings_inside_fences_are_examples_too():
+    plan = parse("```\nplan_id=other\nworkspace=/elsewhere\npolicy: llm_doc_tasks=true\n"
+                 "# Plan: example\n```\n" + STEP)
+    assert (plan.plan_id, plan.workspace, plan.policy, plan.title) == ("demo", None, {}, None)
+
+
+def test_inline_backticks_do_not_open_a_fence():
+    # "```x```" on one line is inline code, not a fence (no backtick in a fence's info)
+    plan = parse("```inline``` code, not a fence\n" + STEP + "- [ ] id=b lane=1 payload=@doc:y\n")
+    assert [s.id for s in plan.steps] == ["a", "b"]
+
+
+def test_an_unclosed_fence_that_hides_steps_is_an_error():
+    message = error_of(STEP + "```\n- [ ] id=b lane=1 payload=@doc:y\n")
+    assert "demo.md:2" in message and "never closed" in message
+
+
+# ------------------------------------------------------------ silently ignored input
+
+@pytest.mark.parametrize(("field", "expected"), [
+    ("locality=zzz", "locality='zzz' is not a locality; use locality=git:<url>@<rev>"),
+    ("locality=git:", "locality='git:' is not a locality"),
+    ("locality=model:x", "locality='model:x' is not a locality"),
+    ("deps=,a,,", "deps=',a,,' has an empty item"),
+    ("deps=a,,0", "deps='a,,0' has an empty item"),
+    ("deps=a,a", "deps='a,a' names 'a' twice"),
+    ("deps=0,0", "deps='0,0' names '0' twice"),
+    ("resources=,GPU:1", "resources=',GPU:1' has an empty item"),
+])
+def test_malformed_fields_are_errors_not_ignored(field, expected):
+    message = error_of("- [ ] id=0 lane=1 payload=@doc:x\n- [ ] id=a lane=1 payload=@doc:y\n"
+                       f"- [ ] id=c lane=1 {field} payload=@cmd:true\n")
+    assert message.startswith("plans/demo.md:3: step 'c': ") and expected in message
+
+
+def test_a_bom_before_the_first_line_is_dropped(tmp_path):
+    plan = parse("\ufeff- [ ] id=a lane=1 payload=@doc:x\n")
+    assert [s.id for s in plan.steps] == ["a"]
+    path = tmp_path / "bom.md"
+    path.write_bytes(b"\xef\xbb\xbfplan_id=bom\n- [ ] id=a lane=1 payload=@doc:x\n")
+    plan = Plan.from_file(path)
+    assert plan.plan_id == "bom" and [s.id for s in plan.steps] == ["a"]
+
+
+# ------------------------------------------------------------- graph (graphlib)
+
+def test_a_cycle_is_reported_with_every_other_error_in_one_pass():
+    with pytest.raises(PlanError) as info:
+        parse("- [ ] id=a lane=1 deps=b payload=@cmd:true\n"
+              "- [ ] id=b lane=1 deps=a payload=@cmd:true\n"
+              "- [ ] id=c lane=x payload=@cmd:true\n"
+              "- [ ] id=d lane=1 deps=zz payload=@cmd:true\n")
+    errors = info.value.errors
+    assert any("demo.md:1: dependency cycle: a -> b -> a" in e for e in errors), errors
+    assert any("demo.md:3:" in e and "lane='x'" in e for e in errors)
+    assert any("demo.md:4:" in e and "unknown step 'zz'" in e for e in errors)
+
+
+def test_topological_order_keeps_file_order_when_it_already_fits():
+    from obdask.plan import topological_order
+
+    plan = parse("- [ ] id=a lane=1 payload=@cmd:true\n"
+                 "- [ ] id=b lane=1 deps=a payload=@cmd:true\n"
+                 "- [ ] id=c lane=1 payload=@cmd:true\n"
+                 "- [ ] id=e lane=1 deps=d payload=@cmd:true\n"
+                 "- [ ] id=d lane=1 payload=@cmd:true\n")
+    assert [s.id for s in topological_order(plan.steps)] == ["a", "b", "c", "d", "e"]

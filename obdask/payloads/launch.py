@@ -40,7 +40,8 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     resource = None  # type: ignore[assignment]
 
-__all__ = ["LAUNCHERS", "LIMIT_KEYS", "collect", "reap", "spawn"]
+__all__ = ["LAUNCHERS", "LIMIT_KEYS", "MAX_COMMAND_BYTES", "check_length", "collect", "reap",
+           "spawn"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,31 @@ LIMIT_KEYS = {  # obdask.cmd.limits key -> (resource name, parser, prlimit optio
 LAUNCHERS = ("spawn", "exec", "preexec")
 _PRLIMIT_OPTS = {getattr(resource, r): opt for r, _, opt in LIMIT_KEYS.values()
                  if resource is not None and hasattr(resource, r)}
+
+
+def _max_arg_bytes() -> int:
+    """Longest single argument ``execve`` takes: Linux's MAX_ARG_STRLEN (32 pages)."""
+    try:
+        if sys.platform.startswith("linux"):
+            return 32 * os.sysconf("SC_PAGE_SIZE")
+        return int(os.sysconf("SC_ARG_MAX")) // 2  # elsewhere only the total is limited
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return 131072
+
+
+def check_length(command: str) -> None:
+    """Raise :class:`PayloadError` if ``command`` is too long to pass to a shell.
+
+    Raises
+    ------
+    PayloadError
+        The command is more than :data:`MAX_COMMAND_BYTES` bytes in UTF-8.
+    """
+    size = len(command.encode("utf-8", errors="surrogateescape"))
+    if size > MAX_COMMAND_BYTES:
+        raise PayloadError(f"@cmd: the command is too long: {size} bytes, more than the "
+                           f"{MAX_COMMAND_BYTES} bytes the system passes to a shell in one "
+                           "argument; put the commands in a script file and run that")
 
 
 def _load_prctl() -> Any:
@@ -93,6 +119,7 @@ def spawn(shell: str, command: str, cwd: str | os.PathLike[str], env: dict[str, 
     group; falls back to preexec when they are missing).  With all limits null
     and ``obdask.cmd.pdeathsig: false`` no Python code runs in the child.
     """
+    check_length(command)
     argv = [shell, "-c", command]
     preexec = None
     late_limits: tuple[tuple[int, int, int], ...] = ()
@@ -125,6 +152,11 @@ def spawn(shell: str, command: str, cwd: str | os.PathLike[str], env: dict[str, 
         if exc.filename is not None and os.fspath(exc.filename) == os.fspath(cwd):
             what = "does not exist" if exc.errno == errno.ENOENT else f"is unusable ({exc})"
             raise PayloadError(f"@cmd: working directory {os.fspath(cwd)!r} {what}") from exc
+        if exc.errno == errno.E2BIG:  # the command fits; with the environment it does not
+            size = len(command.encode("utf-8", errors="surrogateescape"))
+            raise PayloadError(f"@cmd: the command ({size} bytes) and its environment are too "
+                               "long for the system (E2BIG); shorten the command (a script "
+                               "file) or obdask.cmd.env-allowlist") from exc
         raise PayloadError(f"@cmd: cannot run shell {shell!r} ({exc.strerror or exc}); "
                            "set obdask.cmd.shell to an existing shell") from exc
     except subprocess.SubprocessError as exc:
@@ -145,6 +177,9 @@ def spawn(shell: str, command: str, cwd: str | os.PathLike[str], env: dict[str, 
 # shell's stdin (a pipe) blocks it until the parent has set the rlimits; the command
 # then gets /dev/null as stdin, as under the other launchers.
 _GATE = "read -r _ || exit 125; exec </dev/null\n"
+#: Longest command (UTF-8 bytes) that fits in the one argument of ``sh -c COMMAND``, with
+#: the spawn launcher's gate prepended and the terminating NUL.
+MAX_COMMAND_BYTES = _max_arg_bytes() - len(_GATE) - 1
 
 
 def _open_gate(proc: subprocess.Popen[bytes], rlimits: tuple[tuple[int, int, int], ...],
