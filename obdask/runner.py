@@ -99,6 +99,7 @@ def prepare(plan: Plan, *, workspace: str | None = None, resume: bool = False,
     Resources, lanes and routes are left to the placement phase
     (:func:`obdask.placement.place`).
     """
+    config.check()  # every bad setting, naming its key, before anything is read or run
     storage_options = dict(config.get("storage-options") or {})
     art_url = _store_url("artifacts", artifacts, plan)
     rec_url = _store_url("records", records, plan)

@@ -66,3 +66,11 @@ def test_cpu_per_job(tmp_path):
     lines = [line for line in proc.stdout.splitlines() if line.startswith(("raw ", "obdask "))]
     assert [line.split()[0] for line in lines] == ["raw", "obdask"]
     assert all("scheduler=" in line and "worker1=" in line for line in lines)
+
+
+def test_bench_scale(tmp_path):
+    data = _run("bench_scale.py", "--sizes", "40,80", "--saturation", "1.1,inf",
+                tmp_path=tmp_path)
+    assert [(r["jobs"], r["saturation"]) for r in data["rows"]] == [
+        (40, "1.1"), (80, "1.1"), (40, "inf"), (80, "inf")]
+    assert set(data["ratios"]) == {"1.1", "inf"} and all(v >= 1 for v in data["ratios"].values())
