@@ -15,12 +15,13 @@ from typing import Any
 
 import click
 
-from obdask.exceptions import ObdaskError
+from obdask.exceptions import ObdaskError, SchedulerLost
 
 logger = logging.getLogger(__name__)
 
 EXIT_FAILED_JOBS = 1
 EXIT_USAGE = 2
+EXIT_SCHEDULER_LOST = 3
 
 
 def _fail(message: str) -> None:
@@ -197,11 +198,17 @@ def run(plan: str, scheduler: str | None, workers: int | None, workspace: str | 
         "obdask.run.wait-for-resources": wait_for_resources}
     with dask.config.set(overrides):
         config.check()  # every bad setting fails here, naming its key, before any job runs
+    _quiet_client_logs()
     bar = None if as_json else _ProgressBar(parsed.plan_id)
     try:
         with dask.config.set(overrides), connect(scheduler, workers, _announce) as client:
             result = run_plan(parsed, client, workspace=workspace, resume=resume,
                               progress=bar)
+    except SchedulerLost as exc:
+        if as_json and exc.result is not None:
+            click.echo(json.dumps(exc.result.to_json(), default=str))
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_SCHEDULER_LOST)
     finally:
         if bar is not None:
             bar.close()
@@ -237,6 +244,17 @@ def budgets(scheduler: str | None, as_json: bool) -> None:
         click.echo("no budgets (set obdask.llm.budgets or obdask.llm.budget.set_budget)")
     else:
         click.echo(frame.to_string())
+
+
+def _quiet_client_logs() -> None:
+    """The CLI reports a lost or refused scheduler in one line of its own; the client's
+    reconnect attempts would log a traceback per try before it.  (After importing
+    distributed, whose logging setup would reset the levels.)"""
+    import distributed  # noqa: F401
+
+    for name in ("distributed.client", "distributed.comm", "distributed.core",
+                 "distributed.utils"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _announce(line: str) -> None:

@@ -30,7 +30,10 @@ def embedded_cluster(n_workers: int | None = None,
 
     n_workers = config.get_int("run.n-workers", n_workers, minimum=1)
     threads = config.get_int("run.threads-per-worker", threads_per_worker, minimum=1)
+    ttl = config.get_seconds("run.worker-ttl")
     with LocalCluster(n_workers=0, threads_per_worker=threads, processes=True,
+                      # a frozen worker (SIGSTOP, swapped out) is removed and its jobs re-run
+                      scheduler_kwargs={"worker_ttl": f"{ttl}s" if ttl > 0 else None},
                       dashboard_address="127.0.0.1:0",  # this host only (see docs/security)
                       silence_logs=logging.CRITICAL) as cluster:
         # Each worker gets its share of this host (GPUs whole), declared at start

@@ -247,6 +247,7 @@ CHECKS: dict[str, Callable[[str], Any]] = {
     "run.connect-timeout": get_seconds,
     "run.wait-for-resources": get_seconds,
     "run.busy-plan-wait": get_seconds,
+    "run.worker-ttl": get_seconds,
     "run.git-timeout": get_seconds,
     "run.apply-timeout": get_seconds,
     "cmd.allowlist": get_str_list,

@@ -40,6 +40,18 @@ class ClusterUnreachable(ObdaskError, ConnectionError):
     """The scheduler named by ``--scheduler`` / a scheduler file cannot be reached."""
 
 
+class SchedulerLost(ObdaskError, ConnectionError):
+    """The scheduler went away during a run; ``.result`` holds what is known.
+
+    The records of every job that finished were written; ``--resume`` on a
+    restarted cluster finishes the plan without applying them again.
+    """
+
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
 class ModelError(PayloadError):
     """A model call failed: unknown role, model missing everywhere, bad reply."""
 

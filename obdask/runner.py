@@ -21,7 +21,7 @@ from obdask import config
 from obdask.artifacts import ArtifactStore
 from obdask.compile import CompiledPlan, Job, annotations, batches, compile_plan
 from obdask.context import CommandPolicy, RunContext
-from obdask.exceptions import JobFailed, ObdaskError, PlacementError, PlanError
+from obdask.exceptions import JobFailed, ObdaskError, PlacementError, PlanError, SchedulerLost
 from obdask.placement import Placement
 from obdask.plan import Plan
 from obdask.records import RunStore, new_run_id
@@ -50,8 +50,9 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
-        """True when no job failed or was skipped."""
-        return all(r["status"] not in ("failed", "skipped") for r in self.records)
+        """True when no job failed, was skipped or was cut off (scheduler lost)."""
+        return all(r["status"] not in ("failed", "skipped", "interrupted")
+                   for r in self.records)
 
     @property
     def frame(self) -> pd.DataFrame:
@@ -66,9 +67,11 @@ class RunResult:
 
     def to_json(self) -> dict[str, Any]:
         """The ``obdask run --json`` object."""
-        keep = ("id", "status", "worker", "exit_code", "duration_s", "error")
+        keep = ("id", "key", "status", "worker", "exit_code", "duration_s", "error")
         return {"ok": self.ok, "plan": self.plan_id, "run_id": self.run_id,
                 "records": self.location,
+                "workers_lost": self.summary.get("workers_lost", []),
+                "interrupted": self.summary.get("interrupted"),
                 "jobs": [{k: r.get(k) for k in keep} for r in self.records]}
 
 
@@ -237,11 +240,16 @@ async def _run(client: Client, plan: Plan, *, workspace: str | None, resume: boo
     placement = await place_on(client, compiled)
     await _wait_keys_free(client, [j.key for j in compiled.runnable], plan)
     events = _subscribe_events(client, ctx.run_id)
+    span_id = None
     try:
         futures, span_id = _submit(client, compiled, ctx, priority, placement.routes)
         await _wait(client, futures, progress)
         outcomes = await _collect(client, compiled, futures, ctx, events)
         del futures
+    except Exception as exc:
+        if not _scheduler_lost(client, exc):
+            raise
+        await _record_interrupted(client, plan, compiled, ctx, started, exc)
     finally:
         _unsubscribe_events(client, ctx.run_id)
     duration = time.time() - started
@@ -511,6 +519,54 @@ def _unsubscribe_events(client: Client, run_id: str) -> None:
     runs.pop(run_id, None)
     if not runs:
         client.unsubscribe_topic(EVENT_TOPIC)
+
+
+def _scheduler_lost(client: Client, exc: BaseException) -> bool:
+    """Whether ``exc`` means the client lost its scheduler (not a job's failure)."""
+    from distributed.client import FuturesCancelledError
+    from distributed.comm.core import CommClosedError
+
+    if "scheduler-connection-lost" in str(exc):
+        return True
+    lost = isinstance(exc, (FuturesCancelledError, CommClosedError, asyncio.CancelledError,
+                            OSError, TimeoutError))
+    return lost and client.status not in ("running", "connecting", "newly-created")
+
+
+async def _record_interrupted(client: Client, plan: Plan, compiled: CompiledPlan,
+                              ctx: RunContext, started: float, exc: BaseException) -> None:
+    """Write what is known after the scheduler went away, then raise SchedulerLost.
+
+    Workers write a job's ledger entry when it completes, so the ledger knows
+    every job that finished, whatever the client saw.
+    """
+    def known() -> list[dict[str, Any]]:
+        outcomes = []
+        for job in compiled.jobs:
+            base = {"key": job.key, "id": job.spec.step_id, "step": job.spec.step_id,
+                    "run_id": ctx.run_id, "plan": ctx.plan_id,
+                    "fingerprint": job.spec.fingerprint}
+            if not job.runnable:
+                outcomes.append({**base, "status": job.status, **job.record})
+                continue
+            done = ctx.records.ledger_get(job.spec.step_id)
+            outcomes.append({**done, **base} if done else {
+                **base, "status": "interrupted",
+                "error": f"job {job.key}: not known to have finished (the scheduler was lost)"})
+        return outcomes
+
+    outcomes = await asyncio.to_thread(known)
+    duration = time.time() - started
+    summary = _summary(plan, ctx, outcomes, duration)
+    summary.update(ok=False, interrupted="scheduler lost")
+    location = await asyncio.to_thread(ctx.records.write_records, outcomes, summary)
+    result = RunResult(plan_id=plan.plan_id, run_id=ctx.run_id, records=outcomes,
+                       location=location, duration_s=duration, summary=summary)
+    finished = sum(1 for r in outcomes if r["status"] == "done")
+    raise SchedulerLost(
+        f"plan {plan.plan_id!r}: the scheduler at {client.scheduler.address} was lost during "
+        f"the run ({finished} of {len(outcomes)} jobs known done, records at {location}); "
+        "restart the cluster and run again with --resume to finish the plan", result) from None
 
 
 def _attempts(record: dict[str, Any], tries: list[list[Any]],
