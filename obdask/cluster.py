@@ -16,21 +16,27 @@ from obdask.exceptions import ClusterUnreachable
 from obdask.resources import host_resources
 
 if TYPE_CHECKING:
-    from distributed import Client
+    from distributed import Client, Security
 
 logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def embedded_cluster(n_workers: int | None = None,
-                     threads_per_worker: int | None = None) -> Iterator[Client]:
-    """A ``LocalCluster`` of worker processes plus its client, closed on exit."""
+def embedded_cluster(n_workers: int | None = None, threads_per_worker: int | None = None,
+                     security: Security | None = None) -> Iterator[Client]:
+    """A ``LocalCluster`` of worker processes plus its client, closed on exit.
+
+    With ``security`` (:func:`obdask.security.load`) every connection is
+    ``tls://`` on loopback with the scheduler, worker and client certificates.
+    """
     from distributed import Client, LocalCluster
 
     n_workers = config.get_int("run.n-workers", n_workers, minimum=1)
     threads = config.get_int("run.threads-per-worker", threads_per_worker, minimum=1)
+    tls = {} if security is None else {"security": security, "protocol": "tls://",
+                                       "host": "127.0.0.1"}
     with LocalCluster(n_workers=0, threads_per_worker=threads, processes=True,
-                      dashboard_address=":0", silence_logs=logging.CRITICAL) as cluster:
+                      dashboard_address=":0", silence_logs=logging.CRITICAL, **tls) as cluster:
         # Each worker gets its share of this host (GPUs whole), declared at start
         # so the scheduler can place resource-restricted steps from the first task.
         for i, resources in enumerate(split_resources(host_resources(), n_workers)):
@@ -38,7 +44,7 @@ def embedded_cluster(n_workers: int | None = None,
             spec["options"]["resources"] = resources
             cluster.worker_spec[f"obdask-{i}"] = spec
         cluster.sync(cluster._correct_state)
-        with Client(cluster) as client:
+        with Client(cluster, security=security) as client:
             client.wait_for_workers(n_workers, timeout=60)
             yield client
 
@@ -58,17 +64,23 @@ def split_resources(total: dict[str, float], n: int) -> list[dict[str, float]]:
 
 @contextlib.contextmanager
 def connect(scheduler: str | None = None, n_workers: int | None = None) -> Iterator[Client]:
-    """A client of ``scheduler`` (address or scheduler file), else an embedded cluster."""
+    """A client of ``scheduler`` (address or scheduler file), else an embedded cluster.
+
+    Both use mutual TLS when ``obdask.security.tls`` names a certificate folder.
+    """
+    from obdask.security import from_config
+
+    security = from_config()
     if scheduler is None:
-        with embedded_cluster(n_workers) as client:
+        with embedded_cluster(n_workers, security=security) as client:
             yield client
         return
-    with _client(scheduler) as client:
+    with _client(scheduler, security) as client:
         yield client
 
 
 @contextlib.contextmanager
-def _client(scheduler: str) -> Iterator[Client]:
+def _client(scheduler: str, security: Security | None = None) -> Iterator[Client]:
     """``Client(scheduler)`` whose failures to connect are one clear error."""
     from distributed import Client
 
@@ -79,7 +91,7 @@ def _client(scheduler: str) -> Iterator[Client]:
     else:
         address = scheduler
     try:
-        client = Client(address, timeout=timeout)
+        client = Client(address, timeout=timeout, security=security)
     except ValueError as exc:  # e.g. "missing port number in address"
         raise ClusterUnreachable(
             f"scheduler {scheduler!r} is not a scheduler address ({exc}); use "

@@ -57,3 +57,11 @@ class JobFailed(PayloadError):
 
     def __reduce__(self):
         return (type(self), (str(self), self.record))
+
+
+class SecurityError(ObdaskError, ValueError):
+    """TLS material is missing or invalid (``obdask certs init``, ``--tls DIR``)."""
+
+
+class SandboxUnavailable(PayloadError):
+    """``obdask.cmd.sandbox.mode: require`` and bubblewrap cannot run on this worker."""
