@@ -1,0 +1,313 @@
+"""The bubblewrap sandbox that ``@cmd:`` jobs run in (``obdask.cmd.sandbox``).
+
+The allowlist of :mod:`obdask.payloads.cmd` is a readable first check; this is
+the boundary.  When bubblewrap (``bwrap``, Debian package ``bubblewrap``) can
+run on the worker, :func:`wrap` turns ``shell -c COMMAND`` into **one**
+``bwrap ... -- shell -c COMMAND`` exec (no extra shell, no Python in between)
+whose child:
+
+* has no network (``--unshare-net``: not even loopback or the host's abstract
+  Unix sockets) unless ``obdask.cmd.sandbox.network`` is true;
+* sees the host only through read-only binds of the system paths listed in
+  ``obdask.cmd.sandbox.read-only`` (default ``/usr``, ``/etc``, ``/opt`` and
+  the ``/bin``-style links), of the directories the job's ``PATH``,
+  ``PYTHONPATH`` and ``VIRTUAL_ENV`` name, and of the worker's Python prefix;
+  nothing of ``/run``, ``/var``, ``/home``, ``/root`` or the host's ``/tmp``
+  (so no daemon's Unix socket is reachable);
+* may write only to its workspace (bound read-write at its real path, and the
+  working directory), the ``obdask.cmd.sandbox.writable`` paths and a private
+  ``/tmp``;
+* runs in new PID and IPC namespaces with a fresh ``/proc`` (no other job and
+  not the worker: ``/proc/<worker>/environ`` is out of reach), a new session
+  (no terminal injection), no capabilities (root inside cannot remount), and
+  dies with the worker (``--die-with-parent``).  Killing the job's process
+  group kills bwrap, and with it the whole PID namespace: a ``setsid``
+  grandchild cannot outlive a timeout.
+
+Without a working bwrap, mode ``auto`` logs one warning per worker process and
+runs commands with rlimits only; mode ``require`` refuses
+(:class:`~obdask.exceptions.SandboxUnavailable`); mode ``off`` never wraps.
+rlimits still apply inside: :mod:`obdask.payloads.launch` sets them on
+bwrap's child while it waits on ``--block-fd``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import dask
+
+from obdask.exceptions import ConfigError, PayloadError, SandboxUnavailable
+
+__all__ = ["MODES", "Policy", "policy", "unavailable_reason", "wrap"]
+
+logger = logging.getLogger(__name__)
+
+MODES = ("auto", "require", "off")
+DEFAULT_READ_ONLY = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc",
+                     "/opt")
+# Never bound from a job's environment: sockets and other processes' state live there.
+_NEVER = ("/run", "/var/run", "/proc", "/dev", "/sys", "/tmp/.X11-unix", "/var/lib/docker")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Parsed ``obdask.cmd.sandbox``.
+
+    Attributes
+    ----------
+    mode : str
+        ``auto``, ``require`` or ``off``.
+    network : bool
+        Share the host's network namespace (default: none).
+    bwrap : str
+        The bubblewrap executable.
+    read_only : tuple of str
+        Host paths visible read-only (missing ones are skipped).
+    writable : tuple of str
+        Host paths visible read-write besides the workspace.
+    bind_env : bool
+        Also bind the job's ``PATH``/``PYTHONPATH``/``VIRTUAL_ENV`` directories
+        and the worker's Python prefix read-only.
+    """
+
+    mode: str = "auto"
+    network: bool = False
+    bwrap: str = "bwrap"
+    read_only: tuple[str, ...] = DEFAULT_READ_ONLY
+    writable: tuple[str, ...] = ()
+    bind_env: bool = True
+
+
+_policy_cache: tuple[Any, Policy] | None = None
+
+
+def policy() -> Policy:
+    """``obdask.cmd.sandbox`` of this process, re-parsed only when dask.config changed.
+
+    A plain string is shorthand for ``mode`` (``obdask.cmd.sandbox: require``).
+    """
+    global _policy_cache
+    raw = dask.config.get("obdask.cmd.sandbox", default=None)
+    cached = _policy_cache
+    if cached is not None and cached[0] == raw:
+        return cached[1]
+    parsed = _parse(raw)
+    _policy_cache = (copy.deepcopy(raw), parsed)
+    return parsed
+
+
+def _parse(raw: Any) -> Policy:
+    if raw is None:
+        return Policy()
+    if isinstance(raw, str):
+        raw = {"mode": raw}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"obdask.cmd.sandbox: {raw!r} is neither a mode "
+                          f"({', '.join(MODES)}) nor a mapping of sandbox settings")
+
+    def key(name: str, default: Any) -> Any:
+        value = raw.get(name, raw.get(name.replace("-", "_")))
+        return default if value is None else value
+
+    mode = str(key("mode", "auto")).lower()
+    if mode not in MODES:
+        raise ConfigError(f"obdask.cmd.sandbox.mode: {key('mode', '')!r} is not one of "
+                          f"{', '.join(MODES)}")
+
+    def paths(name: str, default: Sequence[str]) -> tuple[str, ...]:
+        value = key(name, default)
+        if isinstance(value, str):
+            value = [value]
+        out = []
+        for item in value:
+            if not os.path.isabs(str(item)):
+                raise ConfigError(f"obdask.cmd.sandbox.{name}: {item!r} is not an absolute "
+                                  "path")
+            out.append(os.path.normpath(str(item)))
+        return tuple(out)
+
+    return Policy(mode=mode, network=bool(key("network", False)),
+                  bwrap=str(key("bwrap", "bwrap")),
+                  read_only=paths("read-only", DEFAULT_READ_ONLY),
+                  writable=paths("writable", ()), bind_env=bool(key("bind-env", True)))
+
+
+def _depth(path: str) -> int:
+    return 0 if path == "/" else path.count("/")
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or root == "/" or path.startswith(root.rstrip("/") + "/")
+
+
+@lru_cache(maxsize=8)
+def _static(pol: Policy) -> tuple[tuple[str, ...], tuple[tuple[str, str, str], ...]]:
+    """bwrap flags and the system mount operations ``(kind, source, dest)`` of ``pol``."""
+    exe = shutil.which(pol.bwrap) or pol.bwrap
+    flags = [exe, "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-ipc",
+             "--cap-drop", "ALL"]
+    if not pol.network:
+        flags.append("--unshare-net")
+    ops: list[tuple[str, str, str]] = [("dev", "", "/dev"), ("proc", "", "/proc"),
+                                       ("tmpfs", "", "/tmp")]
+    for path in pol.read_only:
+        if os.path.islink(path):
+            ops.append(("symlink", os.readlink(path), path))
+        elif os.path.exists(path):
+            ops.append(("ro", os.path.realpath(path), path))
+    for path in pol.writable:
+        if os.path.exists(path):
+            real = os.path.realpath(path)
+            ops.append(("rw", real, real))
+    return tuple(flags), tuple(ops)
+
+
+def _env_dirs(env: Mapping[str, str]) -> list[str]:
+    """Directories a job's environment needs to see: its tools, libraries and Python."""
+    found: list[str] = []
+    for entry in env.get("PATH", "").split(os.pathsep):
+        if not os.path.isabs(entry) or not os.path.isdir(entry):
+            continue
+        parent = os.path.dirname(os.path.normpath(entry))
+        # .../venv/bin -> .../venv (its lib/ holds the packages); never "/" or a home
+        if (os.path.basename(os.path.normpath(entry)) == "bin" and _depth(parent) >= 2
+                and os.path.isdir(os.path.join(parent, "lib"))):
+            entry = parent
+        found.append(entry)
+    for var in ("PYTHONPATH", "VIRTUAL_ENV"):
+        found += [p for p in env.get(var, "").split(os.pathsep) if os.path.isabs(p)]
+    found += [sys.prefix, sys.base_prefix, sys.exec_prefix]
+    out = []
+    for path in found:
+        real = os.path.realpath(path)
+        if (os.path.isdir(real) and _depth(real) >= 2
+                and not any(_under(real, n) or _under(n, real) for n in _NEVER)):
+            out.append(real)
+    return out
+
+
+@lru_cache(maxsize=64)
+def _job_args(pol: Policy, workspace: str, env_key: tuple[str, str, str]) -> tuple[str, ...]:
+    flags, static = _static(pol)
+    for kind, _, dest in static:
+        if kind in ("ro", "symlink") and (_under(workspace, dest) or _under(dest, workspace)):
+            raise PayloadError(
+                f"@cmd: workspace {workspace!r} overlaps the read-only system path {dest!r} "
+                "of the sandbox; use a workspace outside the system paths "
+                "(obdask.cmd.sandbox.read-only)")
+    ops = list(static) + [("rw", workspace, workspace)]
+    if pol.bind_env:
+        env = dict(zip(("PATH", "PYTHONPATH", "VIRTUAL_ENV"), env_key, strict=True))
+        for path in dict.fromkeys(_env_dirs(env)):
+            covered = any(kind in ("ro", "rw", "symlink") and _under(path, dest)
+                          for kind, _, dest in ops)
+            if not covered:
+                ops.append(("ro", path, path))
+    # shallow mounts first, so /tmp's tmpfs is under /tmp/venv's bind and so on
+    ops.sort(key=lambda op: _depth(op[2]))
+    args = list(flags)
+    for kind, source, dest in ops:
+        if kind == "ro":
+            args += ["--ro-bind", source, dest]
+        elif kind == "rw":
+            args += ["--bind", source, dest]
+        elif kind == "symlink":
+            args += ["--symlink", source, dest]
+        else:
+            args += [f"--{kind}", dest]
+    args += ["--chdir", workspace]
+    return tuple(args)
+
+
+def wrap(argv: Sequence[str], cwd: str | os.PathLike[str], env: Mapping[str, str],
+         options: Sequence[str] = ()) -> list[str] | None:
+    """``argv`` run inside bwrap in ``cwd``, or None when this worker runs unsandboxed.
+
+    Parameters
+    ----------
+    argv : sequence of str
+        The command (``[shell, "-c", line]``); it follows ``--`` unchanged.
+    cwd : str or path
+        The job's workspace: the only host path it may write (bound at its
+        real path, which is also the working directory).
+    env : mapping
+        The job's environment (its ``PATH``, ``PYTHONPATH`` and
+        ``VIRTUAL_ENV`` directories are bound read-only).
+    options : sequence of str
+        Extra bwrap options (``--block-fd N``) put before ``--``.
+
+    Raises
+    ------
+    SandboxUnavailable
+        ``obdask.cmd.sandbox.mode: require`` and bwrap cannot run here.
+    ConfigError
+        ``obdask.cmd.sandbox`` is invalid.
+    PayloadError
+        The workspace overlaps a read-only system path.
+    """
+    pol = policy()
+    if pol.mode == "off":
+        return None
+    reason = _probe(pol)
+    if reason is not None:
+        if pol.mode == "require":
+            raise SandboxUnavailable(
+                f"@cmd: obdask.cmd.sandbox.mode is 'require' but bubblewrap cannot run on "
+                f"this worker ({reason}); install bubblewrap (apt-get install bubblewrap) "
+                "and allow user namespaces, or set obdask.cmd.sandbox.mode: auto to run "
+                "with rlimits only")
+        _warn_once(reason)
+        return None
+    workspace = os.path.realpath(cwd)
+    env_key = (env.get("PATH", ""), env.get("PYTHONPATH", ""), env.get("VIRTUAL_ENV", ""))
+    return [*_job_args(pol, workspace, env_key), *options, "--", *argv]
+
+
+def unavailable_reason(bwrap: str | None = None) -> str | None:
+    """Why bwrap cannot run on this machine with the sandbox's flags; None when it can."""
+    pol = policy()
+    if bwrap is not None:
+        pol = Policy(mode=pol.mode, network=pol.network, bwrap=bwrap,
+                     read_only=pol.read_only, writable=pol.writable, bind_env=pol.bind_env)
+    return _probe(pol)
+
+
+@lru_cache(maxsize=8)
+def _probe(pol: Policy) -> str | None:
+    """Run ``true`` in the sandbox once per policy and process; the failure, or None."""
+    exe = shutil.which(pol.bwrap)
+    if exe is None:
+        return f"{pol.bwrap!r} not found"
+    true = shutil.which("true") or "/bin/true"
+    flags, _ = _static(pol)
+    argv = [*flags, "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev",
+            "--tmpfs", "/tmp", "--", true]
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{exe} failed to start: {exc}"
+    if done.returncode != 0:
+        err = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        return (f"{exe} exited {done.returncode}: {err[0][:200]} (user namespaces may be "
+                "disabled: kernel.unprivileged_userns_clone, user.max_user_namespaces or an "
+                "AppArmor/seccomp policy of the container)")
+    return None
+
+
+@lru_cache(maxsize=8)
+def _warn_once(reason: str) -> None:
+    logger.warning("@cmd: no sandbox on this worker (%s): commands run with rlimits only, "
+                   "with the network and every file this worker can reach; install "
+                   "bubblewrap, or set obdask.cmd.sandbox.mode: require to refuse to run "
+                   "without it", reason)

@@ -1,0 +1,257 @@
+"""The bubblewrap sandbox of ``@cmd:`` jobs, tried as an attacker would.
+
+Each probe is a real command run with :func:`obdask.payloads.cmd.run_command`
+(the same path a job takes on a worker); where a probe could pass vacuously,
+the same command is also run with ``obdask.cmd.sandbox.mode: off`` and must
+succeed there.  All traffic stays on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import dask
+import psutil
+import pytest
+from cluster_utils import dask_env, wait_gone
+
+from obdask.exceptions import ConfigError, SandboxUnavailable
+from obdask.payloads import sandbox
+from obdask.payloads.cmd import run_command
+
+pytestmark = pytest.mark.skipif(sandbox.unavailable_reason("bwrap") is not None,
+                                reason=f"bwrap cannot run here: "
+                                       f"{sandbox.unavailable_reason('bwrap')}")
+
+PY = shlex.quote(sys.executable)
+ALLOW = ["python", "python3", "echo", "sh", "sleep", "setsid", "head", "touch", "cat", "exit",
+         "mkdir", "true", "wait"]
+
+
+def run(command: str, cwd: Path, mode: str = "auto", network: bool = False, **kwargs):
+    kwargs.setdefault("timeout", 60)
+    with dask.config.set({"obdask.cmd.sandbox.mode": mode,
+                          "obdask.cmd.sandbox.network": network}):
+        return run_command(command, cwd, allowlist=ALLOW, **kwargs)
+
+
+def py(code: str) -> str:
+    return f"{PY} -c {shlex.quote(code)}"
+
+
+@pytest.fixture
+def ws(tmp_path):
+    path = tmp_path / "ws"
+    path.mkdir()
+    return path
+
+
+def test_plain_command_runs_with_output_and_exit_code(ws):
+    res = run("echo hi; echo err >&2; exit 3", ws)
+    assert (res.exit_code, res.stdout, res.stderr) == (3, b"hi\n", b"err\n")
+    assert run("true", ws).ok
+
+
+@pytest.fixture
+def tcp_server():
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    yield srv.getsockname()[1]
+    srv.close()
+
+
+def test_no_tcp_to_loopback_unless_network_enabled(ws, tcp_server):
+    probe = py(f"import socket; socket.create_connection(('127.0.0.1', {tcp_server}), "
+               "timeout=3); print('CONNECTED')")
+    res = run(probe, ws)
+    assert res.exit_code != 0 and b"CONNECTED" not in res.stdout, res
+    assert b"CONNECTED" in run(probe, ws, mode="off").stdout  # the probe itself works
+    assert b"CONNECTED" in run(probe, ws, network=True).stdout
+
+
+@pytest.mark.parametrize("where", ["run", "tmp", "abstract"])
+def test_no_unix_socket_of_the_host(ws, tmp_path, where):
+    if where == "run":
+        if not os.access("/run", os.W_OK):
+            pytest.skip("/run is not writable here")
+        path = f"/run/obdask-test-{uuid.uuid4().hex[:8]}.sock"
+    elif where == "tmp":
+        path = str(tmp_path / "host.sock")
+    else:
+        path = f"\0obdask-test-{uuid.uuid4().hex[:8]}"
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(8)
+    try:
+        probe = py(f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({path!r}); "
+                   "print('CONNECTED')")
+        res = run(probe, ws)
+        assert res.exit_code != 0 and b"CONNECTED" not in res.stdout, res
+        assert b"CONNECTED" in run(probe, ws, mode="off").stdout
+    finally:
+        srv.close()
+        if not path.startswith("\0"):
+            os.unlink(path)
+
+
+def test_writes_only_inside_the_workspace(ws, tmp_path):
+    outside = tmp_path / "outside.txt"
+    repo_probe = Path(__file__).resolve().parents[1] / f"probe-{uuid.uuid4().hex[:8]}"
+    etc_probe = Path(f"/etc/obdask-probe-{uuid.uuid4().hex[:8]}")
+    host_tmp = Path(f"/tmp/obdask-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        for target in (outside, repo_probe, etc_probe, Path(sys.prefix) / "probe"):
+            res = run(f"echo x > {shlex.quote(str(target))}", ws)
+            # under the private /tmp a write "works" but lands in the job's own tmpfs
+            assert res.exit_code != 0 or str(target).startswith("/tmp/"), (target, res)
+            assert not target.exists(), target
+        res = run(f"echo in > inside.txt && mkdir -p d/e && echo x > d/e/f && "
+                  f"echo t > {host_tmp} && cat {host_tmp}", ws)
+        assert res.ok and res.stdout == b"t\n", res
+        assert (ws / "inside.txt").read_text() == "in\n" and (ws / "d/e/f").exists()
+        assert not host_tmp.exists()  # the job's /tmp is its own
+        assert run(f"echo x > {shlex.quote(str(outside))}", ws, mode="off").ok
+    finally:
+        for path in (outside, repo_probe, etc_probe, host_tmp):
+            if path.exists():
+                path.unlink()
+
+
+def test_system_is_readable_but_root_cannot_remount(ws):
+    res = run("cat /etc/hostname >/dev/null && " + py(
+        "import ctypes, sys; libc = ctypes.CDLL(None, use_errno=True); "
+        "sys.exit(0 if libc.mount(b'none', b'/usr', None, 32 | 4096, None) == 0 else 7)"), ws)
+    assert res.exit_code == 7, res  # MS_REMOUNT|MS_BIND refused: no capabilities
+
+
+@pytest.mark.parametrize("launcher", ["spawn", "exec", "preexec"])
+def test_cannot_see_other_processes_or_the_worker_environ(ws, launcher):
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        probe = py(
+            "import os, sys\n"
+            f"seen = [os.path.exists('/proc/{other.pid}'), os.path.exists('/proc/{os.getpid()}')]\n"
+            "try:\n"
+            f"    open('/proc/{os.getpid()}/environ').read(); seen.append(True)\n"
+            "except OSError:\n"
+            "    seen.append(False)\n"
+            "pids = [p for p in os.listdir('/proc') if p.isdigit()]\n"
+            "print(seen, len(pids))\n")
+        with dask.config.set({"obdask.cmd.launcher": launcher}):
+            res = run(probe, ws)
+            assert res.ok, res
+            seen, count = res.stdout.decode().rsplit(" ", 1)
+            assert seen == "[False, False, False]" and int(count) <= 4, res.stdout
+            control = run(probe, ws, mode="off")
+        assert control.stdout.startswith(b"[True, True, True]"), control
+    finally:
+        other.kill()
+        other.wait()
+
+
+@pytest.mark.parametrize("launcher", ["spawn", "exec", "preexec"])
+def test_rlimits_still_apply_inside(ws, launcher):
+    with dask.config.set({"obdask.cmd.launcher": launcher}):
+        res = run("head -c 3000000 /dev/zero > big", ws, limits={"file-size": "1MiB"})
+    assert res.exit_code != 0, res
+    assert (ws / "big").stat().st_size <= 1 << 20
+
+
+def _marked(marker: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if marker in " ".join(proc.info["cmdline"] or []):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_timeout_leaves_no_process_even_setsid(ws):
+    marker = f"{300 + uuid.uuid4().int % 1000}.{uuid.uuid4().int % 1000}"
+    line = (f"sleep {marker} & setsid sleep {marker} & "
+            + py(f"import os, time\nif os.fork() == 0:\n    os.setsid()\n    os.execvp('sleep', "
+                 f"['sleep', '{marker}'])\ntime.sleep(1)") + f" & sleep {marker}")
+    start = time.monotonic()
+    res = run(line, ws, timeout=2)
+    assert res.timed_out and time.monotonic() - start < 30
+    deadline = time.monotonic() + 10
+    while _marked(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _marked(marker)
+    for proc in left:
+        proc.kill()
+    assert not left, [p.info["cmdline"] for p in left]
+    assert wait_gone(res.pid)
+
+
+def test_mode_require_refuses_without_bwrap(ws):
+    with dask.config.set({"obdask.cmd.sandbox.bwrap": "/nonexistent/bwrap"}):
+        with pytest.raises(SandboxUnavailable, match="bubblewrap") as info:
+            run("true", ws, mode="require")
+    assert "mode: auto" in str(info.value)
+
+
+def test_mode_auto_without_bwrap_warns_once_and_runs_unsandboxed(ws, caplog):
+    missing = f"/nonexistent/bwrap-{uuid.uuid4().hex[:8]}"
+    with caplog.at_level(logging.WARNING, logger="obdask.payloads.sandbox"), \
+            dask.config.set({"obdask.cmd.sandbox.bwrap": missing}):
+        for _ in range(3):
+            res = run(py(f"import os; print(os.path.exists('/proc/{os.getpid()}'))"), ws)
+            assert res.stdout == b"True\n"
+    warnings = [r for r in caplog.records if "sandbox" in r.getMessage()]
+    assert len(warnings) == 1 and "rlimit" in warnings[0].getMessage()
+
+
+def test_bad_mode_is_a_config_error(ws):
+    with pytest.raises(ConfigError, match="auto, require, off"):
+        run("true", ws, mode="sometimes")
+
+
+def test_string_shorthand_for_mode(ws):
+    with dask.config.set({"obdask.cmd.sandbox": "off"}):
+        res = run_command(py(f"import os; print(os.path.exists('/proc/{os.getpid()}'))"), ws,
+                          allowlist=ALLOW)
+    assert res.stdout == b"True\n"
+
+
+def test_argv_is_one_bwrap_exec_no_shell_layer(ws):
+    argv = sandbox.wrap(["/bin/sh", "-c", "true"], ws, {"PATH": "/usr/bin"})
+    assert argv is not None and os.path.basename(argv[0]) == "bwrap"
+    assert argv[-3:] == ["/bin/sh", "-c", "true"] and argv[-4] == "--"
+    joined = " ".join(argv)
+    for flag in ("--unshare-net", "--unshare-pid", "--die-with-parent", "--new-session",
+                 "--cap-drop ALL", f"--bind {ws} {ws}", "--tmpfs /tmp", "--proc /proc"):
+        assert flag in joined, flag
+    assert " /run " not in f" {joined} "
+
+
+@pytest.mark.slow
+def test_obdask_run_jobs_are_sandboxed(tmp_path):
+    probe = Path(f"/etc/obdask-probe-{uuid.uuid4().hex[:8]}")
+    plan = tmp_path / "p.md"
+    plan.write_text("# Plan: box\n"
+                    "- [ ] id=ok lane=1 payload=@cmd:echo hi > hi.txt\n"
+                    f"- [ ] id=bad lane=1 deps=ok payload=@cmd:touch {probe}\n")
+    try:
+        done = subprocess.run([sys.executable, "-m", "obdask.cli", "run", str(plan), "--json",
+                               "--workers", "1"], capture_output=True, text=True, timeout=240,
+                              env=dask_env())
+        statuses = {j["id"]: j["status"] for j in json.loads(done.stdout)["jobs"]}
+        assert statuses["ok"] == "done" and statuses["bad"] != "done", done.stdout
+        assert (tmp_path / "hi.txt").read_text() == "hi\n"
+        assert not probe.exists()
+    finally:
+        if probe.exists():
+            probe.unlink()
