@@ -33,10 +33,12 @@ def embedded_cluster(n_workers: int | None = None, threads_per_worker: int | Non
 
     n_workers = config.get_int("run.n-workers", n_workers, minimum=1)
     threads = config.get_int("run.threads-per-worker", threads_per_worker, minimum=1)
-    tls = {} if security is None else {"security": security, "protocol": "tls://",
-                                       "host": "127.0.0.1"}
+    # with TLS the dashboard (plain HTTP, no client certificate) listens on loopback only
+    tls = {"dashboard_address": ":0"} if security is None else {
+        "security": security, "protocol": "tls://", "host": "127.0.0.1",
+        "dashboard_address": "127.0.0.1:0"}
     with LocalCluster(n_workers=0, threads_per_worker=threads, processes=True,
-                      dashboard_address=":0", silence_logs=logging.CRITICAL, **tls) as cluster:
+                      silence_logs=logging.CRITICAL, **tls) as cluster:
         # Each worker gets its share of this host (GPUs whole), declared at start
         # so the scheduler can place resource-restricted steps from the first task.
         for i, resources in enumerate(split_resources(host_resources(), n_workers)):

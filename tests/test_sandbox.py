@@ -24,7 +24,7 @@ import psutil
 import pytest
 from cluster_utils import dask_env, wait_gone
 
-from obdask.exceptions import ConfigError, SandboxUnavailable
+from obdask.exceptions import ConfigError, PayloadError, SandboxUnavailable
 from obdask.payloads import sandbox
 from obdask.payloads.cmd import run_command
 
@@ -255,3 +255,42 @@ def test_obdask_run_jobs_are_sandboxed(tmp_path):
     finally:
         if probe.exists():
             probe.unlink()
+
+
+@pytest.mark.parametrize("workspace", ["/", "/etc", "/usr/lib"])
+def test_workspace_over_a_system_path_is_refused(workspace):
+    with pytest.raises(PayloadError, match="overlaps the read-only system path"):
+        run("true", Path(workspace))
+
+
+def test_probe_reports_why_bwrap_cannot_run():
+    assert "not found" in sandbox.unavailable_reason("/nonexistent/bwrap")
+    assert sandbox.unavailable_reason() is None  # it works here (skip marker above)
+
+
+@pytest.mark.parametrize("launcher", ["spawn", "exec", "preexec"])
+def test_job_dies_with_its_worker(ws, launcher):
+    """SIGKILL of the worker leaves nothing of the sandboxed job, setsid children included."""
+    marker = f"{300 + uuid.uuid4().int % 1000}.{uuid.uuid4().int % 1000}"
+    script = (
+        "import dask, sys\n"
+        "from obdask.payloads.cmd import run_command\n"
+        f"dask.config.set({{'obdask.cmd.launcher': {launcher!r}}})\n"
+        f"run_command('setsid sleep {marker} & sleep {marker} & echo up > up; wait', "
+        f"sys.argv[1], timeout=120, allowlist={ALLOW!r})\n")
+    worker = subprocess.Popen([sys.executable, "-c", script, str(ws)], env=dask_env())
+    try:
+        deadline = time.monotonic() + 30
+        while len(_marked(marker)) < 2 or not (ws / "up").exists():
+            assert time.monotonic() < deadline and worker.poll() is None
+            time.sleep(0.05)
+    finally:
+        worker.kill()
+        worker.wait()
+    deadline = time.monotonic() + 10
+    while _marked(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _marked(marker)
+    for proc in left:
+        proc.kill()
+    assert not left

@@ -292,3 +292,8 @@ def test_embedded_cluster_is_tls_only(certs):
         workers = client.scheduler_info()["workers"]
         assert workers and all(a.startswith("tls://") for a in workers)
         assert client.submit(len, "abc").result(timeout=60) == 3
+        # the dashboard has no client certificates: it listens on loopback only
+        hosts = client.run_on_scheduler(
+            lambda dask_scheduler: [s.getsockname()[0] for s in
+                                    dask_scheduler.http_server._sockets.values()])
+        assert hosts and set(hosts) <= {"127.0.0.1"}, hosts

@@ -100,6 +100,9 @@ def spawn(shell: str, command: str, cwd: str | os.PathLike[str], env: dict[str, 
     gate: tuple[int, int] | None = None
     box_fds: tuple[int, int, int, int] | None = None  # block r/w, info r/w
     box = sandbox.wrap(argv, cwd, env)  # obdask.payloads.sandbox: one bwrap exec, or None
+    if box is not None and _which(shell) is None:  # bwrap would report it as exit status 1
+        raise PayloadError(f"@cmd: cannot run shell {shell!r} (not found); "
+                           "set obdask.cmd.shell to an existing shell")
     if launcher == "spawn":
         # Kill-on-worker-death comes from the watchdog (obdask.payloads.reaper);
         # rlimits are set from here with prlimit(2): nothing runs in the child.
