@@ -294,3 +294,74 @@ def test_job_dies_with_its_worker(ws, launcher):
     for proc in left:
         proc.kill()
     assert not left
+
+
+# ------------------------------------------------------------ #apply confinement
+
+
+def _diff(old: str, new: str, body: str = "@@ -0,0 +1 @@\n+pwned\n") -> bytes:
+    return f"--- {old}\n+++ {new}\n{body}".encode()
+
+
+@pytest.fixture
+def apply_ws(tmp_path):
+    ws = tmp_path / "ws"
+    (ws / "src").mkdir(parents=True)
+    (ws / "src" / "app.py").write_text("x = 1\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("secret\n")
+    (ws / "link").symlink_to(outside)
+    (ws / "flink").symlink_to(outside / "secret")
+    return ws
+
+
+@pytest.mark.parametrize("diff, why", [
+    (_diff("a/../outside/new", "b/../outside/new"), "'..'"),
+    (_diff("/dev/null", "b/src/../../outside/x"), "'..'"),
+    (_diff("/etc/passwd", "/etc/passwd"), "absolute"),
+    (_diff("/dev/null", "b/link/new"), "symbolic link"),
+    (_diff("a/flink", "b/flink", "@@ -1 +1 @@\n-secret\n+pwned\n"), "symbolic link"),
+    (_diff("/dev/null", "b/.git/hooks/pre-commit"), ".git"),
+    (_diff("/dev/null", "b/sub/.GIT/config"), ".git"),
+    (_diff('"a/\\056\\056/outside/q"', '"b/\\056\\056/outside/q"'), "'..'"),
+    (b"diff --git a/src/app.py b/../evil.py\nsimilarity index 100%\n"
+     b"rename from src/app.py\nrename to ../evil.py\n", "'..'"),
+    (b"diff --git a/ln b/ln\nnew file mode 120000\n--- /dev/null\n+++ b/ln\n"
+     b"@@ -0,0 +1 @@\n+/etc/passwd\n\\ No newline at end of file\n", "symbolic link"),
+])
+def test_escaping_diffs_are_refused_before_writing(apply_ws, diff, why):
+    before = sorted(p.name for p in apply_ws.parent.rglob("*"))
+    with pytest.raises(PayloadError, match="refused") as info:
+        sandbox.confine_diff(diff, apply_ws)
+    assert why.lower() in str(info.value).lower()
+    assert sorted(p.name for p in apply_ws.parent.rglob("*")) == before
+
+
+def test_confined_diff_lists_its_paths_and_ignores_hunk_lines(apply_ws):
+    diff = (b"diff --git a/src/app.py b/src/app.py\n--- a/src/app.py\t2026-01-01 10:00\n"
+            b"+++ b/src/app.py\t2026-01-01 10:01\n@@ -1,2 +1,2 @@\n x = 1\n"
+            b"--- /etc/passwd looks like a header but is a removed line\n"
+            b"+++ /etc/shadow as is this added one\n"
+            b"--- /dev/null\n+++ b/new/file.txt\n@@ -0,0 +1 @@\n+hello\n")
+    assert sandbox.confine_diff(diff, apply_ws) == ["src/app.py", "new/file.txt"]
+
+
+@pytest.mark.slow
+def test_apply_step_refuses_a_diff_through_a_symlink(apply_ws):
+    outside = apply_ws.parent / "outside" / "secret"
+    (apply_ws / "evil.diff").write_bytes(
+        _diff("a/flink", "b/flink", "@@ -1 +1 @@\n-secret\n+pwned\n"))
+    (apply_ws / "ok.diff").write_bytes(_diff("a/src/app.py", "b/src/app.py",
+                                             "@@ -1 +1 @@\n-x = 1\n+x = 2\n"))
+    plan = apply_ws / "p.md"
+    plan.write_text("# Plan: diffs\n- [ ] id=ok lane=1 payload=@file:ok.diff#apply\n"
+                    "- [ ] id=evil lane=2 payload=@file:evil.diff#apply\n")
+    done = subprocess.run([sys.executable, "-m", "obdask.cli", "run", str(plan), "--json",
+                           "--workers", "1"], capture_output=True, text=True, timeout=240,
+                          env=dask_env())
+    jobs = {j["id"]: j for j in json.loads(done.stdout)["jobs"]}
+    assert jobs["ok"]["status"] == "done", jobs
+    assert jobs["evil"]["status"] != "done" and "refused" in jobs["evil"]["error"], jobs
+    assert outside.read_text() == "secret\n"
+    assert (apply_ws / "src" / "app.py").read_text() == "x = 2\n"

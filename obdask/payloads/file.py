@@ -23,6 +23,7 @@ import fsspec
 
 from obdask.artifacts import sha1_bytes
 from obdask.exceptions import IntegrityError, PayloadError
+from obdask.payloads.sandbox import confine_diff
 
 if TYPE_CHECKING:
     from obdask.compile import JobSpec
@@ -109,6 +110,7 @@ def apply_diff(spec: JobSpec, ctx: RunContext, diff: bytes) -> dict[str, Any]:
         raise PayloadError(f"job {spec.key}: workspace {workspace} does not exist")
     if not diff.strip():
         raise PayloadError(f"job {spec.key}: {spec.payload.body} is empty, nothing to apply")
+    confine_diff(diff, workspace, what=f"job {spec.key}: {spec.payload.body}")  # no escapes
     fd, patch = tempfile.mkstemp(suffix=".diff", prefix="obdask-")
     try:
         with os.fdopen(fd, "wb") as f:

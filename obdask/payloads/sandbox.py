@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,7 +49,7 @@ import dask
 
 from obdask.exceptions import ConfigError, PayloadError, SandboxUnavailable
 
-__all__ = ["MODES", "Policy", "policy", "unavailable_reason", "wrap"]
+__all__ = ["MODES", "Policy", "confine_diff", "policy", "unavailable_reason", "wrap"]
 
 logger = logging.getLogger(__name__)
 
@@ -311,3 +312,178 @@ def _warn_once(reason: str) -> None:
                    "with the network and every file this worker can reach; install "
                    "bubblewrap, or set obdask.cmd.sandbox.mode: require to refuse to run "
                    "without it", reason)
+
+
+# ------------------------------------------------------------------ diffs
+
+
+_HUNK = re.compile(rb"^@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@")
+_ESCAPES = {ord(k): v for k, v in zip("abtnvfr\"\\", b"\a\b\t\n\v\f\r\"\\", strict=True)}
+
+
+class _Refused(Exception):
+    pass
+
+
+def confine_diff(diff: bytes, workspace: str | os.PathLike[str], what: str = "") -> list[str]:
+    """Check that a unified/git diff only touches files inside ``workspace``.
+
+    The same policy as the command sandbox, for the in-process writer of
+    ``#apply``: every path the diff names (``---``/``+++`` headers, ``diff
+    --git``, ``rename``/``copy`` lines, C-quoted names decoded) must be
+    relative, free of ``..`` and ``.git`` components, and must not pass
+    through or end at a symbolic link that exists in the workspace; a diff
+    that creates a symbolic link or a submodule (mode 120000/160000) is
+    refused too.  Lines inside hunks are skipped by their counts, so a removed
+    line that reads ``--- /etc/passwd`` is content, not a header.
+
+    Parameters
+    ----------
+    diff : bytes
+        The diff as given to ``git apply`` (``-p1``: ``a/``/``b/`` prefixes).
+    workspace : str or path
+        The folder the diff is applied in.
+    what : str
+        Prefix of the error message (``job KEY: FILE``).
+
+    Returns
+    -------
+    list of str
+        The workspace-relative paths the diff touches, in order.
+
+    Raises
+    ------
+    PayloadError
+        Naming the first offending path; nothing has been written.
+    """
+    root = os.path.realpath(workspace)
+    found: list[str] = []
+    try:
+        for path in _diff_paths(diff):
+            _confine(root, path)
+            found.append(path)
+    except _Refused as exc:
+        head = f"{what}: " if what else ""
+        raise PayloadError(
+            f"{head}diff refused before anything was written: {exc}; a diff may only touch "
+            f"files inside the workspace {root} (no '..', absolute paths, .git or symbolic "
+            "links): fix the diff") from None
+    return list(dict.fromkeys(found))
+
+
+def _diff_paths(diff: bytes):
+    """Yield every path a diff names, ``a/``/``b/`` stripped; raise _Refused on modes."""
+    old_left = new_left = 0
+    for raw in diff.split(b"\n"):
+        line = raw[:-1] if raw.endswith(b"\r") else raw
+        if old_left > 0 or new_left > 0:
+            tag = line[:1]
+            if tag in (b" ", b""):
+                old_left, new_left = old_left - 1, new_left - 1
+                continue
+            if tag == b"-":
+                old_left -= 1
+                continue
+            if tag == b"+":
+                new_left -= 1
+                continue
+            if tag == b"\\":
+                continue
+            old_left = new_left = 0  # a short hunk: read it as a header line
+        hunk = _HUNK.match(line)
+        if hunk:
+            old_left = int(hunk[1]) if hunk[1] is not None else 1
+            new_left = int(hunk[2]) if hunk[2] is not None else 1
+        elif line.startswith((b"--- ", b"+++ ")):
+            path = _header_path(line[4:])
+            if path is not None:
+                yield path
+        elif line.startswith(b"diff --git "):
+            yield from _git_header_paths(line[11:])
+        elif line.startswith((b"rename from ", b"rename to ", b"copy from ", b"copy to ")):
+            yield _name(line.split(b" ", 2)[2], strip=False)
+        elif line.startswith((b"new file mode ", b"new mode ")):
+            mode = line.rsplit(b" ", 1)[1]
+            if mode == b"120000":
+                raise _Refused("it creates a symbolic link")
+            if mode == b"160000":
+                raise _Refused("it creates a submodule (gitlink)")
+
+
+def _unquote(value: bytes) -> tuple[bytes, bytes]:
+    """A C-quoted name at the start of ``value`` (git's quoting); (name, rest)."""
+    out = bytearray()
+    i = 1
+    while i < len(value):
+        c = value[i]
+        if c == ord('"'):
+            return bytes(out), value[i + 1:]
+        if c == ord("\\") and i + 1 < len(value):
+            nxt = value[i + 1]
+            if 48 <= nxt <= 55:  # \NNN octal byte
+                out.append(int(value[i + 1:i + 4], 8) & 0xFF)
+                i += 4
+                continue
+            out.append(_ESCAPES.get(nxt, nxt))
+            i += 2
+            continue
+        out.append(c)
+        i += 1
+    raise _Refused(f"the quoted name {value!r} is not terminated")
+
+
+def _name(value: bytes, strip: bool) -> str:
+    if value.startswith(b'"'):
+        value = _unquote(value)[0]
+    path = value.decode("utf-8", "surrogateescape")
+    if path.startswith("/"):
+        raise _Refused(f"path {path!r} is absolute")
+    if strip:
+        path = path.split("/", 1)[1] if "/" in path else path
+    return path
+
+
+def _header_path(value: bytes) -> str | None:
+    if not value.startswith(b'"'):
+        value = value.split(b"\t", 1)[0]  # GNU diff: name TAB timestamp
+    if value == b"/dev/null":
+        return None
+    return _name(value, strip=True)
+
+
+def _git_header_paths(rest: bytes) -> list[str]:
+    """Both names of ``diff --git a/X b/Y`` (quoted or not, possibly with spaces)."""
+    if rest.startswith(b'"'):
+        first, tail = _unquote(rest)
+        second = tail[1:]
+        return [_name(b'"' + first.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"',
+                      strip=True), _name(second, strip=True)]
+    half = (len(rest) - 1) // 2
+    if len(rest) % 2 == 1 and rest[half:half + 1] == b" " and rest[2:half] == rest[half + 3:]:
+        return [_name(rest[:half], strip=True)]  # a/P b/P: P may contain spaces
+    if b" b/" in rest:
+        left, right = rest.split(b" b/", 1)
+        return [_name(left, strip=True), _name(b"b/" + right, strip=True)]
+    return [_name(part, strip=True) for part in rest.split(b" ", 1)]
+
+
+def _confine(root: str, path: str) -> None:
+    parts = path.split("/")
+    if not path or not any(p not in ("", ".") for p in parts):
+        raise _Refused(f"path {path!r} names no file")
+    if ".." in parts:
+        raise _Refused(f"path {path!r} goes through '..'")
+    if any(p.lower().rstrip(". ") == ".git" for p in parts):
+        raise _Refused(f"path {path!r} is inside .git (hooks and config run code)")
+    current = root
+    for part in parts:
+        if part in ("", "."):
+            continue
+        current = os.path.join(current, part)
+        if os.path.islink(current):
+            raise _Refused(f"path {path!r} goes through the symbolic link "
+                           f"{os.path.relpath(current, root)!r}")
+        if not os.path.lexists(current):
+            break
+    if not _under(os.path.realpath(os.path.join(root, path)), root):
+        raise _Refused(f"path {path!r} resolves outside the workspace")
