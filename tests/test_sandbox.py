@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(sandbox.unavailable_reason("bwrap") is not None,
 
 PY = shlex.quote(sys.executable)
 ALLOW = ["python", "python3", "echo", "sh", "sleep", "setsid", "head", "touch", "cat", "exit",
-         "mkdir", "true", "wait"]
+         "mkdir", "true", "wait", "ls"]
 
 
 def run(command: str, cwd: Path, mode: str = "auto", network: bool = False, **kwargs):
@@ -365,3 +365,13 @@ def test_apply_step_refuses_a_diff_through_a_symlink(apply_ws):
     assert jobs["evil"]["status"] != "done" and "refused" in jobs["evil"]["error"], jobs
     assert outside.read_text() == "secret\n"
     assert (apply_ws / "src" / "app.py").read_text() == "x = 2\n"
+
+
+def test_home_is_private_and_writable(ws, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".secret").write_text("token\n")
+    res = run('echo cache > "$HOME/c" && cat "$HOME/c" && ls -A "$HOME"', ws,
+              extra_env={"HOME": str(home)})
+    assert res.ok and res.stdout == b"cache\nc\n", res  # the host's files are not there
+    assert not (home / "c").exists()

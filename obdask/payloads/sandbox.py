@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 MODES = ("auto", "require", "off")
 DEFAULT_READ_ONLY = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc",
                      "/opt")
+_ENV_KEYS = ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "HOME")
 # Never bound from a job's environment: sockets and other processes' state live there.
 _NEVER = ("/run", "/var/run", "/proc", "/dev", "/sys", "/tmp/.X11-unix", "/var/lib/docker")
 
@@ -198,7 +199,8 @@ def _env_dirs(env: Mapping[str, str]) -> list[str]:
 
 
 @lru_cache(maxsize=64)
-def _job_args(pol: Policy, workspace: str, env_key: tuple[str, str, str]) -> tuple[str, ...]:
+def _job_args(pol: Policy, workspace: str, env_key: tuple[str, str, str, str]
+              ) -> tuple[str, ...]:
     flags, static = _static(pol)
     for kind, _, dest in static:
         if kind in ("ro", "symlink") and (_under(workspace, dest) or _under(dest, workspace)):
@@ -208,12 +210,16 @@ def _job_args(pol: Policy, workspace: str, env_key: tuple[str, str, str]) -> tup
                 "(obdask.cmd.sandbox.read-only)")
     ops = list(static) + [("rw", workspace, workspace)]
     if pol.bind_env:
-        env = dict(zip(("PATH", "PYTHONPATH", "VIRTUAL_ENV"), env_key, strict=True))
+        env = dict(zip(_ENV_KEYS, env_key, strict=True))
         for path in dict.fromkeys(_env_dirs(env)):
             covered = any(kind in ("ro", "rw", "symlink") and _under(path, dest)
                           for kind, _, dest in ops)
             if not covered:
                 ops.append(("ro", path, path))
+    home = os.path.normpath(env_key[3]) if os.path.isabs(env_key[3]) else ""
+    if home not in ("", "/", "/tmp") and not any(_under(home, n) for n in _NEVER) and not any(
+            kind in ("ro", "rw", "symlink") and _under(home, dest) for kind, _, dest in ops):
+        ops.append(("tmpfs", "", home))  # tools may write caches there; gone with the job
     # shallow mounts first, so /tmp's tmpfs is under /tmp/venv's bind and so on
     ops.sort(key=lambda op: _depth(op[2]))
     args = list(flags)
@@ -270,7 +276,7 @@ def wrap(argv: Sequence[str], cwd: str | os.PathLike[str], env: Mapping[str, str
         _warn_once(reason)
         return None
     workspace = os.path.realpath(cwd)
-    env_key = (env.get("PATH", ""), env.get("PYTHONPATH", ""), env.get("VIRTUAL_ENV", ""))
+    env_key = tuple(env.get(k, "") for k in _ENV_KEYS)
     return [*_job_args(pol, workspace, env_key), *options, "--", *argv]
 
 
