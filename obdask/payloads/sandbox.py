@@ -224,8 +224,8 @@ def _job_args(pol: Policy, workspace: str, env_key: tuple[str, str, str, str]
     ops.sort(key=lambda op: _depth(op[2]))
     args = list(flags)
     for kind, source, dest in ops:
-        if kind == "ro":
-            args += ["--ro-bind", source, dest]
+        if kind == "ro":  # -try: a folder removed since it was listed is skipped
+            args += ["--ro-bind-try", source, dest]
         elif kind == "rw":
             args += ["--bind", source, dest]
         elif kind == "symlink":
