@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(sandbox.unavailable_reason("bwrap") is not None,
 
 PY = shlex.quote(sys.executable)
 ALLOW = ["python", "python3", "echo", "sh", "sleep", "setsid", "head", "touch", "cat", "exit",
-         "mkdir", "true", "wait", "ls"]
+         "mkdir", "true", "wait", "ls", "git", "wc"]
 
 
 def run(command: str, cwd: Path, mode: str = "auto", network: bool = False, **kwargs):
@@ -375,3 +375,47 @@ def test_home_is_private_and_writable(ws, tmp_path):
               extra_env={"HOME": str(home)})
     assert res.ok and res.stdout == b"cache\nc\n", res  # the host's files are not there
     assert not (home / "c").exists()
+
+
+# ------------------------------------------------------------ git workspaces
+
+GIT = "git -c user.name=t -c user.email=t@example.com"
+
+
+@pytest.fixture
+def mirror_and_worktree(tmp_path):
+    """A repository and a detached worktree of it, as obdask.workspace.checkout makes."""
+    from cluster_utils import git_repository
+
+    mirror = tmp_path / "obdask-git" / "clone"
+    sha = git_repository(mirror, "m")
+    tree = tmp_path / "obdask-git" / "rev-1"
+    subprocess.run(["git", "worktree", "add", "--quiet", "--detach", str(tree), sha],
+                   cwd=mirror, check=True, capture_output=True)
+    return mirror, tree
+
+
+def test_git_worktree_workspace_works_inside(mirror_and_worktree):
+    mirror, tree = mirror_and_worktree
+    res = run(f"git rev-parse HEAD && echo x > new.txt && git add new.txt && "
+              f"{GIT} commit -qm new && git log --oneline | wc -l", tree,
+              )
+    assert res.ok and res.stdout.split()[-1] == b"2", res
+    # the commit is real: its objects went to the shared repository
+    log = subprocess.run(["git", "log", "--oneline", "-1"], cwd=tree, capture_output=True,
+                         text=True, check=True).stdout
+    assert "new" in log
+
+
+def test_git_hooks_and_config_are_out_of_a_jobs_reach(mirror_and_worktree):
+    """The worker runs git in these repositories outside the sandbox (worktree add,
+    apply): a hook or core.fsmonitor planted by a job would run there."""
+    mirror, tree = mirror_and_worktree
+    for ws, gitdir in ((tree, mirror / ".git"), (mirror, mirror / ".git")):
+        hook = gitdir / "hooks" / "post-checkout"
+        res = run(f"echo 'touch /tmp/pwned' > {hook}; {GIT} config core.fsmonitor evil; "
+                  "echo done", ws)
+        assert res.stdout == b"done\n", res
+        assert not hook.exists(), ws
+        assert "fsmonitor" not in (gitdir / "config").read_text(), ws
+        assert run(f"{GIT} status --short && git rev-parse HEAD", ws).ok

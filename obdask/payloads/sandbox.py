@@ -277,7 +277,52 @@ def wrap(argv: Sequence[str], cwd: str | os.PathLike[str], env: Mapping[str, str
         return None
     workspace = os.path.realpath(cwd)
     env_key = tuple(env.get(k, "") for k in _ENV_KEYS)
-    return [*_job_args(pol, workspace, env_key), *options, "--", *argv]
+    return [*_job_args(pol, workspace, env_key), *_git_args(workspace), *options, "--", *argv]
+
+
+def _git_args(workspace: str) -> list[str]:
+    """Mounts that make a git workspace usable but keep its hooks and config read-only.
+
+    The worker itself runs git in these repositories outside the sandbox
+    (``git worktree add``, ``git apply``), so a hook or a ``core.fsmonitor``
+    a job planted there would run unsandboxed.  For a repository in the
+    workspace: its ``.git/hooks`` is an empty private tmpfs and ``.git/config``
+    read-only.  For a worktree (``.git`` is a file, as
+    :func:`obdask.workspace.checkout` makes them): the shared repository is
+    bound read-only but its ``objects`` (``git add``/``commit``) and the
+    worktree's own admin folder (index, HEAD) writable.  Checked per job: a
+    job may ``git init``.
+    """
+    dotgit = os.path.join(workspace, ".git")
+    if os.path.islink(dotgit):
+        return []  # a link out of the workspace is not followed
+    if os.path.isdir(dotgit):
+        return ["--tmpfs", os.path.join(dotgit, "hooks"),
+                "--ro-bind-try", *[os.path.join(dotgit, "config")] * 2]
+    if not os.path.isfile(dotgit):
+        return []
+    try:
+        with open(dotgit, encoding="utf-8") as f:
+            line = f.readline().strip()
+        if not line.startswith("gitdir:"):
+            return []
+        gitdir = os.path.realpath(os.path.join(workspace, line[7:].strip()))
+        with open(os.path.join(gitdir, "commondir"), encoding="utf-8") as f:
+            common = os.path.realpath(os.path.join(gitdir, f.readline().strip()))
+    except OSError:
+        return []
+    if any(_under(p, n) for p in (gitdir, common) for n in _NEVER) or _depth(common) < 2:
+        return []
+    args: list[str] = []
+    if _under(common, workspace):
+        args += ["--tmpfs", os.path.join(common, "hooks"),
+                 "--ro-bind-try", *[os.path.join(common, "config")] * 2]
+    else:
+        objects = os.path.join(common, "objects")
+        args += ["--ro-bind", common, common, "--bind-try", objects, objects]
+    if not _under(gitdir, workspace):
+        args += ["--bind", gitdir, gitdir]
+    return args
 
 
 def unavailable_reason(bwrap: str | None = None) -> str | None:
