@@ -90,10 +90,14 @@ def init_certs(directory: str | os.PathLike[str], hosts: Iterable[str] | None = 
         An IP address does not parse, ``days`` is not positive, or a file
         exists and ``force`` is false.
     """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    except ImportError as exc:  # pragma: no cover - a base dependency
+        raise SecurityError(f"making certificates needs the cryptography package ({exc}); "
+                            "pip install cryptography") from None
 
     if int(days) < 1:
         raise SecurityError(f"certificate validity {days!r} days: use a positive number of days")
