@@ -183,9 +183,12 @@ def hash(path: str) -> None:  # noqa: A001
               help="Wait this long for a worker with a missing resource (default: fail at "
                    "once; config obdask.run.wait-for-resources).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object and nothing else.")
+@click.option("--tls", default=None, metavar="DIR", help="Mutual TLS with the certificates "
+              "of `obdask certs init DIR` (config obdask.security.tls).")
 @_guard
 def run(plan: str, scheduler: str | None, workers: int | None, workspace: str | None,
-        resume: bool, wait_for_resources: str | None, as_json: bool) -> None:
+        resume: bool, wait_for_resources: str | None, as_json: bool,
+        tls: str | None = None) -> None:
     """Run PLAN on Dask; exits 1 if any job failed."""
     import dask
 
@@ -196,6 +199,11 @@ def run(plan: str, scheduler: str | None, workers: int | None, workspace: str | 
     parsed = _load(plan)
     overrides = {} if wait_for_resources is None else {
         "obdask.run.wait-for-resources": wait_for_resources}
+    if tls is not None:
+        from obdask.security import load
+
+        load(tls)  # a missing or incomplete folder is one error line, before any cluster
+        overrides["obdask.security.tls"] = tls
     with dask.config.set(overrides):
         config.check()  # every bad setting fails here, naming its key, before any job runs
     _quiet_client_logs()
@@ -368,6 +376,36 @@ def _print_table(rows: list[dict[str, Any]], limit: int = 40) -> None:
                    f"{'-' if secs is None else f'{secs:.2f}':>7}  {r.get('error') or ''}")
     if len(shown) > limit or len(rows) > len(shown):
         click.echo(f"... {len(rows) - min(len(shown), limit)} more jobs not shown")
+
+
+@main.group()
+def certs() -> None:
+    """Certificates for mutual TLS between clients, scheduler and workers."""
+
+
+@certs.command("init")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--host", "hosts", multiple=True, metavar="NAME",
+              help="DNS name for the scheduler/worker certificates (repeatable; default "
+                   "localhost and this host's name).")
+@click.option("--ip", "ips", multiple=True, metavar="ADDR",
+              help="IP address for them (repeatable; default 127.0.0.1).")
+@click.option("--days", type=click.IntRange(min=1), default=365, show_default=True,
+              help="Validity of every certificate.")
+@click.option("--force", is_flag=True, help="Replace certificates already in DIRECTORY.")
+@_guard
+def certs_init(directory: str, hosts: tuple[str, ...], ips: tuple[str, ...], days: int,
+               force: bool) -> None:
+    """Write a CA and scheduler, worker and client certificates to DIRECTORY."""
+    from obdask.security import init_certs
+
+    written = init_certs(directory, hosts=hosts or None,
+                         ips=ips or None, days=days, force=force)
+    for path in written.values():
+        click.echo(str(path))
+    click.echo(f"keys are mode 0600; start Dask with --tls-ca-file {directory}/ca.pem "
+               "--tls-cert/--tls-key (docs/security.md) and obdask with --tls "
+               f"{directory}", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,25 +17,32 @@ from obdask.exceptions import ClusterUnreachable
 from obdask.resources import host_resources
 
 if TYPE_CHECKING:
-    from distributed import Client
+    from distributed import Client, Security
 
 logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def embedded_cluster(n_workers: int | None = None,
-                     threads_per_worker: int | None = None) -> Iterator[Client]:
-    """A ``LocalCluster`` of worker processes plus its client, closed on exit."""
+def embedded_cluster(n_workers: int | None = None, threads_per_worker: int | None = None,
+                     security: Security | None = None) -> Iterator[Client]:
+    """A ``LocalCluster`` of worker processes plus its client, closed on exit.
+
+    With ``security`` (:func:`obdask.security.load`) every connection is
+    ``tls://`` on loopback with the scheduler, worker and client certificates.
+    """
     from distributed import Client, LocalCluster
 
     n_workers = config.get_int("run.n-workers", n_workers, minimum=1)
     threads = config.get_int("run.threads-per-worker", threads_per_worker, minimum=1)
     ttl = config.get_seconds("run.worker-ttl")
+    # the dashboard listens on loopback only (plain HTTP; see docs/security.md)
+    tls = {} if security is None else {
+        "security": security, "protocol": "tls://", "host": "127.0.0.1"}
     with LocalCluster(n_workers=0, threads_per_worker=threads, processes=True,
                       # a frozen worker (SIGSTOP, swapped out) is removed and its jobs re-run
                       scheduler_kwargs={"worker_ttl": f"{ttl}s" if ttl > 0 else None},
-                      dashboard_address="127.0.0.1:0",  # this host only (see docs/security)
-                      silence_logs=logging.CRITICAL) as cluster:
+                      dashboard_address="127.0.0.1:0",
+                      silence_logs=logging.CRITICAL, **tls) as cluster:
         # Each worker gets its share of this host (GPUs whole), declared at start
         # so the scheduler can place resource-restricted steps from the first task.
         for i, resources in enumerate(split_resources(host_resources(), n_workers)):
@@ -43,7 +50,7 @@ def embedded_cluster(n_workers: int | None = None,
             spec["options"]["resources"] = resources
             cluster.worker_spec[f"obdask-{i}"] = spec
         cluster.sync(cluster._correct_state)
-        with Client(cluster) as client:
+        with Client(cluster, security=security) as client:
             client.wait_for_workers(n_workers, timeout=60)
             from obdask.server import install
 
@@ -89,6 +96,8 @@ def connect(scheduler: str | None = None, n_workers: int | None = None,
             announce: Callable[[str], None] | None = None) -> Iterator[Client]:
     """A client of ``scheduler``, of the one Dask's config names, else an embedded cluster.
 
+    Both use mutual TLS when ``obdask.security.tls`` names a certificate folder.
+
     Parameters
     ----------
     scheduler : str, optional
@@ -96,9 +105,12 @@ def connect(scheduler: str | None = None, n_workers: int | None = None,
     announce : callable, optional
         Called with one line saying which cluster is used.
     """
+    from obdask.security import from_config
+
+    security = from_config()
     target, origin = configured_scheduler(scheduler)
     if target is None:
-        with embedded_cluster(n_workers) as client:
+        with embedded_cluster(n_workers, security=security) as client:
             if announce is not None:
                 workers = len(client.scheduler_info(n_workers=-1)["workers"])
                 link = client.dashboard_link
@@ -106,14 +118,14 @@ def connect(scheduler: str | None = None, n_workers: int | None = None,
                          f"dashboard {link}")
             yield client
         return
-    with _client(target) as client:
+    with _client(target, security) as client:
         if announce is not None:
             announce(f"cluster: {client.scheduler.address} (from {origin})")
         yield client
 
 
 @contextlib.contextmanager
-def _client(scheduler: str) -> Iterator[Client]:
+def _client(scheduler: str, security: Security | None = None) -> Iterator[Client]:
     """``Client(scheduler)`` whose failures to connect are one clear error."""
     from distributed import Client
 
@@ -125,7 +137,7 @@ def _client(scheduler: str) -> Iterator[Client]:
         address = scheduler
     _refused_at_once(address, scheduler)
     try:
-        client = Client(address, timeout=timeout)
+        client = Client(address, timeout=timeout, security=security)
     except ValueError as exc:  # e.g. "missing port number in address"
         raise ClusterUnreachable(
             f"scheduler {scheduler!r} is not a scheduler address ({exc}); use "

@@ -136,3 +136,11 @@ class LeaseLost(ObdaskError, RuntimeError):
 
 
 FencedError = LeaseLost
+
+
+class SecurityError(ObdaskError, ValueError):
+    """TLS material is missing or invalid (``obdask certs init``, ``--tls DIR``)."""
+
+
+class SandboxUnavailable(PayloadError):
+    """``obdask.cmd.sandbox.mode: require`` and bubblewrap cannot run on this worker."""

@@ -35,6 +35,11 @@ if not os.path.exists(PYTHON):
     PYTHON = "python"
 
 
+#: Worker environment for tests that need host pids or write outside the workspace:
+#: the bubblewrap sandbox (docs/security.md) hides both.
+NO_SANDBOX = {"DASK_OBDASK__CMD__SANDBOX__MODE": "off"}
+
+
 def write_plan(folder: Path, name: str, lines: list[str]) -> Plan:
     """Write ``lines`` as plan ``name`` (its plan_id too) and parse it."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -273,7 +278,7 @@ def test_worker_loss_recovery_applies_each_job_once(tmp_path):
     # the pid would be the nanny's and the worker a child it replaces).
     with ProcessCluster(tmp_path / "cluster") as cluster:
         for name in ("w1", "w2", "w3"):
-            cluster.add_worker(name, nanny=False)
+            cluster.add_worker(name, nanny=False, env=NO_SANDBOX)  # writes lines_file
         addr = cluster.wait_for("w1", "w2", "w3")
         pids = cluster.worker_pids()
         assert {pids[a] for a in addr.values()} == {p.pid for p in cluster.procs.values()}
@@ -355,8 +360,9 @@ def test_job_that_kills_its_worker_fails_after_allowed_failures(tmp_path):
     with ProcessCluster(tmp_path / "cluster", scheduler_env=env) as cluster:
         # Lanes keep the independent step off the worker that keeps dying: a task
         # merely queued there when it dies would count a failure too.
-        cluster.add_worker("doomed", "--lanes=1")  # with a nanny (the default)
-        cluster.add_worker("safe", "--lanes=2")
+        # (no sandbox: in its PID namespace the job could not see, let alone kill, its worker)
+        cluster.add_worker("doomed", "--lanes=1", env=NO_SANDBOX)  # with a nanny (default)
+        cluster.add_worker("safe", "--lanes=2", env=NO_SANDBOX)
         addr = cluster.wait_for("doomed", "safe")
         first_pid = cluster.worker_pids()[addr["doomed"]]
         result = obdask.run(plan, cluster.client)

@@ -103,6 +103,15 @@ def test_substitution_refused_by_default(command):
         check_command(command)
 
 
+@pytest.fixture(autouse=True)
+def _no_sandbox(monkeypatch):
+    """These tests check the launcher's own process handling (host pids, process groups,
+    the watchdog); the bubblewrap sandbox hides host pids (tests/test_sandbox.py)."""
+    monkeypatch.setenv("DASK_OBDASK__CMD__SANDBOX__MODE", "off")  # for child workers too
+    with dask.config.set({"obdask.cmd.sandbox.mode": "off"}):
+        yield
+
+
 def test_substitution_allowed_is_checked_inside():
     assert check_command("echo $(ls | wc -l) `date`", allow_substitution=True) == [
         "ls", "wc", "date", "echo"]

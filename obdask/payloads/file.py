@@ -23,6 +23,7 @@ from obdask import config
 from obdask.artifacts import sha1_bytes
 from obdask.exceptions import PayloadError
 from obdask.payloads.read import read_payload_file
+from obdask.payloads.sandbox import confine_diff
 
 if TYPE_CHECKING:
     from obdask.compile import JobSpec
@@ -59,6 +60,7 @@ def apply_diff(spec: JobSpec, ctx: RunContext, diff: bytes) -> dict[str, Any]:
         raise PayloadError(f"job {spec.key}: workspace {workspace} does not exist")
     if not diff.strip():
         raise PayloadError(f"job {spec.key}: {spec.payload.body} is empty, nothing to apply")
+    confine_diff(diff, workspace, what=f"job {spec.key}: {spec.payload.body}")  # no escapes
     fd, patch = tempfile.mkstemp(suffix=".diff", prefix="obdask-")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -33,6 +33,7 @@ from functools import lru_cache
 from typing import Any
 
 from obdask.exceptions import PayloadError
+from obdask.payloads import sandbox
 from obdask.payloads.reaper import watchdog
 
 try:
@@ -124,18 +125,32 @@ def spawn(shell: str, command: str, cwd: str | os.PathLike[str], env: dict[str, 
     preexec = None
     late_limits: tuple[tuple[int, int, int], ...] = ()
     gate: tuple[int, int] | None = None
+    box_fds: tuple[int, int, int, int] | None = None  # block r/w, info r/w
+    box = sandbox.wrap(argv, cwd, env)  # obdask.payloads.sandbox: one bwrap exec, or None
+    if box is not None and _which(shell) is None:  # bwrap would report it as exit status 1
+        raise PayloadError(f"@cmd: cannot run shell {shell!r} (not found); "
+                           "set obdask.cmd.shell to an existing shell")
     if launcher == "spawn":
         # Kill-on-worker-death comes from the watchdog (obdask.payloads.reaper);
         # rlimits are set from here with prlimit(2): nothing runs in the child.
         if rlimits and not hasattr(resource, "prlimit"):
             preexec = _make_preexec(rlimits, False)
+        elif rlimits and box is not None:
+            # bwrap's child reports its pid on --info-fd and waits on --block-fd: the
+            # limits go on it there, before it forks the shell (which inherits them)
+            late_limits = rlimits
+            block, info = os.pipe(), os.pipe()
+            box_fds = (block[0], block[1], info[0], info[1])
+            box[-4:-4] = ["--block-fd", str(block[0]), "--info-fd", str(info[1])]
         elif rlimits:
             # The shell waits on a pipe until the limits are in place, so no part of the
             # command runs unlimited; EOF (this process died first) makes it exit instead.
             late_limits = rlimits
             gate = os.pipe()
             argv[2] = _GATE + command
-    elif rlimits or (pdeathsig and _prctl is not None):
+    if box is not None:
+        argv = box  # [bwrap, ..., "--", shell, "-c", command]
+    if launcher != "spawn" and (rlimits or (pdeathsig and _prctl is not None)):
         prefix = _exec_prefix(shell, rlimits, pdeathsig) if launcher == "exec" else None
         if prefix is None:
             preexec = _make_preexec(rlimits, pdeathsig)
@@ -146,9 +161,11 @@ def spawn(shell: str, command: str, cwd: str | os.PathLike[str], env: dict[str, 
             argv, cwd=cwd, env=env, stdin=gate[0] if gate else subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
             preexec_fn=preexec, close_fds=True,
+            pass_fds=(box_fds[0], box_fds[3]) if box_fds else (),
         )
     except OSError as exc:
         _close_gate(gate)
+        _close_fds(box_fds)
         if exc.filename is not None and os.fspath(exc.filename) == os.fspath(cwd):
             what = "does not exist" if exc.errno == errno.ENOENT else f"is unusable ({exc})"
             raise PayloadError(f"@cmd: working directory {os.fspath(cwd)!r} {what}") from exc
@@ -161,6 +178,7 @@ def spawn(shell: str, command: str, cwd: str | os.PathLike[str], env: dict[str, 
                            "set obdask.cmd.shell to an existing shell") from exc
     except subprocess.SubprocessError as exc:
         _close_gate(gate)
+        _close_fds(box_fds)
         raise PayloadError(f"@cmd: could not set up the child process ({exc}); "
                            "check obdask.cmd.limits") from exc
     if launcher == "spawn" and pdeathsig:
@@ -170,7 +188,45 @@ def spawn(shell: str, command: str, cwd: str | os.PathLike[str], env: dict[str, 
     if gate is not None:
         os.close(gate[0])
         _open_gate(proc, late_limits, gate[1])
+    if box_fds is not None:
+        _open_box(proc, late_limits, box_fds)
     return proc
+
+
+def _open_box(proc: subprocess.Popen[bytes], rlimits: tuple[tuple[int, int, int], ...],
+              fds: tuple[int, int, int, int]) -> None:
+    """Set ``rlimits`` on bwrap's waiting child (pid from ``--info-fd``), then release it."""
+    os.close(fds[0])
+    os.close(fds[3])
+    try:
+        info = b""
+        while b"}" not in info:  # {"child-pid": N, ...}; EOF: bwrap failed (see stderr)
+            chunk = os.read(fds[2], 4096)
+            if not chunk:
+                break
+            info += chunk
+        if b"}" in info:
+            child = int(info.split(b'"child-pid":', 1)[1].split(b",", 1)[0].split(b"}")[0])
+            for rid, soft, hard in rlimits:
+                resource.prlimit(child, rid, (soft, hard))
+        try:
+            os.write(fds[1], b"x")
+        except BrokenPipeError:
+            pass  # bwrap already exited; its stderr says why
+    except (OSError, ValueError, IndexError) as exc:
+        _killpg(proc.pid, signal.SIGKILL)  # the child waits on --block-fd: nothing ran
+        reap(proc)
+        raise PayloadError(f"@cmd: could not apply obdask.cmd.limits inside the sandbox "
+                           f"({exc}); check the limits, or set obdask.cmd.launcher: "
+                           "preexec") from exc
+    finally:
+        os.close(fds[1])
+        os.close(fds[2])
+
+
+def _close_fds(fds: tuple[int, ...] | None) -> None:
+    for fd in fds or ():
+        os.close(fd)
 
 
 # Prepended to the command under the "spawn" launcher: a builtin read (no fork) of the

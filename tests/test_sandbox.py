@@ -1,0 +1,421 @@
+"""The bubblewrap sandbox of ``@cmd:`` jobs, tried as an attacker would.
+
+Each probe is a real command run with :func:`obdask.payloads.cmd.run_command`
+(the same path a job takes on a worker); where a probe could pass vacuously,
+the same command is also run with ``obdask.cmd.sandbox.mode: off`` and must
+succeed there.  All traffic stays on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import dask
+import psutil
+import pytest
+from cluster_utils import dask_env, wait_gone
+
+from obdask.exceptions import ConfigError, PayloadError, SandboxUnavailable
+from obdask.payloads import sandbox
+from obdask.payloads.cmd import run_command
+
+pytestmark = pytest.mark.skipif(sandbox.unavailable_reason("bwrap") is not None,
+                                reason=f"bwrap cannot run here: "
+                                       f"{sandbox.unavailable_reason('bwrap')}")
+
+PY = shlex.quote(sys.executable)
+ALLOW = ["python", "python3", "echo", "sh", "sleep", "setsid", "head", "touch", "cat", "exit",
+         "mkdir", "true", "wait", "ls", "git", "wc"]
+
+
+def run(command: str, cwd: Path, mode: str = "auto", network: bool = False, **kwargs):
+    kwargs.setdefault("timeout", 60)
+    with dask.config.set({"obdask.cmd.sandbox.mode": mode,
+                          "obdask.cmd.sandbox.network": network}):
+        return run_command(command, cwd, allowlist=ALLOW, **kwargs)
+
+
+def py(code: str) -> str:
+    return f"{PY} -c {shlex.quote(code)}"
+
+
+@pytest.fixture
+def ws(tmp_path):
+    path = tmp_path / "ws"
+    path.mkdir()
+    return path
+
+
+def test_plain_command_runs_with_output_and_exit_code(ws):
+    res = run("echo hi; echo err >&2; exit 3", ws)
+    assert (res.exit_code, res.stdout, res.stderr) == (3, b"hi\n", b"err\n")
+    assert run("true", ws).ok
+
+
+@pytest.fixture
+def tcp_server():
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    yield srv.getsockname()[1]
+    srv.close()
+
+
+def test_no_tcp_to_loopback_unless_network_enabled(ws, tcp_server):
+    probe = py(f"import socket; socket.create_connection(('127.0.0.1', {tcp_server}), "
+               "timeout=3); print('CONNECTED')")
+    res = run(probe, ws)
+    assert res.exit_code != 0 and b"CONNECTED" not in res.stdout, res
+    assert b"CONNECTED" in run(probe, ws, mode="off").stdout  # the probe itself works
+    assert b"CONNECTED" in run(probe, ws, network=True).stdout
+
+
+@pytest.mark.parametrize("where", ["run", "tmp", "abstract"])
+def test_no_unix_socket_of_the_host(ws, tmp_path, where):
+    if where == "run":
+        if not os.access("/run", os.W_OK):
+            pytest.skip("/run is not writable here")
+        path = f"/run/obdask-test-{uuid.uuid4().hex[:8]}.sock"
+    elif where == "tmp":
+        path = str(tmp_path / "host.sock")
+    else:
+        path = f"\0obdask-test-{uuid.uuid4().hex[:8]}"
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(8)
+    try:
+        probe = py(f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({path!r}); "
+                   "print('CONNECTED')")
+        res = run(probe, ws)
+        assert res.exit_code != 0 and b"CONNECTED" not in res.stdout, res
+        assert b"CONNECTED" in run(probe, ws, mode="off").stdout
+    finally:
+        srv.close()
+        if not path.startswith("\0"):
+            os.unlink(path)
+
+
+def test_writes_only_inside_the_workspace(ws, tmp_path):
+    outside = tmp_path / "outside.txt"
+    repo_probe = Path(__file__).resolve().parents[1] / f"probe-{uuid.uuid4().hex[:8]}"
+    etc_probe = Path(f"/etc/obdask-probe-{uuid.uuid4().hex[:8]}")
+    host_tmp = Path(f"/tmp/obdask-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        for target in (outside, repo_probe, etc_probe, Path(sys.prefix) / "probe"):
+            res = run(f"echo x > {shlex.quote(str(target))}", ws)
+            # under the private /tmp a write "works" but lands in the job's own tmpfs
+            assert res.exit_code != 0 or str(target).startswith("/tmp/"), (target, res)
+            assert not target.exists(), target
+        res = run(f"echo in > inside.txt && mkdir -p d/e && echo x > d/e/f && "
+                  f"echo t > {host_tmp} && cat {host_tmp}", ws)
+        assert res.ok and res.stdout == b"t\n", res
+        assert (ws / "inside.txt").read_text() == "in\n" and (ws / "d/e/f").exists()
+        assert not host_tmp.exists()  # the job's /tmp is its own
+        assert run(f"echo x > {shlex.quote(str(outside))}", ws, mode="off").ok
+    finally:
+        for path in (outside, repo_probe, etc_probe, host_tmp):
+            if path.exists():
+                path.unlink()
+
+
+def test_system_is_readable_but_root_cannot_remount(ws):
+    res = run("cat /etc/hostname >/dev/null && " + py(
+        "import ctypes, sys; libc = ctypes.CDLL(None, use_errno=True); "
+        "sys.exit(0 if libc.mount(b'none', b'/usr', None, 32 | 4096, None) == 0 else 7)"), ws)
+    assert res.exit_code == 7, res  # MS_REMOUNT|MS_BIND refused: no capabilities
+
+
+@pytest.mark.parametrize("launcher", ["spawn", "exec", "preexec"])
+def test_cannot_see_other_processes_or_the_worker_environ(ws, launcher):
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        probe = py(
+            "import os, sys\n"
+            f"seen = [os.path.exists('/proc/{other.pid}'), os.path.exists('/proc/{os.getpid()}')]\n"
+            "try:\n"
+            f"    open('/proc/{os.getpid()}/environ').read(); seen.append(True)\n"
+            "except OSError:\n"
+            "    seen.append(False)\n"
+            "pids = [p for p in os.listdir('/proc') if p.isdigit()]\n"
+            "print(seen, len(pids))\n")
+        with dask.config.set({"obdask.cmd.launcher": launcher}):
+            res = run(probe, ws)
+            assert res.ok, res
+            seen, count = res.stdout.decode().rsplit(" ", 1)
+            assert seen == "[False, False, False]" and int(count) <= 4, res.stdout
+            control = run(probe, ws, mode="off")
+        assert control.stdout.startswith(b"[True, True, True]"), control
+    finally:
+        other.kill()
+        other.wait()
+
+
+@pytest.mark.parametrize("launcher", ["spawn", "exec", "preexec"])
+def test_rlimits_still_apply_inside(ws, launcher):
+    with dask.config.set({"obdask.cmd.launcher": launcher}):
+        res = run("head -c 3000000 /dev/zero > big", ws, limits={"file-size": "1MiB"})
+    assert res.exit_code != 0, res
+    assert (ws / "big").stat().st_size <= 1 << 20
+
+
+def _marked(marker: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if marker in " ".join(proc.info["cmdline"] or []):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_timeout_leaves_no_process_even_setsid(ws):
+    marker = f"{300 + uuid.uuid4().int % 1000}.{uuid.uuid4().int % 1000}"
+    line = (f"sleep {marker} & setsid sleep {marker} & "
+            + py(f"import os, time\nif os.fork() == 0:\n    os.setsid()\n    os.execvp('sleep', "
+                 f"['sleep', '{marker}'])\ntime.sleep(1)") + f" & sleep {marker}")
+    start = time.monotonic()
+    res = run(line, ws, timeout=2)
+    assert res.timed_out and time.monotonic() - start < 30
+    deadline = time.monotonic() + 10
+    while _marked(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _marked(marker)
+    for proc in left:
+        proc.kill()
+    assert not left, [p.info["cmdline"] for p in left]
+    assert wait_gone(res.pid)
+
+
+def test_mode_require_refuses_without_bwrap(ws):
+    with dask.config.set({"obdask.cmd.sandbox.bwrap": "/nonexistent/bwrap"}):
+        with pytest.raises(SandboxUnavailable, match="bubblewrap") as info:
+            run("true", ws, mode="require")
+    assert "mode: auto" in str(info.value)
+
+
+def test_mode_auto_without_bwrap_warns_once_and_runs_unsandboxed(ws, caplog):
+    missing = f"/nonexistent/bwrap-{uuid.uuid4().hex[:8]}"
+    with caplog.at_level(logging.WARNING, logger="obdask.payloads.sandbox"), \
+            dask.config.set({"obdask.cmd.sandbox.bwrap": missing}):
+        for _ in range(3):
+            res = run(py(f"import os; print(os.path.exists('/proc/{os.getpid()}'))"), ws)
+            assert res.stdout == b"True\n"
+    warnings = [r for r in caplog.records if "sandbox" in r.getMessage()]
+    assert len(warnings) == 1 and "rlimit" in warnings[0].getMessage()
+
+
+def test_bad_mode_is_a_config_error(ws):
+    with pytest.raises(ConfigError, match="auto, require, off"):
+        run("true", ws, mode="sometimes")
+
+
+def test_string_shorthand_for_mode(ws):
+    with dask.config.set({"obdask.cmd.sandbox": "off"}):
+        res = run_command(py(f"import os; print(os.path.exists('/proc/{os.getpid()}'))"), ws,
+                          allowlist=ALLOW)
+    assert res.stdout == b"True\n"
+
+
+def test_argv_is_one_bwrap_exec_no_shell_layer(ws):
+    argv = sandbox.wrap(["/bin/sh", "-c", "true"], ws, {"PATH": "/usr/bin"})
+    assert argv is not None and os.path.basename(argv[0]) == "bwrap"
+    assert argv[-3:] == ["/bin/sh", "-c", "true"] and argv[-4] == "--"
+    joined = " ".join(argv)
+    for flag in ("--unshare-net", "--unshare-pid", "--die-with-parent", "--new-session",
+                 "--cap-drop ALL", f"--bind {ws} {ws}", "--tmpfs /tmp", "--proc /proc"):
+        assert flag in joined, flag
+    assert " /run " not in f" {joined} "
+
+
+@pytest.mark.slow
+def test_obdask_run_jobs_are_sandboxed(tmp_path):
+    probe = Path(f"/etc/obdask-probe-{uuid.uuid4().hex[:8]}")
+    plan = tmp_path / "p.md"
+    plan.write_text("# Plan: box\n"
+                    "- [ ] id=ok lane=1 payload=@cmd:echo hi > hi.txt\n"
+                    f"- [ ] id=bad lane=1 deps=ok payload=@cmd:touch {probe}\n")
+    try:
+        done = subprocess.run([sys.executable, "-m", "obdask.cli", "run", str(plan), "--json",
+                               "--workers", "1"], capture_output=True, text=True, timeout=240,
+                              env=dask_env())
+        statuses = {j["id"]: j["status"] for j in json.loads(done.stdout)["jobs"]}
+        assert statuses["ok"] == "done" and statuses["bad"] != "done", done.stdout
+        assert (tmp_path / "hi.txt").read_text() == "hi\n"
+        assert not probe.exists()
+    finally:
+        if probe.exists():
+            probe.unlink()
+
+
+@pytest.mark.parametrize("workspace", ["/", "/etc", "/usr/lib"])
+def test_workspace_over_a_system_path_is_refused(workspace):
+    with pytest.raises(PayloadError, match="overlaps the read-only system path"):
+        run("true", Path(workspace))
+
+
+def test_probe_reports_why_bwrap_cannot_run():
+    assert "not found" in sandbox.unavailable_reason("/nonexistent/bwrap")
+    assert sandbox.unavailable_reason() is None  # it works here (skip marker above)
+
+
+@pytest.mark.parametrize("launcher", ["spawn", "exec", "preexec"])
+def test_job_dies_with_its_worker(ws, launcher):
+    """SIGKILL of the worker leaves nothing of the sandboxed job, setsid children included."""
+    marker = f"{300 + uuid.uuid4().int % 1000}.{uuid.uuid4().int % 1000}"
+    script = (
+        "import dask, sys\n"
+        "from obdask.payloads.cmd import run_command\n"
+        f"dask.config.set({{'obdask.cmd.launcher': {launcher!r}}})\n"
+        f"run_command('setsid sleep {marker} & sleep {marker} & echo up > up; wait', "
+        f"sys.argv[1], timeout=120, allowlist={ALLOW!r})\n")
+    worker = subprocess.Popen([sys.executable, "-c", script, str(ws)], env=dask_env())
+    try:
+        deadline = time.monotonic() + 30
+        while len(_marked(marker)) < 2 or not (ws / "up").exists():
+            assert time.monotonic() < deadline and worker.poll() is None
+            time.sleep(0.05)
+    finally:
+        worker.kill()
+        worker.wait()
+    deadline = time.monotonic() + 10
+    while _marked(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _marked(marker)
+    for proc in left:
+        proc.kill()
+    assert not left
+
+
+# ------------------------------------------------------------ #apply confinement
+
+
+def _diff(old: str, new: str, body: str = "@@ -0,0 +1 @@\n+pwned\n") -> bytes:
+    return f"--- {old}\n+++ {new}\n{body}".encode()
+
+
+@pytest.fixture
+def apply_ws(tmp_path):
+    ws = tmp_path / "ws"
+    (ws / "src").mkdir(parents=True)
+    (ws / "src" / "app.py").write_text("x = 1\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("secret\n")
+    (ws / "link").symlink_to(outside)
+    (ws / "flink").symlink_to(outside / "secret")
+    return ws
+
+
+@pytest.mark.parametrize("diff, why", [
+    (_diff("a/../outside/new", "b/../outside/new"), "'..'"),
+    (_diff("/dev/null", "b/src/../../outside/x"), "'..'"),
+    (_diff("/etc/passwd", "/etc/passwd"), "absolute"),
+    (_diff("/dev/null", "b/link/new"), "symbolic link"),
+    (_diff("a/flink", "b/flink", "@@ -1 +1 @@\n-secret\n+pwned\n"), "symbolic link"),
+    (_diff("/dev/null", "b/.git/hooks/pre-commit"), ".git"),
+    (_diff("/dev/null", "b/sub/.GIT/config"), ".git"),
+    (_diff('"a/\\056\\056/outside/q"', '"b/\\056\\056/outside/q"'), "'..'"),
+    (b"diff --git a/src/app.py b/../evil.py\nsimilarity index 100%\n"
+     b"rename from src/app.py\nrename to ../evil.py\n", "'..'"),
+    (b"diff --git a/ln b/ln\nnew file mode 120000\n--- /dev/null\n+++ b/ln\n"
+     b"@@ -0,0 +1 @@\n+/etc/passwd\n\\ No newline at end of file\n", "symbolic link"),
+])
+def test_escaping_diffs_are_refused_before_writing(apply_ws, diff, why):
+    before = sorted(p.name for p in apply_ws.parent.rglob("*"))
+    with pytest.raises(PayloadError, match="refused") as info:
+        sandbox.confine_diff(diff, apply_ws)
+    assert why.lower() in str(info.value).lower()
+    assert sorted(p.name for p in apply_ws.parent.rglob("*")) == before
+
+
+def test_confined_diff_lists_its_paths_and_ignores_hunk_lines(apply_ws):
+    diff = (b"diff --git a/src/app.py b/src/app.py\n--- a/src/app.py\t2026-01-01 10:00\n"
+            b"+++ b/src/app.py\t2026-01-01 10:01\n@@ -1,2 +1,2 @@\n x = 1\n"
+            b"--- /etc/passwd looks like a header but is a removed line\n"
+            b"+++ /etc/shadow as is this added one\n"
+            b"--- /dev/null\n+++ b/new/file.txt\n@@ -0,0 +1 @@\n+hello\n")
+    assert sandbox.confine_diff(diff, apply_ws) == ["src/app.py", "new/file.txt"]
+
+
+@pytest.mark.slow
+def test_apply_step_refuses_a_diff_through_a_symlink(apply_ws):
+    outside = apply_ws.parent / "outside" / "secret"
+    (apply_ws / "evil.diff").write_bytes(
+        _diff("a/flink", "b/flink", "@@ -1 +1 @@\n-secret\n+pwned\n"))
+    (apply_ws / "ok.diff").write_bytes(_diff("a/src/app.py", "b/src/app.py",
+                                             "@@ -1 +1 @@\n-x = 1\n+x = 2\n"))
+    plan = apply_ws / "p.md"
+    plan.write_text("# Plan: diffs\n- [ ] id=ok lane=1 payload=@file:ok.diff#apply\n"
+                    "- [ ] id=evil lane=2 payload=@file:evil.diff#apply\n")
+    done = subprocess.run([sys.executable, "-m", "obdask.cli", "run", str(plan), "--json",
+                           "--workers", "1"], capture_output=True, text=True, timeout=240,
+                          env=dask_env())
+    jobs = {j["id"]: j for j in json.loads(done.stdout)["jobs"]}
+    assert jobs["ok"]["status"] == "done", jobs
+    assert jobs["evil"]["status"] != "done" and "refused" in jobs["evil"]["error"], jobs
+    assert outside.read_text() == "secret\n"
+    assert (apply_ws / "src" / "app.py").read_text() == "x = 2\n"
+
+
+def test_home_is_private_and_writable(ws, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".secret").write_text("token\n")
+    res = run('echo cache > "$HOME/c" && cat "$HOME/c" && ls -A "$HOME"', ws,
+              extra_env={"HOME": str(home)})
+    assert res.ok and res.stdout == b"cache\nc\n", res  # the host's files are not there
+    assert not (home / "c").exists()
+
+
+# ------------------------------------------------------------ git workspaces
+
+GIT = "git -c user.name=t -c user.email=t@example.com"
+
+
+@pytest.fixture
+def mirror_and_worktree(tmp_path):
+    """A repository and a detached worktree of it, as obdask.workspace.checkout makes."""
+    from cluster_utils import git_repository
+
+    mirror = tmp_path / "obdask-git" / "clone"
+    sha = git_repository(mirror, "m")
+    tree = tmp_path / "obdask-git" / "rev-1"
+    subprocess.run(["git", "worktree", "add", "--quiet", "--detach", str(tree), sha],
+                   cwd=mirror, check=True, capture_output=True)
+    return mirror, tree
+
+
+def test_git_worktree_workspace_works_inside(mirror_and_worktree):
+    mirror, tree = mirror_and_worktree
+    res = run(f"git rev-parse HEAD && echo x > new.txt && git add new.txt && "
+              f"{GIT} commit -qm new && git log --oneline | wc -l", tree,
+              )
+    assert res.ok and res.stdout.split()[-1] == b"2", res
+    # the commit is real: its objects went to the shared repository
+    log = subprocess.run(["git", "log", "--oneline", "-1"], cwd=tree, capture_output=True,
+                         text=True, check=True).stdout
+    assert "new" in log
+
+
+def test_git_hooks_and_config_are_out_of_a_jobs_reach(mirror_and_worktree):
+    """The worker runs git in these repositories outside the sandbox (worktree add,
+    apply): a hook or core.fsmonitor planted by a job would run there."""
+    mirror, tree = mirror_and_worktree
+    for ws, gitdir in ((tree, mirror / ".git"), (mirror, mirror / ".git")):
+        hook = gitdir / "hooks" / "post-checkout"
+        res = run(f"echo 'touch /tmp/pwned' > {hook}; {GIT} config core.fsmonitor evil; "
+                  "echo done", ws)
+        assert res.stdout == b"done\n", res
+        assert not hook.exists(), ws
+        assert "fsmonitor" not in (gitdir / "config").read_text(), ws
+        assert run(f"{GIT} status --short && git rev-parse HEAD", ws).ok
