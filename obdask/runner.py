@@ -25,6 +25,7 @@ from obdask.exceptions import JobFailed, ObdaskError, PlacementError, PlanError,
 from obdask.placement import Placement
 from obdask.plan import Plan
 from obdask.records import RunStore, new_run_id
+from obdask.runlock import RunLock
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -237,6 +238,20 @@ async def _run(client: Client, plan: Plan, *, workspace: str | None, resume: boo
     # Stores are read and written through fsspec, which blocks: never on the event loop.
     compiled, ctx = await asyncio.to_thread(
         prepare, plan, workspace=workspace, resume=resume, artifacts=artifacts, records=records)
+    # One run of a plan at a time per record store, even on separate embedded clusters.
+    lock = RunLock(ctx.records)
+    if await asyncio.to_thread(lock.acquire, config.get_seconds("run.busy-plan-wait")):
+        compiled, ctx = await asyncio.to_thread(  # what the earlier run completed counts
+            prepare, plan, workspace=workspace, resume=resume, artifacts=artifacts,
+            records=records, run_id=ctx.run_id)
+    try:
+        return await _run_locked(client, plan, compiled, ctx, priority, progress, started)
+    finally:
+        await asyncio.to_thread(lock.release)
+
+
+async def _run_locked(client: Client, plan: Plan, compiled: CompiledPlan, ctx: RunContext,
+                      priority: int, progress: Progress | None, started: float) -> RunResult:
     placement = await place_on(client, compiled)
     await _wait_keys_free(client, [j.key for j in compiled.runnable], plan)
     events = _subscribe_events(client, ctx.run_id)

@@ -82,3 +82,31 @@ def test_a_frozen_worker_is_removed_and_its_jobs_run_elsewhere(tmp_path):
     result = json.loads(stdout)
     assert result["ok"] and len(result["jobs"]) == 12
     assert result["workers_lost"], result
+
+
+@pytest.mark.timeout(300)
+def test_two_runs_on_separate_embedded_clusters_do_not_overlap(tmp_path):
+    # Regression: each `obdask run` started its own cluster, so both ran every job.
+    plan = tmp_path / "plan.md"
+    plan.write_text("plan_id=twice\n" + "".join(
+        f"- [ ] id=s{i} lane=1 payload=@cmd:echo {i} >> count.txt && sleep 1.5\n"
+        for i in range(20)))
+    env = {**os.environ, "DASK_OBDASK__RUN__N_WORKERS": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "obdask.cli", "run", str(plan), "--json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env, cwd=tmp_path)
+    count = tmp_path / "count.txt"
+    deadline = time.monotonic() + 120
+    while not count.exists():
+        assert time.monotonic() < deadline and first.poll() is None, first.communicate()
+        time.sleep(0.05)
+    second = subprocess.run(
+        [sys.executable, "-m", "obdask.cli", "run", str(plan), "--json"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        env={**env, "DASK_OBDASK__RUN__BUSY_PLAN_WAIT": "0s"})
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert second.returncode == 2 and "already running" in second.stderr, second.stderr
+    assert "Traceback" not in second.stderr
+    assert sorted(count.read_text().split(), key=int) == [str(i) for i in range(20)]
+    assert not list((tmp_path / ".obdask" / "records" / "twice").glob("running.lock"))
