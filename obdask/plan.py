@@ -133,8 +133,15 @@ class Step:
 
     @property
     def dedupe_key(self) -> str | None:
-        """The content key that marks this step done: ``dedupe=`` or ``#sha1=``."""
-        return self.dedupe or self.payload.sha1
+        """The content key that marks this step done: ``dedupe=`` or ``#sha1=``.
+
+        A pinned ``#apply`` diff is no dedupe key: the step changes its workspace, and
+        a workspace reset since the diff was last applied needs it applied again (the
+        apply itself skips a diff that is already there).
+        """
+        if self.dedupe:
+            return self.dedupe
+        return None if self.payload.apply else self.payload.sha1
 
 
 @dataclass

@@ -181,6 +181,26 @@ def test_apply_good_and_bad_diff_in_git_repo(tmp_path, git_repo, cluster_client)
     assert "1 file changed" in diff
 
 
+def test_apply_is_idempotent_and_a_pinned_diff_is_applied_again_after_a_reset(
+        tmp_path, git_repo, cluster_client):
+    # Regression: #sha1= on an #apply step deduplicated on the diff alone, so after the
+    # workspace was reset a second run reported the step done and never applied it.
+    good = tmp_path / "good.diff"
+    good.write_text("--- a/app.py\n+++ b/app.py\n@@ -1,2 +1,2 @@\n def answer():\n"
+                    "-    return 41\n+    return 42\n")
+    sha = sha1_bytes(good.read_bytes())
+    plan = write_plan(tmp_path, f"- [ ] id=good lane=1 payload=@file:good.diff#sha1={sha}#apply\n")
+    first = obdask.run(plan, cluster_client, workspace=str(git_repo))
+    assert statuses(first) == {"good": "done"}
+    again = obdask.run(plan, cluster_client, workspace=str(git_repo))  # already applied
+    assert statuses(again) == {"good": "done"}
+    assert again.records[0]["already_applied"] is True
+    subprocess.run(["git", "checkout", "app.py"], cwd=git_repo, check=True)
+    reset = obdask.run(plan, cluster_client, workspace=str(git_repo))
+    assert statuses(reset) == {"good": "done"} and reset.records[0]["applied"] is True
+    assert (git_repo / "app.py").read_text() == "def answer():\n    return 42\n"
+
+
 def test_sha1_mismatch_is_a_clear_error(tmp_path, cluster_client):
     (tmp_path / "spec.md").write_text("content")
     plan = write_plan(tmp_path, f"- [ ] id=pinned lane=1 payload=@file:spec.md#sha1={'0' * 40}"
@@ -193,9 +213,10 @@ def test_sha1_mismatch_is_a_clear_error(tmp_path, cluster_client):
 def test_model_task_without_backend_fails_clearly(tmp_path, cluster_client):
     (tmp_path / "spec.md").write_text("write a function")
     plan = write_plan(tmp_path, "- [ ] id=llm lane=2 payload=@file:spec.md\n")
-    with dask.config.set({"obdask.llm.endpoints": []}):
+    with dask.config.set({"obdask.llm.endpoints": [], "obdask.llm.attempts": 1}):
         result = obdask.run(plan, cluster_client)
-    assert "no model backend configured" in result.frame.loc["llm", "error"]
+    # nothing configured: Ollama's own default, named in the error
+    assert "127.0.0.1:11434" in result.frame.loc["llm", "error"]
 
 
 def test_s3_payloads_and_s3_stores(tmp_path, s3_bucket, cluster_client):

@@ -54,7 +54,12 @@ def _git(args: list[str], cwd: str, spec: JobSpec, patch: str) -> subprocess.Com
 
 
 def apply_diff(spec: JobSpec, ctx: RunContext, diff: bytes) -> dict[str, Any]:
-    """``git apply --check`` then ``git apply`` in the workspace (all or nothing)."""
+    """``git apply --check`` then ``git apply`` in the workspace (all or nothing).
+
+    Idempotent: a diff already applied to the workspace (it does not apply
+    forwards but reverses cleanly) is recorded as ``already_applied`` and left
+    alone, so a job re-run after a worker died mid-way does not fail or apply twice.
+    """
     workspace = ctx.workspace
     if not os.path.isdir(workspace):
         raise PayloadError(f"job {spec.key}: workspace {workspace} does not exist")
@@ -66,6 +71,13 @@ def apply_diff(spec: JobSpec, ctx: RunContext, diff: bytes) -> dict[str, Any]:
         with os.fdopen(fd, "wb") as f:
             f.write(diff)
         check = _git(["apply", "--check", "--whitespace=nowarn"], workspace, spec, patch)
+        if check.returncode != 0 and _git(["apply", "--reverse", "--check",
+                                           "--whitespace=nowarn"], workspace, spec,
+                                          patch).returncode == 0:
+            stat = _git(["apply", "--numstat"], workspace, spec, patch).stdout
+            files = [line.split("\t", 2)[-1] for line in stat.splitlines() if line.strip()]
+            return {"applied": False, "already_applied": True, "files": files,
+                    "diff": ctx.artifacts.put(diff)}
         if check.returncode != 0:
             reason = check.stderr.strip().splitlines()
             raise PayloadError(
