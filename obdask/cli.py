@@ -192,7 +192,7 @@ def run(plan: str, scheduler: str | None, workers: int | None, workspace: str | 
     """Run PLAN on Dask; exits 1 if any job failed."""
     import dask
 
-    from obdask import config
+    from obdask import settings
     from obdask.cluster import connect
     from obdask.runner import run as run_plan
 
@@ -205,7 +205,7 @@ def run(plan: str, scheduler: str | None, workers: int | None, workspace: str | 
         load(tls)  # a missing or incomplete folder is one error line, before any cluster
         overrides["obdask.security.tls"] = tls
     with dask.config.set(overrides):
-        config.check()  # every bad setting fails here, naming its key, before any job runs
+        settings.check()  # every bad setting fails here, naming its key, before any job runs
     _quiet_client_logs()
     bar = None if as_json else _ProgressBar(parsed.plan_id)
     try:

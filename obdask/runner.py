@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from obdask import config
+from obdask import config, settings
 from obdask.artifacts import ArtifactStore
 from obdask.compile import CompiledPlan, Job, annotations, batches, compile_plan
 from obdask.context import CommandPolicy, RunContext
@@ -103,7 +103,7 @@ def prepare(plan: Plan, *, workspace: str | None = None, resume: bool = False,
     Resources, lanes and routes are left to the placement phase
     (:func:`obdask.placement.place`).
     """
-    config.check()  # every bad setting, naming its key, before anything is read or run
+    settings.check()  # every bad setting, naming its key, before anything is read or run
     storage_options = dict(config.get("storage-options") or {})
     art_url = _store_url("artifacts", artifacts, plan)
     rec_url = _store_url("records", records, plan)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 
-from obdask import config
+from obdask import config, settings
 from obdask.exceptions import CommandRefused, ConfigError, PayloadError, PlanError
 from obdask.plan import Plan, parse_all, read_plan_text
 
@@ -57,7 +57,7 @@ def validate_plan(plan: Plan) -> list[tuple[int, str]]:
         allow = config.get_str_list("cmd.allowlist")
         allow_sub = config.get_bool("cmd.allow-substitution")
     except ConfigError:
-        allow = None  # reported by config.check(); commands cannot be judged without it
+        allow = None  # reported by settings.check(); commands cannot be judged without it
     roles = _roles()
     for step in plan.steps:
         if step.done:
@@ -85,7 +85,7 @@ def _default_role() -> str | None:
     try:
         return config.get_str("placement.default-role")
     except ConfigError:
-        return None  # reported by config.check()
+        return None  # reported by settings.check()
 
 
 def _roles() -> set[str] | None:
@@ -98,7 +98,7 @@ def _roles() -> set[str] | None:
 
 def _config_problems() -> list[str]:
     try:
-        config.check()
+        settings.check()
     except ConfigError as exc:
         return list(getattr(exc, "errors", [str(exc)]))
     return []

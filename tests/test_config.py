@@ -11,7 +11,7 @@ import dask
 import pytest
 import yaml
 
-from obdask import config
+from obdask import config, settings
 
 
 def leaves(tree, prefix=""):
@@ -163,17 +163,17 @@ def test_check_names_every_bad_key(key, value, message):
 
     with dask.config.set({f"obdask.{key}": value}):
         with pytest.raises(ConfigError) as info:
-            config.check()
+            settings.check()
     assert message in str(info.value)
 
 
 def test_check_reports_every_problem_at_once():
     from obdask.exceptions import ConfigError
 
-    config.check()  # the defaults are valid
+    settings.check()  # the defaults are valid
     with dask.config.set({"obdask.run.retries": "x", "obdask.storage-options": 3}):
         with pytest.raises(ConfigError, match=r"\(and 1 more problem") as info:
-            config.check()
+            settings.check()
     assert len(info.value.errors) == 2
 
 
