@@ -206,6 +206,10 @@ def run(plan: str, scheduler: str | None, workers: int | None, workspace: str | 
         overrides["obdask.security.tls"] = tls
     with dask.config.set(overrides):
         settings.check()  # every bad setting fails here, naming its key, before any job runs
+    from obdask.confine import check_plan
+    from obdask.runner import resolve_workspace
+
+    check_plan(parsed, resolve_workspace(parsed, workspace))  # before any cluster starts
     _quiet_client_logs()
     bar = None if as_json else _ProgressBar(parsed.plan_id)
     try:

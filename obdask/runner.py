@@ -104,6 +104,9 @@ def prepare(plan: Plan, *, workspace: str | None = None, resume: bool = False,
     (:func:`obdask.placement.place`).
     """
     settings.check()  # every bad setting, naming its key, before anything is read or run
+    from obdask.confine import check_plan
+
+    check_plan(plan, resolve_workspace(plan, workspace))  # no file or workspace escapes
     storage_options = dict(config.get("storage-options") or {})
     art_url = _store_url("artifacts", artifacts, plan)
     rec_url = _store_url("records", records, plan)

@@ -130,6 +130,8 @@ CHECKS: dict[str, Callable[[str], Any]] = {
     "run.wait-for-resources": get_seconds,
     "run.busy-plan-wait": get_seconds,
     "run.worker-ttl": get_seconds,
+    "security.roots": get_str_list,
+    "security.protocols": get_str_list,
     "run.git-timeout": get_seconds,
     "run.apply-timeout": get_seconds,
     "cmd.allowlist": get_str_list,
