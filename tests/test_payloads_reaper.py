@@ -51,4 +51,5 @@ def test_watched_group_dies_with_its_owner(tmp_path):
     assert len(members) >= 2
     owner.kill()
     owner.wait()
+    owner.stdout.close()
     assert all(wait_gone(pid) for pid in members)

@@ -19,7 +19,8 @@ def test_clone_then_warm_and_a_revision_worktree(git_repo, tmp_path):
     scratch = tmp_path / "scratch"
     path, warm = checkout(f"git:{git_repo}", "k", str(scratch))
     assert not warm and (scratch / "obdask-git").is_dir()
-    assert "return 41" in open(f"{path}/app.py").read()
+    with open(f"{path}/app.py") as f:
+        assert "return 41" in f.read()
     rev = _head(git_repo)
     tree, warm = checkout(f"git:{git_repo}@{rev}", "k", str(scratch))
     assert warm and tree != path
