@@ -19,9 +19,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from obdask import config
 from obdask.exceptions import PlanError
+
+if TYPE_CHECKING:
+    from obdask.plan import Plan
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +89,12 @@ def check_file(step_id: str, line: int, body: str, plan_folder: str, workspace: 
                         "its folder to obdask.security.roots")
 
 
-def check_plan(plan: object, workspace: str) -> None:
+def check_plan(plan: Plan, workspace: str) -> None:
     """Check every runnable step's ``@file:`` payload and the workspace of ``plan``."""
-    where = getattr(plan, "path", None) or getattr(plan, "plan_id", "plan")
+    where = plan.path or plan.plan_id
     if workspace and not workspace.startswith("git:"):
         check_workspace(workspace, where, plan.folder)
-    for step in getattr(plan, "steps", ()):
+    for step in plan.steps:
         if step.done or step.payload.prefix != "file":
             continue
         check_file(step.id, step.line, step.payload.body, plan.folder, workspace, where)

@@ -182,7 +182,7 @@ class RunStore:
             text = ""
         for lineno, line in enumerate(text.splitlines(), start=1):
             if line.strip():
-                records.append(load_record(line, f"{path}:{lineno}", placeholder=True))
+                records.append(_placeholder_record(line, f"{path}:{lineno}"))
         known = {r.get("step") for r in records if r.get("status") != DAMAGED}
         damaged = {r.get("step"): i for i, r in enumerate(records) if r.get("status") == DAMAGED}
         # A run that crashed before writing records still has its ledger.
@@ -191,7 +191,7 @@ class RunStore:
         except FileNotFoundError:
             paths = []
         for path in paths:
-            record = load_record(self.fs.cat_file(path), path, placeholder=True)
+            record = _placeholder_record(self.fs.cat_file(path), path)
             if record.get("status") == DAMAGED:
                 record["step"] = posixpath.basename(path)[:-len(".json")]
             step = record.get("step")
@@ -248,6 +248,12 @@ def write_atomic(fs: Any, path: str, data: bytes, local: bool | None = None,
         except OSError:
             pass
         raise
+
+
+def _placeholder_record(data: bytes | str, where: str) -> dict[str, Any]:
+    """:func:`load_record` with a placeholder for a damaged record (never None)."""
+    record = load_record(data, where, placeholder=True)
+    return record if record is not None else {"status": DAMAGED, "where": where}
 
 
 def load_record(data: bytes | str, where: str, placeholder: bool = False,

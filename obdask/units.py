@@ -27,7 +27,7 @@ _NUMBER_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*
 _TIME_ALIASES = {"sec": "s", "secs": "s", "min": "m", "mins": "m", "hr": "h", "hrs": "h"}
 
 
-def _split(value: str, what: str) -> tuple[str, str]:
+def _split(value: object, what: str) -> tuple[str, str]:
     m = _NUMBER_RE.match(value) if isinstance(value, str) else None
     if m is None:
         raise ValueError(f"not {what}: {value!r}")
