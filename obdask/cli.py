@@ -339,5 +339,9 @@ def _print_table(rows: list[dict[str, Any]], limit: int = 40) -> None:
         click.echo(f"... {len(rows) - min(len(shown), limit)} more jobs not shown")
 
 
+from obdask.cli_session import session as _session  # noqa: E402
+
+main.add_command(_session)
+
 if __name__ == "__main__":  # pragma: no cover
     main()
