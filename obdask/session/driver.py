@@ -229,6 +229,7 @@ class Driver:
         if not c.open:  # settled before a crash: use what was recorded
             return {"question": c.question, "answer": c.answer, "source": c.source,
                     "timed_out": c.timed_out}
+        self._crash(index, "after-ask")
         question = {"id": c.id, "position": position, "question": c.question,
                     "deadline": c.deadline, "asked": c.asked}
         self._share(self._shared_state(nxt, "waiting", question),

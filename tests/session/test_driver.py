@@ -265,6 +265,8 @@ def test_cli(cluster, model, tmp_path):
             (["session", "show", "nope"], "no session 'nope'"),
             (["session", "answer", sid, "hi", *addr], "asked nothing"),
             (["session", "start", "x", "--id", sid, *addr], "already exists"),
+            (["session", "start", "x", "--store", "/dev/null/x", *addr], "cannot write"),
+            (["session", "answer", "nope", "hi", *addr], "no session 'nope'"),
     ):
         res = runner.invoke(main, args)
         assert res.exit_code == 2, res.output
@@ -272,3 +274,36 @@ def test_cli(cluster, model, tmp_path):
         assert len(res.output.strip().splitlines()) == 1
     with pytest.raises(UnknownSession):
         Session("nope", cluster).show()
+
+
+def test_consultation_deadline_holds_across_a_resume(cluster, model, tmp_path):
+    with dask.config.set({"obdask.sessions.consultation-timeout": "3s"}):
+        s = Session.start(cluster, "prompt", _crash={"index": 9, "at": "after-ask"})
+        assert s.wait(timeout=60)["state"] == "interrupted"
+        (asked,) = s.record().consultations
+        assert asked.open and asked.position == "S3P3"
+        time.sleep(1.0)
+    with dask.config.set({"obdask.sessions.consultation-timeout": "30s"}):
+        r = Session.resume(cluster, s.id)  # waits only for what is left of the 3 s
+        assert r.wait(timeout=60)["state"] == "done"
+    (c,) = r.record().consultations
+    assert c.deadline == asked.deadline and c.timed_out and c.substituted
+    assert c.answered - c.asked < 3 + 2  # not a fresh 30 s wait
+
+
+def test_cancel_a_waiting_session(cluster, model, tmp_path):
+    with dask.config.set({"obdask.sessions.consultation-timeout": "30s"}):
+        s = Session.start(cluster, "prompt")
+    deadline = time.monotonic() + 60
+    while s.state()["state"] != "waiting":
+        assert time.monotonic() < deadline, s.state()
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    assert s.cancel()["live"] is True
+    final = s.wait(timeout=30)
+    assert final["state"] == "cancelled" and time.monotonic() - t0 < 10
+    assert s.record().status == "cancelled"
+    done = [e for e in s.events() if e["kind"] == "session-complete"]
+    assert done and done[-1]["success"] is False and done[-1]["status"] == "cancelled"
+    with pytest.raises(SessionError, match="cancelled"):
+        Session.resume(cluster, s.id)
