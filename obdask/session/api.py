@@ -249,7 +249,9 @@ class Session:
                 return msg.get("kind") in FINAL
 
             ended = False
-            for msg in self.events():
+            for msg in self.events():  # a resumed session's history has an earlier end
+                if msg.get("kind") == "session-start" and msg.get("session") == self.id:
+                    ended = False
                 ended = emit(msg) or ended
             state = self.state()
             if ended or (state["state"] in ENDED and not state.get("live")):

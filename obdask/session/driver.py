@@ -423,7 +423,7 @@ class Driver:
     def _write_resources(self) -> None:
         self.store.set_resources(self.sid, self.epoch, {
             "tokens": dict(self.tokens), "tokens_per_process": self.per_process,
-            "time": {k: round(v, 6) for k, v in self.time_split.items()}})
+            "time_split": {k: round(v, 6) for k, v in self.time_split.items()}})
 
 
 def drive(session_id: str, settings: Settings) -> dict[str, Any]:

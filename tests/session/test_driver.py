@@ -122,7 +122,8 @@ def test_invalid_orchestrator_choice_asked_again_then_default(cluster, model, tm
     m, _ = model
     m.orchestrator = lambda code, n: {"move": "P3", "justification": "skip"} \
         if code == "S1P1" else None
-    s = Session.start(cluster, "prompt")
+    with dask.config.set({"obdask.sessions.clarify": True}):  # also ask at Plan P2
+        s = Session.start(cluster, "prompt")
     final = s.wait(timeout=60)
     assert final["flow_code"] == FULL, final  # the default P2 was taken at S1P1
     assert [c for mm, c in m.log if mm == "orch"].count("S1P1") == 2  # asked again once
@@ -130,6 +131,8 @@ def test_invalid_orchestrator_choice_asked_again_then_default(cluster, model, tm
     notes = [n for n in record.notes if n.get("kind") == "default-move"]
     assert len(notes) == 1 and notes[0]["move"] == "P2" and "S1P1" in notes[0]["text"]
     assert any(e["kind"] == "default-move" for e in s.events())
+    assert [(c.position, c.timed_out) for c in record.consultations] == [
+        ("S2P2", True), ("S3P3", True)]
 
 
 def test_consultation_answered_by_a_human(cluster, model, tmp_path):
