@@ -169,28 +169,40 @@ class SessionsExtension:
         self._release(entry, "released")
         return {"ok": True}
 
+    def _rerun(self, key: str | None) -> bool:
+        """Whether Dask will run the driver task ``key`` again (its worker was lost)."""
+        ts = self.scheduler.tasks.get(key) if key else None
+        return ts is not None and ts.state in ("released", "waiting", "no-worker",
+                                               "queued", "processing")
+
     def _release(self, entry: dict[str, Any], why: str) -> None:
         if entry["holder"] is None:
             return
-        if entry["key"]:
-            self.by_key.pop(entry["key"], None)
+        key = entry["key"]
+        if key:
+            self.by_key.pop(key, None)
         entry["holder"] = entry["key"] = None
         if entry["state"] in LIVE:
-            entry["state"] = "interrupted"
-            self._publish(entry, [{"kind": "interrupted", "epoch": entry["epoch"],
-                                   "why": why}])
+            if self._rerun(key):  # Dask runs the driver again: it will take the lease
+                entry["state"], entry["pending"] = "submitted", key
+                self.by_key[key] = entry["id"]
+                self._publish(entry, [{"kind": "driver-lost", "epoch": entry["epoch"],
+                                       "why": why}])
+            else:
+                entry["state"] = "interrupted"
+                self._publish(entry, [{"kind": "interrupted", "epoch": entry["epoch"],
+                                       "why": why}])
         self._wake_up(entry["id"])
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
-        if start != "processing" or finish == "processing":
-            return
         session = self.by_key.get(key) if isinstance(key, str) else None
         entry = self.sessions.get(session) if session is not None else None
-        if entry is None:
+        if entry is None or finish == "processing":
             return
-        if entry["key"] == key:
+        if entry["key"] == key and start == "processing":
             self._release(entry, f"driver task {finish}")
-        elif entry["pending"] == key:  # the driver ended before taking the lease
+        elif entry["pending"] == key and finish in ("erred", "memory", "forgotten"):
+            # the driver ended (or was given up) before taking the lease
             self.by_key.pop(key, None)
             entry["pending"] = None
             if entry["holder"] is None and entry["state"] == "submitted":

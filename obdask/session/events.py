@@ -15,6 +15,7 @@ many nodes order correctly) and ``kind``, one of :data:`KINDS`, plus the kind's 
 ``session-complete``       flow_code, duration (s), success, status
 ``driver-superseded``      epoch (the stale driver's), highest
 ``interrupted``            epoch (the driver left without finishing)
+``driver-lost``            epoch (its worker was lost; Dask runs the driver again)
 ``tokens``                 total (every 10 000 tokens)
 
 The scheduler extension (:mod:`obdask.server.sessions`) numbers and stamps them and
@@ -30,7 +31,7 @@ from typing import Any
 TOPIC = "obdask.sessions"
 KINDS = ("session-start", "transition", "default-move", "consultation-asked",
          "consultation-answered", "consultation-timed-out", "process-error",
-         "session-complete", "driver-superseded", "interrupted", "tokens", "cancelled")
+         "session-complete", "driver-superseded", "interrupted", "driver-lost", "tokens")
 #: Kinds after which a session's driver is gone (``watch`` stops there).
 FINAL = ("session-complete", "interrupted")
 TOKEN_STEP = 10_000
