@@ -185,14 +185,20 @@ def test_stale_driver_is_told_and_its_write_is_not_kept(cluster, model, tmp_path
         assert time.monotonic() < deadline
         time.sleep(0.02)
     r = Session.resume(cluster, s.id, takeover=True)
-    with pytest.raises(LeaseLost):
+    with pytest.raises(LeaseLost) as lost_info:
         s.future.result(timeout=60)
+    assert lost_info.value.epoch == 1 and lost_info.value.highest == 2
     server.token_latency = 0.0
     final = r.wait(timeout=60)
     assert final["state"] == "done" and final["flow_code"] == FULL
     record = SessionStore(str(tmp_path / "sessions")).read(s.id)
     assert [snap.index for snap in record.snapshots] == list(range(1, 16))
     assert record.epoch == 2
+    # no write of the stale driver past the takeover point is part of the record
+    store = SessionStore(str(tmp_path / "sessions"))
+    taken_after = store._seals(s.id)[2]
+    assert all(snap.epoch == 2 for snap in record.snapshots if snap.index > taken_after)
+    assert all(snap.epoch == 1 for snap in record.snapshots if snap.index <= taken_after)
     lost = [e for e in s.events() if e["kind"] == "driver-superseded"]
     assert lost and lost[0]["epoch"] == 1
 
@@ -310,3 +316,46 @@ def test_cancel_a_waiting_session(cluster, model, tmp_path):
     assert done and done[-1]["success"] is False and done[-1]["status"] == "cancelled"
     with pytest.raises(SessionError, match="cancelled"):
         Session.resume(cluster, s.id)
+
+
+def test_extension_leases_refusals_and_bound(cluster):
+    from obdask.server import install
+
+    install(cluster)
+
+    def rpc(op, **kw):
+        return cluster.sync(getattr(cluster.scheduler, op), **kw)
+
+    first = rpc("obdask_session_acquire", session="lease-x", holder="a", at_least=4)
+    assert first == {"ok": True, "epoch": 5}  # above the store's highest epoch
+    held = rpc("obdask_session_acquire", session="lease-x", holder="b")
+    assert not held["ok"] and "driven by epoch 5" in held["error"]
+    second = rpc("obdask_session_acquire", session="lease-x", holder="b", takeover=True)
+    assert second["epoch"] == 6
+    stale = rpc("obdask_session_update", session="lease-x", epoch=5, state={"state": "done"})
+    assert stale["lost"] and "superseded by epoch 6" in stale["error"]
+    assert rpc("obdask_session_get", session="lease-x")["state"] == "running"
+    nothing = rpc("obdask_session_answer", session="lease-x", answer="hi")
+    assert not nothing["ok"] and "asked nothing" in nothing["error"]
+    q = {"id": "0009-S3P3", "position": "S3P3", "question": "ok?", "deadline": 0}
+    rpc("obdask_session_update", session="lease-x", epoch=6, state={"question": q})
+    assert rpc("obdask_session_answer", session="lease-x", answer="yes")["ok"]
+    got = rpc("obdask_session_wait_answer", session="lease-x", consultation=q["id"], timeout=5)
+    assert got["answer"] == "yes"
+    client_id = cluster.id
+    rpc("obdask_session_acquire", session="lease-y", holder=client_id)
+    assert rpc("obdask_session_get", session="lease-y")["live"]
+
+    def shrink(dask_scheduler):
+        ext = dask_scheduler.extensions["obdask"].extensions["sessions"]
+        ext.max_sessions = len(ext.sessions)
+        ext.remove_client(dask_scheduler, client_id)  # as when the client goes
+        return len(ext.sessions)
+
+    n = cluster.run_on_scheduler(shrink)
+    y = rpc("obdask_session_get", session="lease-y")
+    assert y["state"] == "interrupted" and not y["live"]
+    for i in range(3):
+        rpc("obdask_session_register", session=f"bound-{i}", key=f"k-{i}")
+    assert len(rpc("obdask_session_list")) == n  # bounded: the oldest idle ones dropped
+    assert rpc("obdask_session_get", session="lease-x") is not None  # held: kept
