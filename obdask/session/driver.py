@@ -36,6 +36,7 @@ from obdask.session.store import SessionStore
 
 logger = logging.getLogger(__name__)
 
+RESOURCES_EVERY = 5  # processes between resources.json writes (and at the end)
 OUTPUT_LIMIT = 4000  # characters of the last process output shown to the next model call
 QUESTION = ("Feedback on the work so far ({position}, {name}): is this what you want, and "
             "what should change?")
@@ -138,9 +139,15 @@ class Driver:
 
     # -- model tasks ---------------------------------------------------------------------
     def _model_task(self, role: str, messages: list[dict[str, Any]], what: str,
-                    fmt: Any = None) -> dict[str, Any]:
+                    fmt: Any = None, inline: bool = False) -> dict[str, Any]:
+        """A model call as a task placed by ``role``; ``inline``: in the driver's own
+        thread when placement cannot matter (no worker serves models itself, so no
+        role binds GPU/VRAM), which saves a task round trip per orchestrator call."""
         model = self.s.models.get(role, role)
         resources = (self.s.resources.get(role) or {}) if self.served_locally else {}
+        if inline and not self.served_locally:
+            return run_model(model, messages, self.s.endpoints, fmt,
+                             f"session:{self.sid}:{what}")
         key = f"obdask-session-{self.sid}-{what}-{uuid.uuid4().hex[:8]}"
         future = self.client.submit(run_model, model, messages, self.s.endpoints, fmt,
                                     f"session:{self.sid}:{what}", key=key, pure=False,
@@ -191,7 +198,7 @@ class Driver:
             try:
                 result = self._model_task("orchestrator", self._orchestrator_messages(state),
                                           f"orchestrate-{state.processes_run:04d}",
-                                          fmt=state.reply_schema())
+                                          fmt=state.reply_schema(), inline=True)
             except ModelError as exc:  # the reply kept breaking the schema (asked twice)
                 reasons.append(str(exc))
                 self.time_split["orchestrator"] += time.monotonic() - t0
@@ -257,7 +264,8 @@ class Driver:
                         {"role": "user", "content": f"Session prompt: {self.prompt}\n\n"
                          f"Question: {c.question}\n\nWork so far:\n"
                          f"{self.last_output[-OUTPUT_LIMIT:]}"}]
-            result = self._model_task("orchestrator", messages, f"answer-{index:04d}")
+            result = self._model_task("orchestrator", messages, f"answer-{index:04d}",
+                                      inline=True)
             self._count(result)
             settled = self.store.settle(self.sid, self.epoch, c.id, result["text"],
                                         timed_out=True, substituted=True, source="model")
@@ -400,7 +408,8 @@ class Driver:
                                       started=result["started"], ended=result["ended"])
             self._crash(index, "after-record")
             self.last_output = result["text"]
-            self._write_resources()
+            if index % RESOURCES_EVERY == 0:
+                self._write_resources()
             events.append({"kind": "transition", "from": state.position, "to": position,
                            "process": info.name, "index": index,
                            "duration": result["ended"] - result["started"],
