@@ -456,3 +456,17 @@ def drive(session_id: str, settings: Settings) -> dict[str, Any]:
             except Exception:  # noqa: BLE001
                 pass
             raise
+        except Exception as exc:  # the driver stops: say why, where everyone looks
+            message = f"{type(exc).__name__}: {exc}"
+            logger.error("session %s: driver of epoch %d stopped: %s", session_id,
+                         driver.epoch, message)
+            if driver.epoch:
+                try:
+                    client.sync(client.scheduler.obdask_session_publish, session=session_id,
+                                events=[{"kind": "driver-error", "error": message[:1000],
+                                         "epoch": driver.epoch}], epoch=driver.epoch)
+                    driver.store.update(session_id, driver.epoch, status="interrupted",
+                                        error=message[:1000])
+                except Exception:  # noqa: BLE001 - the original error matters more
+                    pass
+            raise

@@ -16,6 +16,7 @@ many nodes order correctly) and ``kind``, one of :data:`KINDS`, plus the kind's 
 ``driver-superseded``      epoch (the stale driver's), highest
 ``interrupted``            epoch (the driver left without finishing)
 ``driver-lost``            epoch (its worker was lost; Dask runs the driver again)
+``driver-error``           epoch, error (the driver stopped on an error; then ``interrupted``)
 ``tokens``                 total (every 10 000 tokens)
 
 The scheduler extension (:mod:`obdask.server.sessions`) numbers and stamps them and
@@ -31,7 +32,8 @@ from typing import Any
 TOPIC = "obdask.sessions"
 KINDS = ("session-start", "transition", "default-move", "consultation-asked",
          "consultation-answered", "consultation-timed-out", "process-error",
-         "session-complete", "driver-superseded", "interrupted", "driver-lost", "tokens")
+         "session-complete", "driver-superseded", "interrupted", "driver-lost", "driver-error",
+         "tokens")
 #: Kinds after which a session's driver is gone (``watch`` stops there).
 FINAL = ("session-complete", "interrupted")
 TOKEN_STEP = 10_000

@@ -163,6 +163,9 @@ def test_resume_after_a_crash_repeats_nothing_recorded(cluster, model, tmp_path)
     assert state["state"] == "interrupted", state
     listed = {x["id"]: x["state"] for x in Session.list(cluster)}
     assert listed[s.id] == "interrupted"
+    (error,) = [e for e in s.events() if e["kind"] == "driver-error"]
+    assert "InjectedCrash" in error["error"]
+    assert "InjectedCrash" in s.record().meta["error"]
     assert m.processes() == ["S1P1", "S1P2", "S1P3", "S2P1", "S2P2"]
     r = Session.resume(cluster, s.id)
     final = r.wait(timeout=60)

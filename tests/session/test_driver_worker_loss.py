@@ -10,11 +10,14 @@ import signal
 import time
 
 import dask
+import pytest
 from test_driver import FULL, MODELS, Model
 
 from obdask.session.api import Session
 from obdask.session.store import SessionStore
 from obdask.testing import OllamaTestServer
+
+pytestmark = pytest.mark.slow  # a LocalCluster of worker processes
 
 
 def test_worker_killed_under_the_driver(tmp_path):
