@@ -101,9 +101,10 @@ class Session:
             Unknown id; the session finished; a live driver holds it (without takeover).
         """
         handle = cls(session_id, client, store, workspace)
-        record = handle.store.read(session_id, full=False)
+        record = handle.store.read(session_id)
         if record.state.finished or record.stored_status in ("cancelled",):
             raise SessionError(f"session {session_id} is {record.status}; nothing to resume")
+        record.check_resumable()  # SnapshotConflict: recorded processes this code differs from
         live = handle.live()
         if live and live.get("live") and not takeover:
             raise SessionError(f"session {session_id} is being driven (epoch {live['epoch']}); "
@@ -236,6 +237,8 @@ class Session:
         import json
 
         q: queue.Queue = queue.Queue()
+        # a client has one handler per topic: put back the caller's own afterwards
+        previous = getattr(self.client, "_event_handlers", {}).get(TOPIC)
         self.client.subscribe_topic(TOPIC, q.put)
         try:
             last = 0
@@ -270,4 +273,7 @@ class Session:
                 if isinstance(msg, dict) and emit(msg):
                     return
         finally:
-            self.client.unsubscribe_topic(TOPIC)
+            if previous is not None:
+                self.client.subscribe_topic(TOPIC, previous)
+            else:
+                self.client.unsubscribe_topic(TOPIC)

@@ -362,3 +362,17 @@ def test_extension_leases_refusals_and_bound(cluster):
         rpc("obdask_session_register", session=f"bound-{i}", key=f"k-{i}")
     assert len(rpc("obdask_session_list")) == n  # bounded: the oldest idle ones dropped
     assert rpc("obdask_session_get", session="lease-x") is not None  # held: kept
+
+
+def test_resume_refuses_a_record_this_code_does_not_run(cluster, tmp_path):
+    from obdask.exceptions import SnapshotConflict
+    from obdask.session.model import Move
+
+    store = SessionStore(str(tmp_path / "sessions"))
+    store.create("changed", "prompt")
+    store.claim("changed", 1)
+    snap = store.append_process("changed", 1, SessionState().apply(Move.enter(1)))
+    path = tmp_path / "sessions" / "changed" / "processes" / snap.filename
+    path.write_text(path.read_text().replace('"Research"', '"Gather"'))
+    with pytest.raises(SnapshotConflict, match="refusing to resume"):
+        Session.resume(cluster, "changed", store=store)
