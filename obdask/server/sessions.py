@@ -152,8 +152,7 @@ class SessionsExtension:
         if entry["pending"] == key:
             entry["pending"] = None
         entry["epoch"] = max(int(entry["epoch"]), int(at_least or 0)) + 1
-        entry.update(holder=holder, key=key, state="running", cancel=False,
-                     updated=time.time())
+        entry.update(holder=holder, key=key, state="running", updated=time.time())
         if prompt is not None:
             entry["prompt"] = prompt
         if key:

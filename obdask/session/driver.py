@@ -29,7 +29,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from obdask.exceptions import LeaseLost, ModelError, SessionError
+from obdask.exceptions import BudgetExceeded, LeaseLost, ModelError, SessionError
 from obdask.session.events import TOKEN_STEP
 from obdask.session.model import PROCESSES, Move, MoveKind, SessionState
 from obdask.session.store import SessionStore
@@ -199,7 +199,7 @@ class Driver:
                 result = self._model_task("orchestrator", self._orchestrator_messages(state),
                                           f"orchestrate-{state.processes_run:04d}",
                                           fmt=state.reply_schema(), inline=True)
-            except ModelError as exc:  # the reply kept breaking the schema (asked twice)
+            except (ModelError, BudgetExceeded) as exc:  # e.g. the reply broke the schema twice
                 reasons.append(str(exc))
                 self.time_split["orchestrator"] += time.monotonic() - t0
                 break
@@ -340,6 +340,13 @@ class Driver:
         except Exception:  # noqa: BLE001 - placement info is an optimisation here
             self.served_locally = False
         started = time.time()
+        if record.stored_status == "cancelled":  # cancelled before this driver started
+            self._share(self._shared_state(state, "cancelled"),
+                        [{"kind": "session-complete", "flow_code": state.flow_code,
+                          "duration": 0.0, "success": False, "status": "cancelled",
+                          "epoch": self.epoch}])
+            return {"id": self.sid, "state": "cancelled", "flow_code": state.flow_code,
+                    "epoch": self.epoch}
         resumed = record.last is not None or bool(record.calls)
         self.store.update(self.sid, self.epoch, status="running")
         self._share(self._shared_state(state),
@@ -375,7 +382,7 @@ class Driver:
             try:
                 result = self._model_task(info.role, self._process_messages(nxt, consultation),
                                           f"{index:04d}-{position}")
-            except ModelError as exc:
+            except (ModelError, BudgetExceeded) as exc:
                 self.time_split["agent"] += time.monotonic() - t0
                 state = state.error()
                 errors += 1

@@ -376,3 +376,13 @@ def test_resume_refuses_a_record_this_code_does_not_run(cluster, tmp_path):
     path.write_text(path.read_text().replace('"Research"', '"Gather"'))
     with pytest.raises(SnapshotConflict, match="refusing to resume"):
         Session.resume(cluster, "changed", store=store)
+
+
+def test_cancel_without_a_driver_is_recorded(cluster, tmp_path):
+    store = SessionStore(str(tmp_path / "sessions"))
+    store.create("idle", "prompt")
+    assert Session("idle", cluster, store).cancel() == {"id": "idle", "cancelled": True,
+                                                         "live": False}
+    assert store.read("idle").status == "cancelled"
+    with pytest.raises(SessionError, match="cancelled"):
+        Session.resume(cluster, "idle", store=store)
