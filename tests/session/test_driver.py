@@ -386,3 +386,18 @@ def test_cancel_without_a_driver_is_recorded(cluster, tmp_path):
     assert store.read("idle").status == "cancelled"
     with pytest.raises(SessionError, match="cancelled"):
         Session.resume(cluster, "idle", store=store)
+
+
+def test_process_errors_are_recorded_then_the_session_fails(cluster, model, tmp_path):
+    _, server = model
+    server.remove_model("coder:1b")  # every coder process fails: 404 on every endpoint
+    with dask.config.set({"obdask.sessions.max-errors": 1}):
+        s = Session.start(cluster, "prompt")
+    final = s.wait(timeout=60)
+    assert final["state"] == "failed" and final["flow_code"] == "S1P123XX", final
+    record = s.record()
+    assert record.status == "failed" and len(record.snapshots) == 3
+    assert sum(1 for n in record.notes if n.get("kind") == "process-error") == 2
+    events = s.events()
+    assert [e["kind"] for e in events].count("process-error") == 2
+    assert events[-1]["kind"] == "session-complete" and events[-1]["success"] is False
