@@ -3,8 +3,9 @@
 A session runs on the cluster: :meth:`Session.start` records it in the store
 (``obdask.sessions.store``), submits one driver task (:func:`obdask.session.driver.drive`,
 fire-and-forget) and returns at once.  The shared state lives in the scheduler extension
-(:mod:`obdask.server.sessions`), the durable record in the store.  Synchronous
-``distributed.Client`` only.
+(:mod:`obdask.server.sessions`), the durable record in the store.  The methods take a
+synchronous ``distributed.Client``; for an asynchronous one use the ``*_async`` methods
+(``start_async``, ``resume_async``, ``state_async``, ``answer_async``, ``wait_async``).
 
 >>> s = Session.start(client, "Add a --json flag")          # doctest: +SKIP
 >>> s.wait()["flow_code"]                                    # doctest: +SKIP
@@ -13,6 +14,7 @@ fire-and-forget) and returns at once.  The shared state lives in the scheduler e
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import queue
 import secrets
@@ -124,6 +126,90 @@ class Session:
         _rpc(self.client, "obdask_session_register", session=self.id, key=key, prompt=prompt)
         self.future = self.client.submit(drive, self.id, settings, key=key, pure=False)
         fire_and_forget(self.future)
+
+    # -- asynchronous clients ------------------------------------------------------------
+    @classmethod
+    async def start_async(cls, client: Any, prompt: str, *, session_id: str | None = None,
+                          store: SessionStore | str | None = None,
+                          workspace: str | None = None) -> Session:
+        """:meth:`start` for an asynchronous client (``await Session.start_async(...)``)."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise SessionError("a session needs a non-empty prompt")
+        handle = cls(session_id or new_session_id(), client, store, workspace)
+        await asyncio.to_thread(handle.store.create, handle.id, prompt)
+        await handle._submit_async()
+        return handle
+
+    @classmethod
+    async def resume_async(cls, client: Any, session_id: str, *,
+                           store: SessionStore | str | None = None,
+                           workspace: str | None = None, takeover: bool = False) -> Session:
+        """:meth:`resume` for an asynchronous client."""
+        handle = cls(session_id, client, store, workspace)
+        record = await asyncio.to_thread(handle.store.read, session_id)
+        if record.state.finished or record.stored_status in ("cancelled",):
+            raise SessionError(f"session {session_id} is {record.status}; nothing to resume")
+        record.check_resumable()
+        live = await handle.live_async()
+        if live and live.get("live") and not takeover:
+            raise SessionError(f"session {session_id} is being driven (epoch {live['epoch']}); "
+                               "resume --takeover to supersede that driver")
+        await handle._submit_async(takeover=takeover)
+        return handle
+
+    async def _submit_async(self, **overrides: Any) -> None:
+        from distributed import fire_and_forget
+
+        from obdask.server import install
+        from obdask.session.driver import Settings, drive
+
+        await install(self.client)
+        settings = Settings.from_config(self.store, **overrides)
+        key = f"obdask-session-driver-{self.id}-{secrets.token_hex(4)}"
+        record = await asyncio.to_thread(self.store.read, self.id, full=False)
+        await self.client.scheduler.obdask_session_register(session=self.id, key=key,
+                                                            prompt=record.prompt)
+        self.future = self.client.submit(drive, self.id, settings, key=key, pure=False)
+        fire_and_forget(self.future)
+
+    async def live_async(self) -> dict[str, Any] | None:
+        """:meth:`live` for an asynchronous client."""
+        from obdask.server import install
+
+        await install(self.client)
+        return await self.client.scheduler.obdask_session_get(session=self.id)
+
+    async def state_async(self) -> dict[str, Any]:
+        """:meth:`state` for an asynchronous client."""
+        live = await self.live_async()
+        if live is not None:
+            return live
+        out = (await asyncio.to_thread(self.store.read, self.id, full=False)).to_dict()
+        if out["state"] in ("running", "waiting"):
+            out["state"] = "interrupted"
+        return out
+
+    async def answer_async(self, text: str) -> str:
+        """:meth:`answer` for an asynchronous client."""
+        reply = await self.client.scheduler.obdask_session_answer(session=self.id, answer=text)
+        if not reply.get("ok"):
+            if not await asyncio.to_thread(self.store.exists, self.id):
+                raise UnknownSession(f"no session {self.id!r} in {self.store.url}")
+            raise SessionError(reply.get("error") or f"session {self.id} asked nothing")
+        return reply["consultation"]
+
+    async def wait_async(self, timeout: float | None = None,
+                         poll: float = 0.1) -> dict[str, Any]:
+        """:meth:`wait` for an asynchronous client."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            state = await self.state_async()
+            if state["state"] in ENDED:
+                return state
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"session {self.id} still {state['state']} at "
+                                   f"{state.get('position')} after {timeout:g}s")
+            await asyncio.sleep(poll)
 
     # -- reading -------------------------------------------------------------------------
     def live(self) -> dict[str, Any] | None:
