@@ -19,7 +19,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BudgetExceeded", "CommandRefused", "IntegrityError", "ModelError", "ObdaskError",
-    "PayloadError", "PlacementError", "Plan", "PlanError", "Step", "run", "__version__",
+    "PayloadError", "PlacementError", "Plan", "PlanError", "Session", "Step", "run",
+    "__version__",
 ]
 
 
@@ -29,4 +30,8 @@ def __getattr__(name: str):
         from obdask.runner import run
 
         return run
+    if name == "Session":
+        from obdask.session.api import Session
+
+        return Session
     raise AttributeError(f"module 'obdask' has no attribute {name!r}")

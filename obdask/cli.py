@@ -412,5 +412,9 @@ def certs_init(directory: str, hosts: tuple[str, ...], ips: tuple[str, ...], day
                f"{directory}", err=True)
 
 
+from obdask.cli_session import session as _session  # noqa: E402
+
+main.add_command(_session)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

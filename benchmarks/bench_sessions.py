@@ -1,0 +1,103 @@
+"""Sessions on a cluster: driver overhead and model-call throughput (ratios, not seconds).
+
+1. One scripted session (the orchestrator takes the default moves; every model call waits
+   ``--latency`` s before its first token): wall time vs its critical path (the model
+   calls, one after another): ``ratio = wall / (calls * latency)``; target <= 1.1 at
+   realistic latencies.  Also the driver overhead per model call, in ms.
+2. ``--sessions`` sessions at once on one cluster, every role on one model with
+   ``--parallel`` slots on one endpoint: achieved model calls/s vs the limit
+   ``K * P / L`` (K endpoints, P slots, L latency); target >= 0.9.
+
+    python benchmarks/bench_sessions.py --latency 0.5 --sessions 20 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import tempfile
+import time
+
+import dask
+
+FLOW = re.compile(r"^flow code: (\S+)$", re.M)
+
+
+def reply(body):
+    from obdask.session.model import SessionState
+
+    text = body["messages"][-1]["content"]
+    if isinstance(body.get("format"), dict):
+        code = FLOW.search(text).group(1)
+        move = SessionState.from_flow_code("" if code == "-" else code).default_move()
+        return json.dumps(move.to_dict() | {"justification": "default"})
+    return "done."
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--latency", type=float, default=0.5)
+    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--json", dest="json_out", default=None)
+    args = parser.parse_args()
+
+    from distributed import Client, LocalCluster
+
+    from obdask.session.api import Session
+    from obdask.testing import OllamaTestServer
+
+    out: dict = {"latency_s": args.latency}
+    store = tempfile.mkdtemp(prefix="bench-sessions-")
+    with OllamaTestServer(models=["m:1b"], replies=reply, num_parallel=args.parallel,
+                          first_token_latency=args.latency) as server, \
+            LocalCluster(n_workers=args.workers, threads_per_worker=args.threads,
+                         processes=False, dashboard_address=":0",
+                         silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
+        models = {r: {"model": "m:1b", "gpu": 0, "vram": 0}
+                  for r in ("orchestrator", "coder", "researcher")}
+        with dask.config.set({"obdask.llm.endpoints": [server.url],
+                              "obdask.placement.models": models,
+                              "obdask.llm.slots": args.parallel,
+                              "obdask.sessions.store": store,
+                              "obdask.sessions.consultation-timeout": "0s"}):
+            Session.start(client, "warm up").wait(timeout=600, poll=0.01)
+            n0 = len(server.stats.calls)
+            t0 = time.perf_counter()
+            state = Session.start(client, "one session").wait(timeout=600, poll=0.01)
+            wall = time.perf_counter() - t0
+            calls = len(server.stats.calls) - n0
+            crit = calls * args.latency
+            out["single"] = {"state": state["state"], "calls": calls, "wall_s": wall,
+                             "critical_path_s": crit, "ratio": wall / crit,
+                             "overhead_ms_per_call": (wall - crit) / calls * 1000}
+            print(f"one session: {calls} model calls, wall {wall:.2f}s vs critical path "
+                  f"{crit:.2f}s: ratio {wall / crit:.2f} (target <= 1.1), "
+                  f"{(wall - crit) / calls * 1000:.0f} ms overhead per call")
+            n0 = len(server.stats.calls)
+            t0 = time.perf_counter()
+            handles = [Session.start(client, f"session {i}") for i in range(args.sessions)]
+            states = [h.wait(timeout=1200, poll=0.05)["state"] for h in handles]
+            wall = time.perf_counter() - t0
+            calls = len(server.stats.calls) - n0
+            limit = 1 * args.parallel / args.latency
+            out["concurrent"] = {"sessions": args.sessions, "done": states.count("done"),
+                                 "calls": calls, "wall_s": wall,
+                                 "calls_per_s": calls / wall, "limit_per_s": limit,
+                                 "ratio": calls / wall / limit,
+                                 "peak_concurrency": server.stats.peak("m:1b")}
+            print(f"{args.sessions} sessions at once: {calls} calls in {wall:.1f}s = "
+                  f"{calls / wall:.2f}/s vs K*P/L = {limit:.2f}/s: ratio "
+                  f"{calls / wall / limit:.2f} (target >= 0.9); "
+                  f"{states.count('done')} done")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
