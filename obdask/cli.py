@@ -8,62 +8,21 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import click
 
-from obdask.exceptions import ObdaskError, SchedulerLost
+from obdask.cli_common import (
+    EXIT_FAILED_JOBS,
+    EXIT_SCHEDULER_LOST,
+    EXIT_USAGE,
+    _fail,
+    _guard,
+)
+from obdask.exceptions import SchedulerLost
 
 logger = logging.getLogger(__name__)
-
-EXIT_FAILED_JOBS = 1
-EXIT_USAGE = 2
-EXIT_SCHEDULER_LOST = 3
-
-
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(EXIT_USAGE)
-
-
-def _guard(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn obdask errors and OS errors into a one-line message, no traceback."""
-    import functools
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except ObdaskError as exc:
-            _fail(str(exc))
-        except KeyboardInterrupt:
-            click.echo("interrupted (the run's jobs are released; completed ones stay in "
-                       "the ledger for --resume)", err=True)
-            sys.exit(130)
-        except BrokenPipeError:  # `obdask explain plan.md | head`: stop quietly
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            sys.exit(1)
-        except (OSError, TimeoutError) as exc:
-            _fail(f"{type(exc).__name__}: {exc}")
-        except Exception as exc:
-            if not _is_storage_error(exc):
-                raise  # a bug: keep the traceback
-            _fail(f"storage: {type(exc).__name__}: {exc} (check the URL, credentials and "
-                  "obdask.storage-options)")
-
-    return wrapper
-
-
-#: Packages whose exceptions mean "the store is unreachable or refuses", not an obdask bug.
-_STORAGE_PACKAGES = ("botocore", "aiobotocore", "s3fs", "fsspec", "gcsfs", "adlfs", "aiohttp")
-
-
-def _is_storage_error(exc: BaseException) -> bool:
-    return type(exc).__module__.split(".", 1)[0] in _STORAGE_PACKAGES
-
 
 def _load(path: str):
     from obdask.plan import Plan

@@ -8,32 +8,13 @@ scheduler) is one ``error:`` line on stderr and exit 2.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import click
 
-
-# obdask.cli imports this module at its end; import it back only when a command runs
-# (``python -m obdask.cli`` loads it twice, once as __main__).
-def _fail(message: str) -> None:
-    from obdask.cli import _fail as fail
-
-    fail(message)
-
-
-def _guard(func: Callable[..., Any]) -> Callable[..., Any]:
-    """obdask.cli's one-line errors (no traceback) for a session command."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from obdask.cli import _guard as guard
-
-        return guard(func)(*args, **kwargs)
-
-    return wrapper
+from obdask.cli_common import _fail, _guard  # noqa: E402
 
 SCHEDULER = click.option("--scheduler", default=None, metavar="ADDR",
                          help="Scheduler address or scheduler-file .json.")

@@ -15,6 +15,7 @@ synchronous ``distributed.Client``; for an asynchronous one use the ``*_async`` 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import datetime as dt
 import queue
 import secrets
@@ -253,7 +254,7 @@ class Session:
 
     @staticmethod
     def list(client: Any = None, store: SessionStore | str | None = None,
-             workspace: str | None = None) -> list[dict[str, Any]]:
+             workspace: str | None = None) -> builtins.list[dict[str, Any]]:
         """Every recorded session: running, waiting, interrupted, done, failed, cancelled."""
         st = store if isinstance(store, SessionStore) else open_store(store, workspace)
         live_ids = None
@@ -271,7 +272,7 @@ class Session:
             out.append(row)
         return out
 
-    def events(self) -> list[dict[str, Any]]:
+    def events(self) -> builtins.list[dict[str, Any]]:
         """This session's events so far, in order (the scheduler keeps the latest ones)."""
         return [msg for _, msg in self.client.get_events(TOPIC)
                 if isinstance(msg, dict) and msg.get("session") == self.id]
