@@ -372,8 +372,10 @@ def certs_init(directory: str, hosts: tuple[str, ...], ips: tuple[str, ...], day
 
 
 from obdask.cli_session import session as _session  # noqa: E402
+from obdask.judge_cli import attach as _attach_judge  # noqa: E402
 
 main.add_command(_session)
+_attach_judge(main, _guard, _announce)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -144,3 +144,15 @@ class SecurityError(ObdaskError, ValueError):
 
 class SandboxUnavailable(PayloadError):
     """``obdask.cmd.sandbox.mode: require`` and bubblewrap cannot run on this worker."""
+
+
+class JudgeError(ObdaskError, RuntimeError):
+    """The judge cannot run: unknown target, bad panel, no synthesis possible."""
+
+
+class QuorumNotMet(JudgeError):
+    """Fewer experts than the quorum answered by the deadline; ``.experts`` lists them all."""
+
+    def __init__(self, message: str, experts: list | None = None) -> None:
+        super().__init__(message)
+        self.experts = list(experts or [])
