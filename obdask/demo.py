@@ -83,17 +83,18 @@ def scripted_reply(body: dict[str, Any]) -> str | None:
 
 
 @contextlib.contextmanager
-def simulated_fleet(latency: float = 0.02) -> Iterator[dict[str, str]]:
-    """Start one test server per :data:`FLEET` endpoint; yields ``{label: url}``."""
+def simulated_fleet(latency: float = 0.02) -> Iterator[dict[str, Any]]:
+    """Start one test server per :data:`FLEET` endpoint; yields ``{label: server}``
+    (each with ``.url``)."""
     from obdask.testing import OllamaTestServer  # the demo is a simulation by design
 
     with contextlib.ExitStack() as stack:
-        urls = {}
+        servers = {}
         for label, models in FLEET.items():
             server = OllamaTestServer(models=models, replies=scripted_reply,
                                       first_token_latency=latency, num_parallel=4)
-            urls[label] = stack.enter_context(server).url
-        yield urls
+            servers[label] = stack.enter_context(server)
+        yield servers
 
 
 def example_plan(folder: str) -> str:
@@ -159,13 +160,13 @@ def run_demo(keep: bool = False, echo: Callable[[str], None] | None = None,
     settings = {"obdask.run.n-workers": workers, "obdask.run.threads-per-worker": threads,
                 "obdask.judge.deadline": "30s"}
     with tempfile.TemporaryDirectory(prefix="obdask-demo-") as tmp, \
-            simulated_fleet() as urls, \
-            dask.config.set({**settings, "obdask.llm.endpoints": list(urls.values()),
+            simulated_fleet() as fleet, \
+            dask.config.set({**settings, "obdask.llm.endpoints": [s.url for s in fleet.values()],
                              "obdask.store.records": os.path.join(tmp, "records"),
                              "obdask.sessions.store": os.path.join(tmp, "sessions")}):
-        for label, url in urls.items():
+        for label, server in fleet.items():
             names = ", ".join(m["name"] for m in FLEET[label])
-            echo(f"simulated endpoint {label}: {url} serves {names}")
+            echo(f"simulated endpoint {label}: {server.url} serves {names}")
         plan = example_plan(tmp)
         with connect(None, announce=echo) as client:
             # import the model client on the workers while the plan runs (seconds when cold)

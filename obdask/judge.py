@@ -171,6 +171,9 @@ class Judgement:
     duration_s, critical_path_s : float
         Wall time of the judge and its critical path (slowest expert of each round plus
         the synthesis, as the tasks measured themselves).
+    phases : dict
+        Wall seconds of ``prepare`` (target, settings, cluster view), ``experts``,
+        ``synthesis`` and ``store`` (judgement.json and the event).
     location : str
         Where ``judgement.json`` was written.
     """
@@ -189,6 +192,7 @@ class Judgement:
     critical_path_s: float = 0.0
     location: str | None = None
     created: float = field(default_factory=time.time)
+    phases: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``judgement.json``, ``obdask judge --json``)."""
@@ -515,10 +519,12 @@ def _collect(client: Client, experts: Sequence[Expert], futures: Sequence[Future
         pass
     results = []
     late = []
+    finished = [f for f in futures if f.status == "finished"]
+    gathered = dict(zip([f.key for f in finished], client.gather(finished), strict=True))
     for expert, future in zip(experts, futures, strict=True):
         base = {"role": expert.role, "model": expert.model, "extra": expert.extra}
-        if future.status == "finished":
-            out = future.result()
+        if future.key in gathered:
+            out = gathered[future.key]
             report = out["data"]
             score = (report["prompt_adherence"] + report["project_quality"]) / 2
             results.append(ExpertResult(status="ok", report=report, score=score,
@@ -590,6 +596,7 @@ def judge(client: Client, target: Any, panel: Any = None, quorum: int | None = N
     endpoints, _ = RunContext.llm_from_config()
     llm = dict(dask.config.get("obdask.llm"))
     served = client.sync(cluster_view, client).models_served_locally
+    phases = {"prepare": time.perf_counter() - t0}
     futures = _submit(client, s["experts"], tgt, s, llm, endpoints, served)
     results = _collect(client, s["experts"], futures, s["deadline"])
     rounds = [max((r.duration_s or 0) for r in results)]
@@ -605,6 +612,7 @@ def judge(client: Client, target: Any, panel: Any = None, quorum: int | None = N
         results += more
         futures += more_futures
     answered = [r for r in results if r.ok]
+    phases["experts"] = time.perf_counter() - t0 - sum(phases.values())
     if len(answered) < s["quorum"]:
         failed = "; ".join(f"{r.name}: {r.reason}" for r in results if not r.ok)
         raise QuorumNotMet(
@@ -623,6 +631,7 @@ def judge(client: Client, target: Any, panel: Any = None, quorum: int | None = N
                            s["deadline"], key=f"obdask-judge-synthesis-{secrets.token_hex(4)}",
                            resources=_resources(synth.role, served), pure=False)
     out = future.result(timeout=s["deadline"] + 30)
+    phases["synthesis"] = time.perf_counter() - t0 - sum(phases.values())
     tldr = {"goal": out["data"].get("goal") or tgt.goal,
             "implementation_summary": out["data"].get("implementation_summary"),
             "consensus": cons, "discoveries": out["data"].get("discoveries", []),
@@ -636,10 +645,11 @@ def judge(client: Client, target: Any, panel: Any = None, quorum: int | None = N
         extra_called=extra_called,
         synthesis={"expert": synth.name, "endpoint": out["endpoint"], "worker": out["worker"],
                    "duration_s": out["duration_s"], "error": out["error"]},
-        duration_s=time.perf_counter() - t0,
-        critical_path_s=sum(rounds) + out["duration_s"])
+        critical_path_s=sum(rounds) + out["duration_s"], phases=phases)
     judgement.location = _store(tgt, judgement)
     _publish(client, judgement)
+    phases["store"] = time.perf_counter() - t0 - sum(phases.values())
+    judgement.duration_s = time.perf_counter() - t0
     return judgement
 
 
