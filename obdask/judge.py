@@ -499,13 +499,32 @@ def consensus(results: Sequence[ExpertResult]) -> dict[str, Any]:
             "spread": (max(values) - min(values)) if values else None}
 
 
+def serving_workers(local_endpoints: Mapping[str, str], model: str) -> list[str]:
+    """Workers whose own endpoint (``--ollama-endpoint``) lists ``model`` in ``/api/tags``."""
+    if not local_endpoints:
+        return []
+    from obdask.llm.pool import canonical_model, get_pool, normalize_url
+
+    urls = {addr: normalize_url(url) for addr, url in local_endpoints.items()}
+    pool = get_pool(sorted(set(urls.values())))
+    name = canonical_model(model)
+    return sorted(addr for addr, url in urls.items() if name in (pool.tags(url) or ()))
+
+
 def _submit(client: Client, experts: Sequence[Expert], target: Target, s: dict[str, Any],
-            llm: Mapping[str, Any], endpoints: Sequence[str], served: bool) -> list[Future]:
+            llm: Mapping[str, Any], endpoints: Sequence[str], view: Any) -> list[Future]:
+    """One task per expert: its role's GPU/VRAM where workers serve models themselves, and
+    on the workers whose own endpoint serves its model when there are such workers."""
     tag = secrets.token_hex(4)
-    return [client.submit(expert_task, e, target.material, s["seed"], llm, endpoints,
-                          s["deadline"], key=f"obdask-judge-{tag}-{i}-{e.role}",
-                          resources=_resources(e.role, served), pure=False, retries=0)
-            for i, e in enumerate(experts)]
+    futures = []
+    for i, e in enumerate(experts):
+        homes = serving_workers(view.local_endpoints, e.model)
+        futures.append(client.submit(
+            expert_task, e, target.material, s["seed"], llm, endpoints, s["deadline"],
+            key=f"obdask-judge-{tag}-{i}-{e.role}",
+            resources=_resources(e.role, view.models_served_locally),
+            workers=homes or None, allow_other_workers=False, pure=False, retries=0))
+    return futures
 
 
 def _collect(client: Client, experts: Sequence[Expert], futures: Sequence[Future],
@@ -595,9 +614,9 @@ def judge(client: Client, target: Any, panel: Any = None, quorum: int | None = N
     tgt = resolve_target(target, run_id=run_id, records=records, sessions=sessions)
     endpoints, _ = RunContext.llm_from_config()
     llm = dict(dask.config.get("obdask.llm"))
-    served = client.sync(cluster_view, client).models_served_locally
+    view = client.sync(cluster_view, client)
     phases = {"prepare": time.perf_counter() - t0}
-    futures = _submit(client, s["experts"], tgt, s, llm, endpoints, served)
+    futures = _submit(client, s["experts"], tgt, s, llm, endpoints, view)
     results = _collect(client, s["experts"], futures, s["deadline"])
     rounds = [max((r.duration_s or 0) for r in results)]
     spread = consensus(results)["spread"]
@@ -606,7 +625,7 @@ def judge(client: Client, target: Any, panel: Any = None, quorum: int | None = N
     if extra_called:
         logger.info("judge: scores spread %.1f > margin %.1f: asking %s", spread, s["margin"],
                     ", ".join(e.name for e in s["extra"]))
-        more_futures = _submit(client, s["extra"], tgt, s, llm, endpoints, served)
+        more_futures = _submit(client, s["extra"], tgt, s, llm, endpoints, view)
         more = _collect(client, s["extra"], more_futures, s["deadline"])
         rounds.append(max((r.duration_s or 0) for r in more))
         results += more
@@ -629,7 +648,9 @@ def judge(client: Client, target: Any, panel: Any = None, quorum: int | None = N
     reports = [f for f, r in zip(futures, results, strict=True) if r.ok]
     future = client.submit(synthesis_task, synth, brief, reports, s["seed"], llm, endpoints,
                            s["deadline"], key=f"obdask-judge-synthesis-{secrets.token_hex(4)}",
-                           resources=_resources(synth.role, served), pure=False)
+                           resources=_resources(synth.role, view.models_served_locally),
+                           workers=serving_workers(view.local_endpoints, synth.model) or None,
+                           allow_other_workers=False, pure=False)
     out = future.result(timeout=s["deadline"] + 30)
     phases["synthesis"] = time.perf_counter() - t0 - sum(phases.values())
     tldr = {"goal": out["data"].get("goal") or tgt.goal,

@@ -214,3 +214,41 @@ def test_judge_cli_on_a_plan_run(servers, finished_run, cluster_client, quicksta
     assert json.loads(out.stdout)["verdict"] == "ACCEPTABLE"
     out = CliRunner().invoke(main, ["judge", "nope", "--scheduler", addr])
     assert out.exit_code == 2 and out.output.count("\n") == 1
+
+
+def _serve_locally(url, dask_worker=None):
+    from obdask.server.worker import advertise_endpoint, state_of
+
+    state_of(dask_worker).local_endpoint = url  # what the preload's --ollama-endpoint sets
+    advertise_endpoint(dask_worker, url)
+
+
+def _local_endpoints(client) -> dict[str, str]:
+    from obdask.placement import cluster_view
+
+    return client.sync(cluster_view, client).local_endpoints
+
+
+def _wait_local_endpoints(client, expected: dict[str, str]) -> None:
+    deadline = time.monotonic() + 15
+    while _local_endpoints(client) != expected:
+        assert time.monotonic() < deadline, _local_endpoints(client)
+        time.sleep(0.1)
+
+
+def test_vision_expert_placed_on_the_worker_serving_its_model(servers, finished_run,
+                                                                cluster_client):
+    fast, slow = servers
+    a, b = sorted(cluster_client.scheduler_info(n_workers=-1)["workers"])
+    cluster_client.run(_serve_locally, fast.url, workers=[a])
+    cluster_client.run(_serve_locally, slow.url, workers=[b])
+    try:
+        _wait_local_endpoints(cluster_client, {a: fast.url, b: slow.url})
+        for _ in range(2):
+            j = judge(cluster_client, finished_run)
+            where = {e.role: e.worker for e in j.experts}
+            assert where["vision"] == b  # the only worker whose endpoint serves llava
+            assert where["coder"] == a and where["researcher"] == a
+    finally:
+        cluster_client.run(_serve_locally, None)
+        _wait_local_endpoints(cluster_client, {})
