@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import dask
 
 from obdask import config
-from obdask.exceptions import JudgeError, QuorumNotMet
+from obdask.exceptions import ConfigError, JudgeError, QuorumNotMet
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -458,27 +458,47 @@ def _merged_tldr(brief: dict[str, Any], shown: list[dict[str, Any]]) -> dict[str
 # ---------------------------------------------------------------- client side
 
 
+def _number(key: str, value: Any, low: float = 0, high: float = 100) -> float:
+    raw = config.get(key, value)
+    try:
+        number = float(raw)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not low <= number <= high:
+        raise ConfigError(f"obdask.{key}: {raw!r} is not a number from {low:g} to {high:g}")
+    return number
+
+
 def _settings(panel: Any, quorum: int | None, deadline: float | str | None,
               extra: Any, margin: float | None) -> dict[str, Any]:
+    """Every judge setting, checked; a bad one is a ConfigError/JudgeError naming its key."""
     experts = experts_from(config.get("judge.panel", panel))
     if not experts:
         raise JudgeError("obdask.judge.panel is empty; name at least one {role, model}")
     k = config.get("judge.quorum", quorum)
-    k = len(experts) // 2 + 1 if k is None else int(k)
-    if not 1 <= k <= len(experts):
-        raise JudgeError(f"quorum {k} is not between 1 and the panel's {len(experts)} experts; "
-                         "set obdask.judge.quorum (or --quorum) accordingly")
-    thresholds = dict(config.get("judge.thresholds") or {})
+    k = len(experts) // 2 + 1 if k is None else config.get_int("judge.quorum", k, minimum=1)
+    if k > len(experts):
+        raise JudgeError(f"quorum {k} is more than the panel's {len(experts)} experts; "
+                         "lower obdask.judge.quorum (or --quorum)")
+    thresholds = config.get("judge.thresholds") or {}
+    if not isinstance(thresholds, Mapping):
+        raise ConfigError(f"obdask.judge.thresholds: {thresholds!r} is not a mapping "
+                          "{exceptional: 85, acceptable: 60}")
     synth = experts_from(config.get("judge.synthesis"), "synthesis")
     if len(synth) != 1:
         raise JudgeError("obdask.judge.synthesis names one {role, model}")
-    return {"experts": experts, "quorum": k,
-            "deadline": config.get_seconds("judge.deadline", deadline),
+    deadline_s = config.get_seconds("judge.deadline", deadline)
+    if deadline_s <= 0:
+        raise ConfigError(f"obdask.judge.deadline: {deadline_s:g}s; give the experts more "
+                          "than 0 seconds")
+    return {"experts": experts, "quorum": k, "deadline": deadline_s,
             "extra": experts_from(config.get("judge.extra", extra), "extra", extra=True),
-            "margin": float(config.get("judge.margin", margin)),
-            "seed": int(config.get("judge.seed")), "synthesis": synth[0],
-            "exceptional": float(thresholds.get("exceptional", 85)),
-            "acceptable": float(thresholds.get("acceptable", 60))}
+            "margin": _number("judge.margin", margin),
+            "seed": config.get_int("judge.seed", minimum=None), "synthesis": synth[0],
+            "exceptional": _number("judge.thresholds.exceptional",
+                                   thresholds.get("exceptional", 85)),
+            "acceptable": _number("judge.thresholds.acceptable",
+                                  thresholds.get("acceptable", 60))}
 
 
 def verdict_for(mean: float, acceptable: float = 60, exceptional: float = 85) -> str:

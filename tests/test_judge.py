@@ -252,3 +252,17 @@ def test_vision_expert_placed_on_the_worker_serving_its_model(servers, finished_
     finally:
         cluster_client.run(_serve_locally, None)
         _wait_local_endpoints(cluster_client, {})
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"obdask.judge.margin": "wide"}, r"obdask.judge.margin: 'wide' is not a number"),
+    ({"obdask.judge.quorum": 4}, r"quorum 4 is more than the panel's 3 experts"),
+    ({"obdask.judge.deadline": "soon"}, r"obdask.judge.deadline: 'soon' is not a duration"),
+    ({"obdask.judge.panel": [{"model": "x"}]}, r"obdask.judge.panel: .* is not \{role, model\}"),
+    ({"obdask.judge.panel": [{"role": "critic"}]}, r"role 'critic' has no model"),
+])
+def test_bad_settings_are_one_clear_error(setting, message):
+    from obdask.exceptions import ObdaskError
+
+    with dask.config.set(setting), pytest.raises(ObdaskError, match=message):
+        judge(None, "whatever")
