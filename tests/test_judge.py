@@ -266,3 +266,22 @@ def test_bad_settings_are_one_clear_error(setting, message):
 
     with dask.config.set(setting), pytest.raises(ObdaskError, match=message):
         judge(None, "whatever")
+
+
+def test_judge_a_session_from_the_store(servers, cluster_client, tmp_path):
+    from obdask.session.model import Move
+    from obdask.session.store import SessionStore
+
+    url = str(tmp_path / "sessions")
+    store = SessionStore(url)
+    store.create("s-1", "Add a greeting module", epoch=1)
+    state = store.claim("s-1", 1).state
+    for move in ("S1", "P2"):
+        state = state.apply(Move.parse(move))
+        store.append_process("s-1", 1, state, {"output": f"did {move}"}, started=1.0, ended=2.0)
+    j = judge(cluster_client, "s-1", sessions=url)
+    assert j.target_kind == "session" and j.target == "s-1"
+    assert j.verdict == "ACCEPTABLE"
+    stored = json.loads((tmp_path / "sessions" / "s-1" / "judgement.json").read_text())
+    assert stored["target"] == "s-1" and stored["tldr"]["verdict"] == "ACCEPTABLE"
+    assert store.read("s-1").flow_code == "S1P12"  # the record itself is untouched
