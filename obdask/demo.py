@@ -150,8 +150,7 @@ def run_demo(keep: bool = False, echo: Callable[[str], None] | None = None,
     import click
 
     from obdask.cluster import connect
-    from obdask.judge import judge
-    from obdask.judge_cli import print_judgement
+    from obdask.judge import describe, judge
     from obdask.runner import run as run_plan
 
     echo = echo or click.echo
@@ -177,10 +176,12 @@ def run_demo(keep: bool = False, echo: Callable[[str], None] | None = None,
                  f"{result.duration_s:.1f}s; records {result.location}")
             echo("judge: coder, researcher and vision experts review the run as Dask tasks")
             judgement = judge(client, plan, run_id=result.run_id)
-            print_judgement(judgement, echo)
+            for line in describe(judgement):
+                echo(line)
             session = _session(client, echo)
             if session is not None and getattr(session, "id", None):
-                print_judgement(judge(client, session.id), echo)
+                for line in describe(judge(client, session.id)):
+                    echo(line)
             echo(f"dashboard: {client.dashboard_link}")
             echo(f"{SIMULATION.split(':')[0]} done in {time.perf_counter() - t0:.1f}s")
             if keep:

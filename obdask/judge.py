@@ -694,6 +694,35 @@ def judge(client: Client, target: Any, panel: Any = None, quorum: int | None = N
     return judgement
 
 
+def describe(j: Judgement) -> list[str]:
+    """The verdict, one line per expert and the TLDR, for people (``obdask judge``)."""
+    cons = j.consensus
+    lines = [f"verdict: {j.verdict} (mean {cons['mean']:.1f}, spread {cons['spread']:.1f}, "
+             f"{sum(e.ok for e in j.experts)}/{len(j.experts)} experts"
+             f"{', extra expert called' if j.extra_called else ''}) in {j.duration_s:.2f}s "
+             f"(critical path {j.critical_path_s:.2f}s)"]
+    for e in j.experts:
+        if e.ok:
+            lines.append(f"  {e.name:<32} {e.score:5.1f}  adherence "
+                         f"{e.report['prompt_adherence']:>3} quality "
+                         f"{e.report['project_quality']:>3}  {e.duration_s:.2f}s {e.worker or ''}")
+        else:
+            lines.append(f"  {e.name:<32} FAILED  {e.reason}")
+    t = j.tldr
+    lines += ["TLDR", f"  goal: {t['goal']}", f"  implementation: {t['implementation_summary']}"]
+    for key in ("discoveries", "learnings", "recommendations"):
+        if t.get(key):
+            lines.append(f"  {key}: " + "; ".join(map(str, t[key])))
+    for issue in t.get("issues") or []:
+        lines.append(f"  issue: {issue.get('issue')} -> {issue.get('resolution')}")
+    lines.append(f"  verdict: {t['verdict']}: {t['justification']}")
+    if j.synthesis.get("error"):
+        lines.append(f"  (synthesis model failed, TLDR merged from the reports: "
+                     f"{j.synthesis['error']})")
+    lines.append(f"stored: {j.location}")
+    return lines
+
+
 def _store(target: Target, judgement: Judgement) -> str:
     """Write ``judgement.json`` into the target's folder; returns its URL."""
     import fsspec

@@ -15,36 +15,6 @@ import click
 logger = logging.getLogger(__name__)
 
 
-def print_judgement(j: Any, echo: Any = click.echo) -> None:
-    """The verdict, the per-expert lines and the TLDR, for people."""
-    cons = j.consensus
-    echo(f"verdict: {j.verdict} (mean {cons['mean']:.1f}, spread {cons['spread']:.1f}, "
-         f"{sum(e.ok for e in j.experts)}/{len(j.experts)} experts"
-         f"{', extra expert called' if j.extra_called else ''}) in {j.duration_s:.2f}s "
-         f"(critical path {j.critical_path_s:.2f}s)")
-    for e in j.experts:
-        if e.ok:
-            echo(f"  {e.name:<32} {e.score:5.1f}  adherence {e.report['prompt_adherence']:>3} "
-                 f"quality {e.report['project_quality']:>3}  {e.duration_s:.2f}s "
-                 f"{e.worker or ''}")
-        else:
-            echo(f"  {e.name:<32} FAILED  {e.reason}")
-    t = j.tldr
-    echo("TLDR")
-    echo(f"  goal: {t['goal']}")
-    echo(f"  implementation: {t['implementation_summary']}")
-    for key in ("discoveries", "learnings", "recommendations"):
-        if t.get(key):
-            echo(f"  {key}: " + "; ".join(map(str, t[key])))
-    for issue in t.get("issues") or []:
-        echo(f"  issue: {issue.get('issue')} -> {issue.get('resolution')}")
-    echo(f"  verdict: {t['verdict']}: {t['justification']}")
-    if j.synthesis.get("error"):
-        echo(f"  (synthesis model failed, TLDR merged from the reports: "
-             f"{j.synthesis['error']})")
-    echo(f"stored: {j.location}")
-
-
 def attach(main: click.Group, guard: Any, announce: Any) -> None:
     """Add ``judge`` and ``demo`` to the ``obdask`` group."""
 
@@ -69,7 +39,7 @@ def attach(main: click.Group, guard: Any, announce: Any) -> None:
         """
         from obdask.cluster import connect
         from obdask.exceptions import QuorumNotMet
-        from obdask.judge import judge, resolve_target
+        from obdask.judge import describe, judge, resolve_target
 
         resolve_target(target, run_id=run_id)  # an unknown target fails before any cluster
         with connect(scheduler, announce=announce) as client:
@@ -81,7 +51,8 @@ def attach(main: click.Group, guard: Any, announce: Any) -> None:
         if as_json:
             click.echo(json.dumps(j.to_dict(), default=str))
         else:
-            print_judgement(j)
+            for line in describe(j):
+                click.echo(line)
 
     @main.command("demo")
     @click.option("--keep", is_flag=True, help="Keep the cluster up until Ctrl-C.")
