@@ -113,7 +113,8 @@ def test_all_experts_answer(servers, finished_run, cluster_client):
     assert j.tldr["goal"] == "judge the run" and j.tldr["verdict"] == "ACCEPTABLE"
     # stored next to the run's records, and one pandas row
     path = os.path.join(finished_run.location, "judgement.json")
-    assert json.load(open(path))["verdict"] == "ACCEPTABLE"
+    with open(path) as f:
+        assert json.load(f)["verdict"] == "ACCEPTABLE"
     row = j.to_frame()
     assert len(row) == 1 and row.iloc[0]["verdict"] == "ACCEPTABLE"
     assert row.iloc[0]["experts_ok"] == 3
