@@ -501,6 +501,35 @@ def _settings(panel: Any, quorum: int | None, deadline: float | str | None,
                                   thresholds.get("acceptable", 60))}
 
 
+def check_settings() -> dict[str, Any]:
+    """Check the ``obdask.judge.*`` settings that need no other section (``obdask.settings``).
+
+    Whether each role has a model is checked when the judge runs (``placement.models``
+    has its own check).
+
+    Raises
+    ------
+    ConfigError
+        Naming the bad key.
+    """
+    for key in ("panel", "extra", "synthesis"):
+        try:
+            _entries(config.get(f"judge.{key}"), key)
+        except JudgeError as exc:
+            raise ConfigError(str(exc)) from None
+    thresholds = config.get("judge.thresholds") or {}
+    if not isinstance(thresholds, Mapping):
+        raise ConfigError(f"obdask.judge.thresholds: {thresholds!r} is not a mapping "
+                          "{exceptional: 85, acceptable: 60}")
+    if config.get("judge.quorum") is not None:
+        config.get_int("judge.quorum", minimum=1)
+    return {"deadline": config.get_seconds("judge.deadline"),
+            "margin": _number("judge.margin", None),
+            "seed": config.get_int("judge.seed", minimum=None),
+            **{f"thresholds.{k}": _number(f"judge.thresholds.{k}", thresholds.get(k, d))
+               for k, d in (("exceptional", 85), ("acceptable", 60))}}
+
+
 def verdict_for(mean: float, acceptable: float = 60, exceptional: float = 85) -> str:
     """``EXCEPTIONAL`` from ``exceptional`` up, ``ACCEPTABLE`` from ``acceptable``, else
     ``NEEDS_IMPROVEMENT``."""

@@ -165,7 +165,14 @@ CHECKS: dict[str, Callable[[str], Any]] = {
     "llm.system-prompts": _mapping,
     "llm.on-exhausted": _one_of("wait", "fail"),
     "llm.budget-timeout": get_seconds,
+    "judge.panel": lambda key: _judge(),  # every obdask.judge.* key, read as the judge does
 }
+
+
+def _judge() -> Any:
+    from obdask.judge import check_settings
+
+    return check_settings()
 
 
 def check() -> None:
