@@ -74,3 +74,10 @@ def test_bench_scale(tmp_path):
     assert [(r["jobs"], r["saturation"]) for r in data["rows"]] == [
         (40, "1.1"), (80, "1.1"), (40, "inf"), (80, "inf")]
     assert set(data["ratios"]) == {"1.1", "inf"} and all(v >= 1 for v in data["ratios"].values())
+
+
+def test_bench_judge(tmp_path):
+    data = _run("bench_judge.py", "--latency", "0.05", "--repeat", "1", tmp_path=tmp_path)
+    (row,) = data["runs"]
+    assert row["wall_s"] >= row["critical_path_s"] > 0
+    assert set(row["phases"]) == {"prepare", "experts", "synthesis", "store"}
