@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -40,6 +41,8 @@ FLEET = {
 SCORES = {"qwen2.5-coder:14b": (88, 82), "llama3.2:3b": (84, 78), "llava:13b": (76, 80),
           "qwen2.5-coder:7b": (80, 80)}
 PROMPT = "Add a greeting module that prints 'hello, world!' and verify it."
+SESSION_TIMEOUT = 45.0
+_FLOW = re.compile(r"^flow code: (\S+)$", re.M)
 
 
 def _material(body: dict[str, Any]) -> dict[str, Any]:
@@ -66,6 +69,14 @@ def scripted_reply(body: dict[str, Any]) -> str | None:
             "errors": [] if seen.get("summary", {}).get("ok", True) else ["some jobs failed"],
             "observations": [f"{model}: the greeting is built, run and checked by a test step"],
             "recommendations": [f"{model}: pin the diff's base commit as well"]})
+    if "move" in props:  # the session's orchestrator: the state machine's default move
+        from obdask.session.model import SessionState
+
+        text = str(body["messages"][-1].get("content") or "")
+        found = _FLOW.search(text)
+        code = "" if found is None or found.group(1) == "-" else found.group(1)
+        move = SessionState.from_flow_code(code).default_move().to_dict()
+        return json.dumps({**move, "justification": f"next step after {code or 'the start'}"})
     if "implementation_summary" in props:
         reports = seen.get("reports") or []
         return json.dumps({
@@ -109,25 +120,26 @@ def example_plan(folder: str) -> str:
     return os.path.join(target, "plan.md")
 
 
-def _session(client: Any, echo: Callable[[str], None]) -> Any:
-    """A full session through the session driver, when it is installed; else None."""
+def _session(client: Any, echo: Callable[[str], None]) -> str | None:
+    """A full session through the session driver, when it is installed; its id, else None."""
     if importlib.util.find_spec("obdask.session.api") is None:
         echo("session: the session driver (obdask.session.api) is not installed in this "
              "version; skipped")
         return None
     api = importlib.import_module("obdask.session.api")
-    start = getattr(api, "run_session", None) or getattr(api, "run", None)
-    if start is None:
-        echo("session: obdask.session.api has no run_session(); skipped")
+    if not hasattr(api, "Session"):
+        echo("session: obdask.session.api has no Session; skipped")
         return None
     try:
-        session = start(client, PROMPT)
+        session = api.Session.start(client, PROMPT)
+        echo(f"session {session.id}: {PROMPT!r} runs on the cluster (5 schedules x 3 "
+             "processes; the human consultation at S3P3 times out and a model answers)")
+        final = session.wait(timeout=SESSION_TIMEOUT)
     except Exception as exc:  # the demo goes on without the session
         echo(f"session: failed ({type(exc).__name__}: {exc}); skipped")
         return None
-    code = getattr(session, "flow_code", None)
-    echo(f"session {getattr(session, 'id', '?')}: flow code {code}")
-    return session
+    echo(f"session {session.id}: {final.get('state')}, flow code {final.get('flow_code')}")
+    return session.id if final.get("state") == "done" else None
 
 
 def warm_model_client() -> None:
@@ -157,7 +169,7 @@ def run_demo(keep: bool = False, echo: Callable[[str], None] | None = None,
     t0 = time.perf_counter()
     echo(SIMULATION)
     settings = {"obdask.run.n-workers": workers, "obdask.run.threads-per-worker": threads,
-                "obdask.judge.deadline": "30s"}
+                "obdask.judge.deadline": "30s", "obdask.sessions.consultation-timeout": "0.3s"}
     with tempfile.TemporaryDirectory(prefix="obdask-demo-") as tmp, \
             simulated_fleet() as fleet, \
             dask.config.set({**settings, "obdask.llm.endpoints": [s.url for s in fleet.values()],
@@ -178,9 +190,10 @@ def run_demo(keep: bool = False, echo: Callable[[str], None] | None = None,
             judgement = judge(client, plan, run_id=result.run_id)
             for line in describe(judgement):
                 echo(line)
-            session = _session(client, echo)
-            if session is not None and getattr(session, "id", None):
-                for line in describe(judge(client, session.id)):
+            session_id = _session(client, echo)
+            if session_id is not None:
+                echo("judge: the same panel reviews the session")
+                for line in describe(judge(client, session_id)):
                     echo(line)
             echo(f"dashboard: {client.dashboard_link}")
             echo(f"{SIMULATION.split(':')[0]} done in {time.perf_counter() - t0:.1f}s")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -37,7 +38,9 @@ def test_demo_prints_verdict_and_leaves_nothing_running(tmp_path):
     assert verdict.split()[1] in ("ACCEPTABLE", "NEEDS_IMPROVEMENT", "EXCEPTIONAL")
     assert "plan quickstart: ok" in out.stdout
     assert "TLDR" in out.stdout and "dashboard: http://" in out.stdout
-    assert any(line.startswith("session") for line in lines)  # a session, or why not
+    flow = re.search(r"^session \S+: done, flow code (\S+)$", out.stdout, re.M)
+    assert flow and flow.group(1) == "S1P123S2P123S3P123S4P123S5P123"
+    assert len([line for line in lines if line.startswith("verdict: ")]) == 2  # run, session
     assert os.path.exists(next(line.split(": ", 1)[1] for line in lines
                                if line.startswith("stored: "))) is False  # temp folder gone
     time.sleep(0.5)
