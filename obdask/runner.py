@@ -13,7 +13,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +47,7 @@ class RunResult:
     location: str
     duration_s: float = 0.0
     summary: dict[str, Any] = field(default_factory=dict)
+    artifacts: ArtifactStore | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -55,14 +56,66 @@ class RunResult:
 
     @property
     def frame(self) -> pd.DataFrame:
-        """One row per job (columns: id, key, status, worker, attempts, ...)."""
+        """One row per job (columns: id, key, status, worker, attempts, ...).
+
+        Integer fields (``exit_code``, ``attempts``, byte counts, tokens) are
+        pandas' nullable ``Int64``: a job without one has ``<NA>``, not a float NaN.
+        Outputs are sha1 keys here; :meth:`to_frame` or :meth:`output` load them.
+        """
+        return self.to_frame()
+
+    def to_frame(self, outputs: Iterable[str] = ()) -> pd.DataFrame:
+        """:attr:`frame`, with the named outputs loaded as text in place of their keys.
+
+        Parameters
+        ----------
+        outputs
+            Any of ``"stdout"``, ``"stderr"``, ``"reply"``, ``"diff"``; a job
+            without that output (or with an empty one) gets ``None``.
+        """
         import pandas as pd
+
+        from obdask.outputs import INTEGER_COLUMNS, check_stream, output_text
 
         frame = pd.DataFrame.from_records(self.records)
         for column in COLUMNS:
             if column not in frame:
                 frame[column] = None
+        for column in INTEGER_COLUMNS:
+            if column in frame:
+                frame[column] = pd.array(
+                    [None if v is None or v != v else int(v) for v in frame[column]],
+                    dtype="Int64")
+        for which in outputs:
+            check_stream(which)
+            store = self._artifacts()
+            frame[which] = [output_text(r, which, store) if r.get(which) else None
+                            for r in self.records]
         return frame.set_index("id", drop=False)
+
+    def output(self, job: str, which: str = "stdout") -> str | None:
+        """The text a job wrote to ``which`` (stdout, stderr, reply, diff); None if empty.
+
+        Raises
+        ------
+        ObdaskError
+            No such job in this run, or the job has no such output (a ``@cmd``
+            job has no ``reply``).
+        """
+        from obdask.outputs import check_stream, find_record, output_text
+
+        check_stream(which)
+        record = find_record(self.records, job, f"run {self.run_id} of plan {self.plan_id!r}")
+        return output_text(record, which, self._artifacts())
+
+    def _artifacts(self) -> ArtifactStore:
+        if self.artifacts is None:  # a result built by hand: the store the summary names
+            url = self.summary.get("artifacts")
+            if not url:
+                raise ObdaskError(f"run {self.run_id}: no artifact store is known; build the "
+                                  "RunResult with artifacts= or a summary with 'artifacts'")
+            self.artifacts = ArtifactStore(url, config.storage_options(url))
+        return self.artifacts
 
     def to_json(self) -> dict[str, Any]:
         """The ``obdask run --json`` object."""
@@ -103,6 +156,11 @@ def prepare(plan: Plan, *, workspace: str | None = None, resume: bool = False,
     storage_options = dict(config.get("storage-options") or {})
     art_url = _store_url("artifacts", artifacts, plan)
     rec_url = _store_url("records", records, plan)
+    default_folder = os.path.join(plan.folder, ".obdask")
+    if any(os.path.dirname(u) == default_folder for u in (art_url, rec_url)):
+        from obdask.outputs import ensure_gitignore
+
+        ensure_gitignore(default_folder)  # not the user's files: git should not list them
     art = ArtifactStore(art_url, config.storage_options(art_url, storage_options))
     store = RunStore(rec_url, plan.plan_id, run_id or new_run_id(),
                      config.storage_options(rec_url, storage_options))
@@ -236,6 +294,7 @@ async def _run(client: Client, plan: Plan, *, workspace: str | None, resume: boo
         prepare, plan, workspace=workspace, resume=resume, artifacts=artifacts, records=records)
     placement = await place_on(client, compiled)
     await _wait_keys_free(client, [j.key for j in compiled.runnable], plan)
+    await asyncio.to_thread(_mark_started, ctx, plan, compiled)
     events = _subscribe_events(client, ctx.run_id)
     try:
         futures, span_id = _submit(client, compiled, ctx, priority, placement.routes)
@@ -249,7 +308,16 @@ async def _run(client: Client, plan: Plan, *, workspace: str | None, resume: boo
     summary["span"] = span_id
     location = await asyncio.to_thread(ctx.records.write_records, outcomes, summary)
     return RunResult(plan_id=plan.plan_id, run_id=ctx.run_id, records=outcomes,
-                     location=location, duration_s=duration, summary=summary)
+                     location=location, duration_s=duration, summary=summary,
+                     artifacts=ctx.artifacts)
+
+
+def _mark_started(ctx: RunContext, plan: Plan, compiled: CompiledPlan) -> None:
+    """``started.json`` beside the run's records: ``obdask logs`` follows the run."""
+    from obdask.outputs import mark_started
+
+    mark_started(ctx.records, {"plan": plan.plan_id, "plan_path": plan.path,
+                               "jobs": len(compiled.jobs)})
 
 
 async def _install_plugins(client: Client, plan: Plan) -> None:
