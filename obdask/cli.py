@@ -218,7 +218,10 @@ def run(plan: str, scheduler: str | None, workers: int | None, workspace: str | 
 @click.option("--json", "as_json", is_flag=True, help="Print JSON records.")
 @_guard
 def budgets(scheduler: str | None, as_json: bool) -> None:
-    """Show token budgets: limit, used, reserved in flight, available."""
+    """Show token budgets: limit, used, reserved in flight, available.
+
+    Windows print in their units (1d, 1h30m); --json gives them in seconds.
+    """
     from obdask.cluster import configured_scheduler
     from obdask.llm import budget
 
@@ -236,7 +239,25 @@ def budgets(scheduler: str | None, as_json: bool) -> None:
     elif frame.empty:
         click.echo("no budgets (set obdask.llm.budgets or obdask.llm.budget.set_budget)")
     else:
+        if "window" in frame:  # in its units, as configured: 1d, not 86400.0
+            frame = frame.astype({"window": object})
+            frame["window"] = [_duration(w) for w in frame["window"]]
         click.echo(frame.to_string())
+
+
+def _duration(seconds: Any) -> str:
+    """Seconds for people: ``1d``, ``1h30m``, ``90s``, ``2.5s``; ``-`` for none."""
+    if seconds is None or seconds != seconds:  # None or NaN: no window
+        return "-"
+    seconds = float(seconds)
+    if seconds != int(seconds) or seconds <= 0:
+        return f"{seconds:g}s"
+    left, parts = int(seconds), []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if left >= size:
+            parts.append(f"{left // size}{unit}")
+            left %= size
+    return "".join(parts)
 
 
 def _announce(line: str) -> None:
