@@ -83,3 +83,27 @@ def test_commands_of_an_embedded_worker_get_the_default_sigint(tmp_path):
     shown = obdask("show", path, "mask", "--stdout")
     ignored = int(shown.stdout.split()[1], 16)
     assert not ignored & (1 << (signal.SIGINT - 1)), shown.stdout  # the worker ignores it
+
+
+def test_worker_preload_options_with_scheduler_file(tmp_path):
+    """``dask worker --scheduler-file F --preload obdask.preload.worker --lanes=2``.
+
+    Without a positional address, ``dask worker`` takes the first preload option
+    as the address: the lanes were silently dropped (every lane was declared).
+    """
+    from tests.cluster_utils import ProcessCluster, spawn
+
+    with ProcessCluster(tmp_path) as cluster:
+        for name, lanes in (("eq", ["--lanes=2"]), ("sp", ["--lanes", "3", "--no-detect"])):
+            local = tmp_path / name
+            local.mkdir()
+            cluster.procs[name] = spawn(
+                ["worker", "--scheduler-file", str(cluster.scheduler_file), "--host",
+                 "127.0.0.1", "--no-dashboard", "--nthreads", "1", "--name", name,
+                 "--local-directory", str(local), "--preload", "obdask.preload.worker",
+                 *lanes], tmp_path / f"{name}.log")
+        cluster.wait_for("eq", "sp")
+        lanes_of = {n: sorted(k for k in cluster.resources(n) if k.startswith("lane-"))
+                    for n in ("eq", "sp")}
+        assert lanes_of == {"eq": ["lane-2"], "sp": ["lane-3"]}, cluster.logs()
+        assert "GPU" not in cluster.resources("sp")  # --no-detect reached the preload too
