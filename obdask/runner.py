@@ -293,8 +293,13 @@ async def _run(client: Client, plan: Plan, *, workspace: str | None, resume: boo
     compiled, ctx = await asyncio.to_thread(
         prepare, plan, workspace=workspace, resume=resume, artifacts=artifacts, records=records)
     placement = await place_on(client, compiled)
-    await _wait_keys_free(client, [j.key for j in compiled.runnable], plan)
-    await asyncio.to_thread(_mark_started, ctx, plan, compiled)
+    owner = await _claim_plan_id(client, plan, ctx)
+    try:
+        await _wait_keys_free(client, [j.key for j in compiled.runnable], plan)
+        await asyncio.to_thread(_mark_started, ctx, plan, compiled)
+    except BaseException:
+        await _release_plan_id(client, plan, owner)
+        raise
     events = _subscribe_events(client, ctx.run_id)
     try:
         futures, span_id = _submit(client, compiled, ctx, priority, placement.routes)
@@ -303,6 +308,7 @@ async def _run(client: Client, plan: Plan, *, workspace: str | None, resume: boo
         del futures
     finally:
         _unsubscribe_events(client, ctx.run_id)
+        await _release_plan_id(client, plan, owner)
     duration = time.time() - started
     summary = _summary(plan, ctx, outcomes, duration)
     summary["span"] = span_id
@@ -310,6 +316,49 @@ async def _run(client: Client, plan: Plan, *, workspace: str | None, resume: boo
     return RunResult(plan_id=plan.plan_id, run_id=ctx.run_id, records=outcomes,
                      location=location, duration_s=duration, summary=summary,
                      artifacts=ctx.artifacts)
+
+
+def plan_owner(plan: Plan) -> str:
+    """What tells two plans with one plan id apart: the plan file's absolute path.
+
+    A plan built from text has no file: a digest of its steps stands in.
+    """
+    if plan.path:
+        return os.path.abspath(plan.path)
+    import hashlib
+
+    blob = "\n".join(f"{s.id}:{s.line}:{s.payload.prefix}:{s.payload.body}"
+                      for s in plan.steps)
+    return f"<plan text {hashlib.sha1(blob.encode()).hexdigest()[:12]}>"
+
+
+async def _claim_plan_id(client: Client, plan: Plan, ctx: RunContext) -> str:
+    """Hold the plan id on the cluster; refuse when a different plan holds it.
+
+    Default plan ids come from file names, so ``a/plan.md`` and ``b/plan.md``
+    are both ``plan``: on one scheduler they would share task keys and run
+    records.  The same plan run twice is the busy-plan wait's business.
+    """
+    import socket
+
+    owner = plan_owner(plan)
+    label = f"{owner} (run {ctx.run_id} from {socket.gethostname()})"
+    other = await client.scheduler.obdask_plan_claim(plan_id=plan.plan_id, owner=owner,
+                                                     client=client.id, label=label)
+    if other:
+        raise ObdaskError(
+            f"plan id {plan.plan_id!r} is in use on this cluster by {other}; {owner} is a "
+            f"different plan with the same id, and they would share task keys and run "
+            f"records: give one of them its own id with a 'plan_id=<name>' line")
+    return owner
+
+
+async def _release_plan_id(client: Client, plan: Plan, owner: str) -> None:
+    try:
+        await client.scheduler.obdask_plan_release(plan_id=plan.plan_id, owner=owner,
+                                                   client=client.id)
+    except Exception as exc:  # noqa: BLE001 - the claim also ends with the client
+        logger.debug("plan id %s not released: %s", plan.plan_id, exc)
 
 
 def _mark_started(ctx: RunContext, plan: Plan, compiled: CompiledPlan) -> None:
