@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BudgetExceeded", "CommandRefused", "IntegrityError", "ModelError", "ObdaskError",
-    "PayloadError", "PlacementError", "Plan", "PlanError", "Step", "run", "__version__",
+    "PayloadError", "PlacementError", "Plan", "PlanError", "Step", "run", "submit", "__version__",
 ]
 
 
@@ -29,4 +29,8 @@ def __getattr__(name: str):
         from obdask.runner import run
 
         return run
+    if name == "submit":
+        from obdask.plan_futures import submit
+
+        return submit
     raise AttributeError(f"module 'obdask' has no attribute {name!r}")

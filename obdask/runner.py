@@ -287,6 +287,29 @@ def _run_embedded(plan: Plan, n_workers: int | None, kwargs: dict[str, Any]) -> 
 async def _run(client: Client, plan: Plan, *, workspace: str | None, resume: bool,
                artifacts: str | None, records: str | None, priority: int,
                progress: Progress | None) -> RunResult:
+    running = await _start(client, plan, workspace=workspace, resume=resume,
+                           artifacts=artifacts, records=records, priority=priority)
+    return await _finish(client, running, progress)
+
+
+@dataclass
+class _Running:
+    """A submitted run between :func:`_start` and :func:`_finish`."""
+
+    plan: Plan
+    compiled: CompiledPlan
+    ctx: RunContext
+    futures: dict[str, Future]
+    span_id: str | None
+    owner: str
+    events: dict[str, list[dict[str, Any]]]
+    started: float
+
+
+async def _start(client: Client, plan: Plan, *, workspace: str | None, resume: bool,
+                 artifacts: str | None, records: str | None, priority: int,
+                 inputs: dict[str, list[Future]] | None = None) -> _Running:
+    """Prepare, place and submit: the job futures of a run that goes on without us."""
     started = time.time()
     await _install_plugins(client, plan)
     # Stores are read and written through fsspec, which blocks: never on the event loop.
@@ -297,21 +320,33 @@ async def _run(client: Client, plan: Plan, *, workspace: str | None, resume: boo
     try:
         await _wait_keys_free(client, [j.key for j in compiled.runnable], plan)
         await asyncio.to_thread(_mark_started, ctx, plan, compiled)
+        events = _subscribe_events(client, ctx.run_id)
     except BaseException:
         await _release_plan_id(client, plan, owner)
         raise
-    events = _subscribe_events(client, ctx.run_id)
     try:
-        futures, span_id = _submit(client, compiled, ctx, priority, placement.routes)
-        await _wait(client, futures, progress)
-        outcomes = await _collect(client, compiled, futures, ctx, events)
-        del futures
-    finally:
+        futures, span_id = _submit(client, compiled, ctx, priority, placement.routes, inputs)
+    except BaseException:
         _unsubscribe_events(client, ctx.run_id)
         await _release_plan_id(client, plan, owner)
-    duration = time.time() - started
+        raise
+    return _Running(plan, compiled, ctx, futures, span_id, owner, events, started)
+
+
+async def _finish(client: Client, running: _Running, progress: Progress | None) -> RunResult:
+    """Wait for a started run, collect its records, write them: the :class:`RunResult`."""
+    plan, ctx = running.plan, running.ctx
+    try:
+        await _wait(client, running.futures, progress)
+        outcomes = await _collect(client, running.compiled, running.futures, ctx,
+                                  running.events)
+        running.futures = {}
+    finally:
+        _unsubscribe_events(client, ctx.run_id)
+        await _release_plan_id(client, plan, running.owner)
+    duration = time.time() - running.started
     summary = _summary(plan, ctx, outcomes, duration)
-    summary["span"] = span_id
+    summary["span"] = running.span_id
     location = await asyncio.to_thread(ctx.records.write_records, outcomes, summary)
     return RunResult(plan_id=plan.plan_id, run_id=ctx.run_id, records=outcomes,
                      location=location, duration_s=duration, summary=summary,
@@ -488,7 +523,8 @@ def _explained(compiled: CompiledPlan, placement: Placement, priority: int) -> d
 
 
 def _submit(client: Client, compiled: CompiledPlan, ctx: RunContext, priority: int,
-            routes: dict[str, list[str]] | None = None
+            routes: dict[str, list[str]] | None = None,
+            inputs: dict[str, list[Future]] | None = None,
             ) -> tuple[dict[str, Future], str | None]:
     """Submit the runnable jobs, one ``client.get`` per annotation batch.
 
@@ -496,6 +532,8 @@ def _submit(client: Client, compiled: CompiledPlan, ctx: RunContext, priority: i
     dashboard's fine performance metrics and the scheduler's ``spans``
     extension can show a run's compute, transfer and wait time as one line.
     Returns the futures by key and the span id (None when nothing ran).
+    ``inputs`` maps a step id to the user's futures that step waits for; each
+    reaches the job as one more dependency record (:func:`input_record`).
     """
     from dask._task_spec import Task, TaskRef
     from distributed import span
@@ -510,6 +548,10 @@ def _submit(client: Client, compiled: CompiledPlan, ctx: RunContext, priority: i
     def annotate(job: Job) -> dict[str, Any]:
         return job_annotations(job, routes, priority)
 
+    def extra(job: Job) -> list[Any]:
+        return [Task(f"obdask-input-{job.key}-{i}", input_record, str(f.key), f)
+                for i, f in enumerate((inputs or {}).get(job.spec.step_id, ()))]
+
     if not runnable:
         return futures, None
     # No await in here: the span annotation (global dask config) covers exactly these graphs.
@@ -518,12 +560,23 @@ def _submit(client: Client, compiled: CompiledPlan, ctx: RunContext, priority: i
             dsk = {
                 job.spec.dask_key: Task(
                     job.spec.dask_key, run_job, job.spec, ctx,
-                    *[TaskRef(dask_key_of(d)) for d in job.spec.deps if d in runnable])
+                    *[TaskRef(dask_key_of(d)) for d in job.spec.deps if d in runnable],
+                    *extra(job))
                 for job in batch.jobs
             }
             submitted = client.get(dsk, list(dsk), sync=False, **batch.annotations)
             futures.update((f.key[1], f) for f in submitted)
     return futures, span_id
+
+
+def input_record(key: str, value: Any) -> dict[str, Any]:
+    """A user's future as a job's dependency: ``{"step": "input:<key>", "input": value}``.
+
+    Payloads read the outputs of dependencies that are obdask jobs; this one has
+    none, so it orders the job after the user's work, and an executor of one's
+    own (:func:`obdask.payloads.register_executor`) finds the value under ``"input"``.
+    """
+    return {"step": f"input:{key}", "key": key, "input": value}
 
 
 async def _wait(client: Client, futures: dict[str, Future], progress: Progress | None) -> None:
