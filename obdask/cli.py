@@ -369,10 +369,19 @@ def logs(plan: str, run_id: str | None, interval: float) -> None:
     Follows the latest run (or RUN_ID); a finished run is printed at once; with no
     run yet, waits for the first one to start.  Exits 1 if the run failed.
     """
-    from obdask.outputs import follow
-
     parsed = _load(plan)
     url, options = _records_url(parsed)
+    try:
+        _follow(plan, parsed, url, options, run_id, interval)
+    except KeyboardInterrupt:
+        click.echo("stopped following (the run itself goes on)", err=True)
+        sys.exit(130)
+
+
+def _follow(plan: str, parsed: Any, url: str, options: dict, run_id: str | None,
+            interval: float) -> None:
+    from obdask.outputs import follow
+
     for record in follow(url, parsed.plan_id, options, run_id, interval, on_wait=_announce):
         if not record.get("summary"):
             _print_row(record)
