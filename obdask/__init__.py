@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BudgetExceeded", "CommandRefused", "IntegrityError", "ModelError", "ObdaskError",
-    "PayloadError", "PlacementError", "Plan", "PlanError", "Session", "Step", "run",
+    "PayloadError", "PlacementError", "Plan", "PlanError", "Session", "Step", "run", "submit",
     "__version__",
 ]
 
@@ -34,4 +34,8 @@ def __getattr__(name: str):
         from obdask.session.api import Session
 
         return Session
+    if name == "submit":
+        from obdask.plan_futures import submit
+
+        return submit
     raise AttributeError(f"module 'obdask' has no attribute {name!r}")

@@ -196,7 +196,10 @@ def run(plan: str, scheduler: str | None, workers: int | None, workspace: str | 
 @click.option("--json", "as_json", is_flag=True, help="Print JSON records.")
 @_guard
 def budgets(scheduler: str | None, as_json: bool) -> None:
-    """Show token budgets: limit, used, reserved in flight, available."""
+    """Show token budgets: limit, used, reserved in flight, available.
+
+    Windows print in their units (1d, 1h30m); --json gives them in seconds.
+    """
     from obdask.cluster import configured_scheduler
     from obdask.llm import budget
 
@@ -214,6 +217,9 @@ def budgets(scheduler: str | None, as_json: bool) -> None:
     elif frame.empty:
         click.echo("no budgets (set obdask.llm.budgets or obdask.llm.budget.set_budget)")
     else:
+        if "window" in frame:  # in its units, as configured: 1d, not 86400.0
+            frame = frame.astype({"window": object})
+            frame["window"] = [_duration(w) for w in frame["window"]]
         click.echo(frame.to_string())
 
 
@@ -226,6 +232,21 @@ def _quiet_client_logs() -> None:
     for name in ("distributed.client", "distributed.comm", "distributed.core",
                  "distributed.utils"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _duration(seconds: Any) -> str:
+    """Seconds for people: ``1d``, ``1h30m``, ``90s``, ``2.5s``; ``-`` for none."""
+    if seconds is None or seconds != seconds:  # None or NaN: no window
+        return "-"
+    seconds = float(seconds)
+    if seconds != int(seconds) or seconds <= 0:
+        return f"{seconds:g}s"
+    left, parts = int(seconds), []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if left >= size:
+            parts.append(f"{left // size}{unit}")
+            left %= size
+    return "".join(parts)
 
 
 def _announce(line: str) -> None:
@@ -268,24 +289,111 @@ def runs(plan: str, as_json: bool) -> None:
 @main.command()
 @click.argument("plan", type=click.Path(dir_okay=False))
 @click.argument("run_id", required=False)
+@click.argument("job", required=False)
+@click.option("--stdout", "stream", flag_value="stdout", help="Print JOB's stored stdout.")
+@click.option("--stderr", "stream", flag_value="stderr", help="Print JOB's stored stderr.")
+@click.option("--reply", "stream", flag_value="reply", help="Print JOB's model reply.")
+@click.option("--diff", "stream", flag_value="diff", help="Print the diff JOB applied.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job records as JSON.")
 @_guard
-def show(plan: str, run_id: str | None, as_json: bool) -> None:
-    """Show the job records of one run of PLAN (default: the latest)."""
-    from obdask.records import read_run
+def show(plan: str, run_id: str | None, job: str | None, stream: str | None,
+         as_json: bool) -> None:
+    """Show the job records of one run of PLAN (default: the latest), or one JOB's output.
+
+    RUN_ID may be left out: 'obdask show plan.md build --stderr' reads job 'build'
+    of the latest run.  With JOB and no output flag, prints that job's record.
+    """
+    from obdask.outputs import find_record, output_bytes
+    from obdask.records import RunStore, read_run
 
     parsed = _load(plan)
     url, options = _records_url(parsed)
+    if run_id is not None and job is None and \
+            run_id not in RunStore(url, parsed.plan_id, "~", options).previous_runs():
+        run_id, job = None, run_id  # one argument that is not a recorded run: a job
+    if stream and job is None:
+        _fail(f"--{stream} needs a JOB: obdask show {plan} [RUN_ID] JOB --{stream}")
     records = read_run(url, parsed.plan_id, run_id, options)
     if not records:
         which = f"run {run_id}" if run_id else "run"
         _fail(f"no recorded {which} of plan {parsed.plan_id!r} under {url}")
+    for r in records:
+        r.setdefault("id", r.get("step"))
+    if job is not None:
+        where = f"run {run_id or records[0].get('run_id') or 'latest'} of plan " \
+                f"{parsed.plan_id!r} (obdask runs {plan} lists the runs)"
+        record = find_record(records, job, where)
+        if stream is None:
+            click.echo(json.dumps(record, indent=1, default=str))
+            return
+        data = output_bytes(record, stream, _artifact_store(parsed))
+        if data:
+            sys.stdout.buffer.write(data)
+            sys.stdout.flush()
+        return
     if as_json:
         click.echo(json.dumps(records, default=str))
         return
-    for r in records:
-        r.setdefault("id", r.get("step"))
     _print_table(records)
+
+
+def _artifact_store(parsed):
+    from obdask import config
+    from obdask.artifacts import ArtifactStore
+    from obdask.runner import _store_url
+
+    url = _store_url("artifacts", None, parsed)
+    return ArtifactStore(url, config.storage_options(url))
+
+
+@main.command()
+@click.argument("plan", type=click.Path(dir_okay=False))
+@click.argument("run_id", required=False)
+@click.option("--interval", default=0.5, show_default=True, type=click.FloatRange(min=0.01),
+              help="Seconds between looks at the records store.")
+@_guard
+def logs(plan: str, run_id: str | None, interval: float) -> None:
+    """Follow a run of PLAN: print each job as it finishes, exit when the run ends.
+
+    Follows the latest run (or RUN_ID); a finished run is printed at once; with no
+    run yet, waits for the first one to start.  Exits 1 if the run failed.
+    """
+    parsed = _load(plan)
+    url, options = _records_url(parsed)
+    try:
+        _follow(plan, parsed, url, options, run_id, interval)
+    except KeyboardInterrupt:
+        click.echo("stopped following (the run itself goes on)", err=True)
+        sys.exit(130)
+
+
+def _follow(plan: str, parsed: Any, url: str, options: dict, run_id: str | None,
+            interval: float) -> None:
+    from obdask.outputs import follow
+
+    for record in follow(url, parsed.plan_id, options, run_id, interval, on_wait=_announce):
+        if not record.get("summary"):
+            _print_row(record)
+            continue
+        if record.get("ok") is None:
+            _fail(f"run {record['run_id']} of plan {parsed.plan_id!r} ended without writing "
+                  f"its records (its client is gone); 'obdask show {plan} {record['run_id']}' "
+                  "shows what its workers completed")
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(record.get("counts", {}).items()))
+        verdict = "ok" if record["ok"] else "FAILED"
+        secs = record.get("duration_s")
+        took = f" in {secs:.1f}s" if secs is not None else ""
+        click.echo(f"{parsed.plan_id}: {verdict} ({counts}){took}; run {record['run_id']}")
+        sys.exit(0 if record["ok"] else EXIT_FAILED_JOBS)
+
+
+def _print_row(r: dict[str, Any]) -> None:
+    secs = r.get("duration_s")
+    exit_code = r.get("exit_code")
+    click.echo(f"{str(r.get('id') or r.get('step'))[:28]:<28} {r.get('status', '-'):<16} "
+               f"{str(r.get('worker') or '-')[:22]:<22} "
+               f"{'-' if exit_code is None else exit_code:>4} "
+               f"{'-' if secs is None else f'{secs:.2f}':>7}  {r.get('error') or ''}")
 
 
 class _ProgressBar:
@@ -315,6 +423,7 @@ def _print_summary(result: Any, limit: int = 40) -> None:
     verdict = "ok" if result.ok else "FAILED"
     click.echo(f"{result.plan_id}: {verdict} ({counts}) in {result.duration_s:.1f}s; "
                f"records: {result.location}")
+    _print_stderr_tails(result)
     lost = result.summary.get("workers_lost") or []
     if lost:
         click.echo(f"workers lost during the run: {', '.join(lost)} (their jobs were re-run "
@@ -326,17 +435,29 @@ def _print_summary(result: Any, limit: int = 40) -> None:
                    f"in {used['calls']} calls")
 
 
+def _print_stderr_tails(result: Any, jobs: int = 5, lines: int = 10) -> None:
+    """The last lines of stderr of the first failed jobs (the rest: obdask show --stderr)."""
+    from obdask.outputs import stderr_tail
+
+    failed = [r for r in result.records if r["status"] == "failed" and r.get("stderr")]
+    for r in failed[:jobs]:
+        tail = stderr_tail(r, result._artifacts(), lines)
+        if tail:
+            click.echo(f"{r['id']}: stderr (last lines):")
+            for line in tail:
+                click.echo(f"    {line}")
+    if len(failed) > jobs:
+        click.echo(f"... stderr of {len(failed) - jobs} more failed jobs: "
+                   f"obdask show PLAN {result.run_id} JOB --stderr")
+
+
 def _print_table(rows: list[dict[str, Any]], limit: int = 40) -> None:
     shown = [r for r in rows if r["status"] in ("failed", "skipped")] if len(rows) > limit \
         else rows
     header = f"{'job':<28} {'status':<16} {'worker':<22} {'exit':>4} {'secs':>7}  error"
     click.echo(header)
     for r in shown[:limit]:
-        secs = r.get("duration_s")
-        exit_code = r.get("exit_code")
-        click.echo(f"{r['id'][:28]:<28} {r['status']:<16} {str(r.get('worker') or '-')[:22]:<22} "
-                   f"{'-' if exit_code is None else exit_code:>4} "
-                   f"{'-' if secs is None else f'{secs:.2f}':>7}  {r.get('error') or ''}")
+        _print_row(r)
     if len(shown) > limit or len(rows) > len(shown):
         click.echo(f"... {len(rows) - min(len(shown), limit)} more jobs not shown")
 

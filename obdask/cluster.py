@@ -38,24 +38,31 @@ def embedded_cluster(n_workers: int | None = None, threads_per_worker: int | Non
     # the dashboard listens on loopback only (plain HTTP; see docs/security.md)
     tls = {} if security is None else {
         "security": security, "protocol": "tls://", "host": "127.0.0.1"}
-    with LocalCluster(n_workers=0, threads_per_worker=threads, processes=True,
-                      # a frozen worker (SIGSTOP, swapped out) is removed and its jobs re-run
-                      scheduler_kwargs={"worker_ttl": f"{ttl}s" if ttl > 0 else None},
-                      dashboard_address="127.0.0.1:0",
-                      silence_logs=logging.CRITICAL, **tls) as cluster:
-        # Each worker gets its share of this host (GPUs whole), declared at start
-        # so the scheduler can place resource-restricted steps from the first task.
-        for i, resources in enumerate(split_resources(host_resources(), n_workers)):
-            spec = copy.deepcopy(cluster.new_spec)
-            spec["options"]["resources"] = resources
-            cluster.worker_spec[f"obdask-{i}"] = spec
-        cluster.sync(cluster._correct_state)
-        with Client(cluster, security=security) as client:
-            client.wait_for_workers(n_workers, timeout=60)
-            from obdask.server import install
+    from obdask.interrupts import sigint_ignored_by_children
 
-            install(client)
-            yield client
+    with contextlib.ExitStack() as stack:
+        cluster = stack.enter_context(LocalCluster(
+            n_workers=0, threads_per_worker=threads, processes=True,
+            # a frozen worker (SIGSTOP, swapped out) is removed and its jobs re-run
+            scheduler_kwargs={"worker_ttl": f"{ttl}s" if ttl > 0 else None},
+            dashboard_address="127.0.0.1:0",
+            silence_logs=logging.CRITICAL, **tls))
+        # Ctrl-C is this process's to handle: the workers start with SIGINT ignored
+        # (obdask.interrupts), so a terminal's Ctrl-C does not print their tracebacks.
+        with sigint_ignored_by_children():
+            # Each worker gets its share of this host (GPUs whole), declared at start
+            # so the scheduler can place resource-restricted steps from the first task.
+            for i, resources in enumerate(split_resources(host_resources(), n_workers)):
+                spec = copy.deepcopy(cluster.new_spec)
+                spec["options"]["resources"] = resources
+                cluster.worker_spec[f"obdask-{i}"] = spec
+            cluster.sync(cluster._correct_state)
+        client = stack.enter_context(Client(cluster, security=security))
+        client.wait_for_workers(n_workers, timeout=60)
+        from obdask.server import install
+
+        install(client)
+        yield client
 
 
 def split_resources(total: dict[str, float], n: int) -> list[dict[str, float]]:

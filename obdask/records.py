@@ -4,6 +4,8 @@ Layout under the records URL::
 
     <plan_id>/<run_id>/jobs/<step_id>.json   ledger: written by the worker when a job
                                              completes, before its task returns
+    <plan_id>/<run_id>/started.json          client host, pid, job count: written when the
+                                             run starts (``obdask logs``, obdask.outputs)
     <plan_id>/<run_id>/records.jsonl         one line per job, written by the client
     <plan_id>/<run_id>/summary.json          counts, timings, ok
 

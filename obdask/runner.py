@@ -13,7 +13,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +48,7 @@ class RunResult:
     location: str
     duration_s: float = 0.0
     summary: dict[str, Any] = field(default_factory=dict)
+    artifacts: ArtifactStore | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -57,14 +58,66 @@ class RunResult:
 
     @property
     def frame(self) -> pd.DataFrame:
-        """One row per job (columns: id, key, status, worker, attempts, ...)."""
+        """One row per job (columns: id, key, status, worker, attempts, ...).
+
+        Integer fields (``exit_code``, ``attempts``, byte counts, tokens) are
+        pandas' nullable ``Int64``: a job without one has ``<NA>``, not a float NaN.
+        Outputs are sha1 keys here; :meth:`to_frame` or :meth:`output` load them.
+        """
+        return self.to_frame()
+
+    def to_frame(self, outputs: Iterable[str] = ()) -> pd.DataFrame:
+        """:attr:`frame`, with the named outputs loaded as text in place of their keys.
+
+        Parameters
+        ----------
+        outputs
+            Any of ``"stdout"``, ``"stderr"``, ``"reply"``, ``"diff"``; a job
+            without that output (or with an empty one) gets ``None``.
+        """
         import pandas as pd
+
+        from obdask.outputs import INTEGER_COLUMNS, check_stream, output_text
 
         frame = pd.DataFrame.from_records(self.records)
         for column in COLUMNS:
             if column not in frame:
                 frame[column] = None
+        for column in INTEGER_COLUMNS:
+            if column in frame:
+                frame[column] = pd.array(
+                    [None if v is None or v != v else int(v) for v in frame[column]],
+                    dtype="Int64")
+        for which in outputs:
+            check_stream(which)
+            store = self._artifacts()
+            frame[which] = [output_text(r, which, store) if r.get(which) else None
+                            for r in self.records]
         return frame.set_index("id", drop=False)
+
+    def output(self, job: str, which: str = "stdout") -> str | None:
+        """The text a job wrote to ``which`` (stdout, stderr, reply, diff); None if empty.
+
+        Raises
+        ------
+        ObdaskError
+            No such job in this run, or the job has no such output (a ``@cmd``
+            job has no ``reply``).
+        """
+        from obdask.outputs import check_stream, find_record, output_text
+
+        check_stream(which)
+        record = find_record(self.records, job, f"run {self.run_id} of plan {self.plan_id!r}")
+        return output_text(record, which, self._artifacts())
+
+    def _artifacts(self) -> ArtifactStore:
+        if self.artifacts is None:  # a result built by hand: the store the summary names
+            url = self.summary.get("artifacts")
+            if not url:
+                raise ObdaskError(f"run {self.run_id}: no artifact store is known; build the "
+                                  "RunResult with artifacts= or a summary with 'artifacts'")
+            self.artifacts = ArtifactStore(url, config.storage_options(url))
+        return self.artifacts
 
     def to_json(self) -> dict[str, Any]:
         """The ``obdask run --json`` object."""
@@ -110,6 +163,11 @@ def prepare(plan: Plan, *, workspace: str | None = None, resume: bool = False,
     storage_options = dict(config.get("storage-options") or {})
     art_url = _store_url("artifacts", artifacts, plan)
     rec_url = _store_url("records", records, plan)
+    default_folder = os.path.join(plan.folder, ".obdask")
+    if any(os.path.dirname(u) == default_folder for u in (art_url, rec_url)):
+        from obdask.outputs import ensure_gitignore
+
+        ensure_gitignore(default_folder)  # not the user's files: git should not list them
     art = ArtifactStore(art_url, config.storage_options(art_url, storage_options))
     store = RunStore(rec_url, plan.plan_id, run_id or new_run_id(),
                      config.storage_options(rec_url, storage_options))
@@ -236,6 +294,30 @@ def _run_embedded(plan: Plan, n_workers: int | None, kwargs: dict[str, Any]) -> 
 async def _run(client: Client, plan: Plan, *, workspace: str | None, resume: bool,
                artifacts: str | None, records: str | None, priority: int,
                progress: Progress | None) -> RunResult:
+    running = await _start(client, plan, workspace=workspace, resume=resume,
+                           artifacts=artifacts, records=records, priority=priority)
+    return await _finish(client, running, progress)
+
+
+@dataclass
+class _Running:
+    """A submitted run between :func:`_start` and :func:`_finish`."""
+
+    plan: Plan
+    compiled: CompiledPlan
+    ctx: RunContext
+    futures: dict[str, Future]
+    span_id: str | None
+    owner: str
+    events: dict[str, list[dict[str, Any]]]
+    started: float
+    lock: RunLock
+
+
+async def _start(client: Client, plan: Plan, *, workspace: str | None, resume: bool,
+                 artifacts: str | None, records: str | None, priority: int,
+                 inputs: dict[str, list[Future]] | None = None) -> _Running:
+    """Prepare, place and submit: the job futures of a run that goes on without us."""
     started = time.time()
     await _install_plugins(client, plan)
     # Stores are read and written through fsspec, which blocks: never on the event loop.
@@ -248,34 +330,106 @@ async def _run(client: Client, plan: Plan, *, workspace: str | None, resume: boo
             prepare, plan, workspace=workspace, resume=resume, artifacts=artifacts,
             records=records, run_id=ctx.run_id)
     try:
-        return await _run_locked(client, plan, compiled, ctx, priority, progress, started)
-    finally:
+        placement = await place_on(client, compiled)
+        owner = await _claim_plan_id(client, plan, ctx)
+    except BaseException:
         await asyncio.to_thread(lock.release)
-
-
-async def _run_locked(client: Client, plan: Plan, compiled: CompiledPlan, ctx: RunContext,
-                      priority: int, progress: Progress | None, started: float) -> RunResult:
-    placement = await place_on(client, compiled)
-    await _wait_keys_free(client, [j.key for j in compiled.runnable], plan)
-    events = _subscribe_events(client, ctx.run_id)
-    span_id = None
+        raise
     try:
-        futures, span_id = _submit(client, compiled, ctx, priority, placement.routes)
-        await _wait(client, futures, progress)
-        outcomes = await _collect(client, compiled, futures, ctx, events)
-        del futures
-    except Exception as exc:
-        if not _scheduler_lost(client, exc):
-            raise
-        await _record_interrupted(client, plan, compiled, ctx, started, exc)
-    finally:
+        await _wait_keys_free(client, [j.key for j in compiled.runnable], plan)
+        await asyncio.to_thread(_mark_started, ctx, plan, compiled)
+        events = _subscribe_events(client, ctx.run_id)
+    except BaseException:
+        await _release_plan_id(client, plan, owner)
+        await asyncio.to_thread(lock.release)
+        raise
+    try:
+        futures, span_id = _submit(client, compiled, ctx, priority, placement.routes, inputs)
+    except BaseException:
         _unsubscribe_events(client, ctx.run_id)
-    duration = time.time() - started
-    summary = _summary(plan, ctx, outcomes, duration)
-    summary["span"] = span_id
-    location = await asyncio.to_thread(ctx.records.write_records, outcomes, summary)
+        await _release_plan_id(client, plan, owner)
+        await asyncio.to_thread(lock.release)
+        raise
+    return _Running(plan, compiled, ctx, futures, span_id, owner, events, started, lock)
+
+
+async def _finish(client: Client, running: _Running, progress: Progress | None) -> RunResult:
+    """Wait for a started run, collect its records, write them: the :class:`RunResult`."""
+    plan, ctx = running.plan, running.ctx
+    try:
+        try:
+            await _wait(client, running.futures, progress)
+            outcomes = await _collect(client, running.compiled, running.futures, ctx,
+                                      running.events)
+            running.futures = {}
+        except Exception as exc:
+            if not _scheduler_lost(client, exc):
+                raise
+            await _record_interrupted(client, plan, running.compiled, ctx, running.started,
+                                      exc)
+        finally:
+            _unsubscribe_events(client, ctx.run_id)
+            await _release_plan_id(client, plan, running.owner)
+        duration = time.time() - running.started
+        summary = _summary(plan, ctx, outcomes, duration)
+        summary["span"] = running.span_id
+        location = await asyncio.to_thread(ctx.records.write_records, outcomes, summary)
+    finally:
+        await asyncio.to_thread(running.lock.release)
     return RunResult(plan_id=plan.plan_id, run_id=ctx.run_id, records=outcomes,
-                     location=location, duration_s=duration, summary=summary)
+                     location=location, duration_s=duration, summary=summary,
+                     artifacts=ctx.artifacts)
+
+
+def plan_owner(plan: Plan) -> str:
+    """What tells two plans with one plan id apart: the plan file's absolute path.
+
+    A plan built from text has no file: a digest of its steps stands in.
+    """
+    if plan.path:
+        return os.path.abspath(plan.path)
+    import hashlib
+
+    blob = "\n".join(f"{s.id}:{s.line}:{s.payload.prefix}:{s.payload.body}"
+                      for s in plan.steps)
+    return f"<plan text {hashlib.sha1(blob.encode()).hexdigest()[:12]}>"
+
+
+async def _claim_plan_id(client: Client, plan: Plan, ctx: RunContext) -> str:
+    """Hold the plan id on the cluster; refuse when a different plan holds it.
+
+    Default plan ids come from file names, so ``a/plan.md`` and ``b/plan.md``
+    are both ``plan``: on one scheduler they would share task keys and run
+    records.  The same plan run twice is the busy-plan wait's business.
+    """
+    import socket
+
+    owner = plan_owner(plan)
+    label = f"{owner} (run {ctx.run_id} from {socket.gethostname()})"
+    other = await client.scheduler.obdask_plan_claim(plan_id=plan.plan_id, owner=owner,
+                                                     client=client.id, label=label)
+    if other:
+        raise ObdaskError(
+            f"plan id {plan.plan_id!r} is in use on this cluster by {other}; {owner} is a "
+            f"different plan with the same id, and they would share task keys and run "
+            f"records: give one of them its own id with a 'plan_id=<name>' line")
+    return owner
+
+
+async def _release_plan_id(client: Client, plan: Plan, owner: str) -> None:
+    try:
+        await client.scheduler.obdask_plan_release(plan_id=plan.plan_id, owner=owner,
+                                                   client=client.id)
+    except Exception as exc:  # noqa: BLE001 - the claim also ends with the client
+        logger.debug("plan id %s not released: %s", plan.plan_id, exc)
+
+
+def _mark_started(ctx: RunContext, plan: Plan, compiled: CompiledPlan) -> None:
+    """``started.json`` beside the run's records: ``obdask logs`` follows the run."""
+    from obdask.outputs import mark_started
+
+    mark_started(ctx.records, {"plan": plan.plan_id, "plan_path": plan.path,
+                               "jobs": len(compiled.jobs)})
 
 
 async def _install_plugins(client: Client, plan: Plan) -> None:
@@ -397,7 +551,8 @@ def _explained(compiled: CompiledPlan, placement: Placement, priority: int) -> d
 
 
 def _submit(client: Client, compiled: CompiledPlan, ctx: RunContext, priority: int,
-            routes: dict[str, list[str]] | None = None
+            routes: dict[str, list[str]] | None = None,
+            inputs: dict[str, list[Future]] | None = None,
             ) -> tuple[dict[str, Future], str | None]:
     """Submit the runnable jobs, one ``client.get`` per annotation batch.
 
@@ -405,6 +560,8 @@ def _submit(client: Client, compiled: CompiledPlan, ctx: RunContext, priority: i
     dashboard's fine performance metrics and the scheduler's ``spans``
     extension can show a run's compute, transfer and wait time as one line.
     Returns the futures by key and the span id (None when nothing ran).
+    ``inputs`` maps a step id to the user's futures that step waits for; each
+    reaches the job as one more dependency record (:func:`input_record`).
     """
     from dask._task_spec import Task, TaskRef
     from distributed import span
@@ -419,6 +576,10 @@ def _submit(client: Client, compiled: CompiledPlan, ctx: RunContext, priority: i
     def annotate(job: Job) -> dict[str, Any]:
         return job_annotations(job, routes, priority)
 
+    def extra(job: Job) -> list[Any]:
+        return [Task(f"obdask-input-{job.key}-{i}", input_record, str(f.key), f)
+                for i, f in enumerate((inputs or {}).get(job.spec.step_id, ()))]
+
     if not runnable:
         return futures, None
     # No await in here: the span annotation (global dask config) covers exactly these graphs.
@@ -427,12 +588,23 @@ def _submit(client: Client, compiled: CompiledPlan, ctx: RunContext, priority: i
             dsk = {
                 job.spec.dask_key: Task(
                     job.spec.dask_key, run_job, job.spec, ctx,
-                    *[TaskRef(dask_key_of(d)) for d in job.spec.deps if d in runnable])
+                    *[TaskRef(dask_key_of(d)) for d in job.spec.deps if d in runnable],
+                    *extra(job))
                 for job in batch.jobs
             }
             submitted = client.get(dsk, list(dsk), sync=False, **batch.annotations)
             futures.update((f.key[1], f) for f in submitted)
     return futures, span_id
+
+
+def input_record(key: str, value: Any) -> dict[str, Any]:
+    """A user's future as a job's dependency: ``{"step": "input:<key>", "input": value}``.
+
+    Payloads read the outputs of dependencies that are obdask jobs; this one has
+    none, so it orders the job after the user's work, and an executor of one's
+    own (:func:`obdask.payloads.register_executor`) finds the value under ``"input"``.
+    """
+    return {"step": f"input:{key}", "key": key, "input": value}
 
 
 async def _wait(client: Client, futures: dict[str, Future], progress: Progress | None) -> None:
@@ -579,7 +751,8 @@ async def _record_interrupted(client: Client, plan: Plan, compiled: CompiledPlan
     summary.update(ok=False, interrupted="scheduler lost")
     location = await asyncio.to_thread(ctx.records.write_records, outcomes, summary)
     result = RunResult(plan_id=plan.plan_id, run_id=ctx.run_id, records=outcomes,
-                       location=location, duration_s=duration, summary=summary)
+                       location=location, duration_s=duration, summary=summary,
+                       artifacts=ctx.artifacts)
     finished = sum(1 for r in outcomes if r["status"] == "done")
     raise SchedulerLost(
         f"plan {plan.plan_id!r}: the scheduler at {client.scheduler.address} was lost during "

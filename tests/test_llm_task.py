@@ -47,6 +47,8 @@ def test_model_diff_applied_by_dependent_step(tmp_path, git_repo, servers, clust
     assert result.ok, result.frame[["status", "error"]]
     gen = result.frame.loc["gen"]
     assert gen["reply_kind"] == "diff" and gen["model"] == "qwen2.5-coder:14b"
+    assert "+    return 42" in result.output("gen", "reply")  # the stored reply, as text
+    assert str(result.frame["tokens"].dtype) == "Int64"
     assert (git_repo / "app.py").read_text() == "def answer():\n    return 42\n"
     # The role's system prompt, the spec and the dependency's output reached the model.
     system, user = prompts[0]

@@ -8,6 +8,13 @@ it does not know to the preload)::
 
 The form ``--preload-argv "--lanes 2,3 ..."`` is accepted too.
 
+With ``--scheduler-file`` and no address, ``dask worker`` takes the first
+option it does not know for its SCHEDULER argument, so ``--lanes=2`` never
+reaches the preload (and ``--lanes 2`` passes it a stray ``2``).  The preload
+then reads its options from the ``dask worker`` command line itself
+(:func:`options_from_command_line`), so both forms work; a stray argument it
+cannot explain is a usage error, never silently dropped.
+
 ``dask_setup`` runs in ``Worker.start_unsafe`` right before
 ``_register_with_scheduler`` (distributed 2026.8), so the scheduler sees the
 resources from the start: detected ``GPU``/``VRAM``/``CPU``/``MEM`` and the
@@ -84,6 +91,38 @@ async def configure_worker(
     return merged
 
 
+_OPTIONS = {"--lanes": "lanes", "--ollama-endpoint": "ollama_endpoint"}
+_FLAGS = {"--detect": True, "--no-detect": False}
+
+
+def options_from_command_line(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """This preload's options as written on a ``dask worker`` command line.
+
+    Returns the options found (``lanes``, ``ollama_endpoint``, ``detect``) and
+    the values that followed a space-separated option (``--lanes 2``: ``["2"]``),
+    which ``dask worker`` may have passed on as stray arguments.  Any other
+    command line (not ``dask worker``): nothing.
+    """
+    import os
+
+    if not (len(argv) > 1 and argv[1] == "worker") and \
+            os.path.basename(argv[0] if argv else "") != "dask-worker":
+        return {}, []
+    found: dict[str, Any] = {}
+    values: list[str] = []
+    tokens = iter(argv[1:])
+    for token in tokens:
+        name, eq, value = token.partition("=")
+        if name in _OPTIONS:
+            if not eq:
+                value = next(tokens, "")
+                values.append(value)
+            found[_OPTIONS[name]] = value
+        elif token in _FLAGS:
+            found["detect"] = _FLAGS[token]
+    return found, values
+
+
 @click.command(context_settings={"ignore_unknown_options": False})
 @click.option("--lanes", default=None, help="Lanes this worker takes, e.g. '2,3' or '1-4'.")
 @click.option("--ollama-endpoint", default=None, help="This host's Ollama URL, for /api/ps.")
@@ -91,18 +130,39 @@ async def configure_worker(
     "--detect/--no-detect", default=None, help="Declare detected GPU/VRAM/CPU/MEM resources."
 )
 @click.option("--preload-argv", "argv", default=None, hidden=True, help="Options in one string.")
+@click.argument("stray", nargs=-1, type=click.UNPROCESSED)
 async def dask_setup(
     worker: Any,
     lanes: str | None,
     ollama_endpoint: str | None,
     detect: bool | None,
     argv: str | None,
+    stray: tuple[str, ...] = (),
 ) -> None:
     """Run by distributed's preload machinery with the worker and the parsed options."""
+    import sys
+
     if argv:
         ctx = dask_setup.make_context("dask_setup", shlex.split(argv))
         params = {k: v for k, v in ctx.params.items() if v is not None and k != "argv"}
         lanes = params.get("lanes", lanes)
         ollama_endpoint = params.get("ollama_endpoint", ollama_endpoint)
         detect = params.get("detect", detect)
-    await configure_worker(worker, lanes, ollama_endpoint, detect)
+        stray = (*stray, *params.get("stray", ()))
+    given = {"lanes": lanes, "ollama_endpoint": ollama_endpoint, "detect": detect}
+    found, values = options_from_command_line(list(sys.argv))
+    unexplained = list(stray)
+    for value in values:
+        if value in unexplained:
+            unexplained.remove(value)
+    if unexplained:
+        raise click.UsageError(
+            f"obdask.preload.worker: unexpected argument(s) {' '.join(unexplained)!r}; its "
+            "options are --lanes, --ollama-endpoint, --detect/--no-detect (write them as "
+            "--lanes=2,3, after --preload obdask.preload.worker)")
+    lost = {k: v for k, v in found.items() if given[k] is None}
+    if lost:
+        # dask worker --scheduler-file F ... took the first of them for its SCHEDULER argument
+        logger.info("obdask worker options read from the dask worker command line: %s", lost)
+        given.update(lost)
+    await configure_worker(worker, given["lanes"], given["ollama_endpoint"], given["detect"])

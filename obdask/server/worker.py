@@ -104,6 +104,9 @@ class ObdaskWorkerPlugin(WorkerPlugin):
     async def setup(self, worker: Any) -> None:
         """Give every lane to a worker without lanes, then start polling Ollama."""
         self.worker = worker
+        from obdask.interrupts import settle_worker
+
+        settle_worker()  # an embedded cluster's worker: Ctrl-C is the client's to handle
         state = state_of(worker)
         if not worker_lanes(worker.state.total_resources):
             lanes = parse_lanes(dask.config.get("obdask.placement.lanes", None))
