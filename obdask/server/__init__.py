@@ -32,6 +32,7 @@ from distributed.utils import log_errors
 from obdask.llm.budget.ledger import configured_budgets
 from obdask.server.budgets import BudgetExtension
 from obdask.server.locality import LocalityExtension
+from obdask.server.metrics import MetricsExtension
 from obdask.server.runs import RunsExtension
 from obdask.server.worker import NAME as WORKER_PLUGIN_NAME
 from obdask.server.worker import ObdaskWorkerPlugin
@@ -46,6 +47,7 @@ EXTENSIONS: dict[str, Callable[[Any], Any]] = {
     "locality": LocalityExtension,
     "runs": RunsExtension,
     "budgets": BudgetExtension,
+    "metrics": MetricsExtension,
 }
 
 _HOOKS = ("transition", "update_graph", "add_worker", "remove_worker", "remove_client")

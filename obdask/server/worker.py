@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 NAME = "obdask-worker"
 EXTENSION = "obdask"
 REPORT_OP = "obdask_locality_report"
+#: Stream op of the scheduler's metrics extension (:mod:`obdask.server.metrics`).
+METRICS_OP = "obdask_metrics_record"
 KINDS = ("clone", "model")
 #: Seconds an Ollama ``/api/ps`` poll may take.
 OLLAMA_TIMEOUT = 2.0
@@ -95,6 +97,7 @@ class ObdaskWorkerPlugin(WorkerPlugin):
         self.worker: Any = None
         self._http: Any = None
         self._polling = False
+        self._sampler: ResourceSampler | None = None
 
     @property
     def models(self) -> list[str] | None:
@@ -102,12 +105,13 @@ class ObdaskWorkerPlugin(WorkerPlugin):
         return state_of(self.worker).models if self.worker is not None else None
 
     async def setup(self, worker: Any) -> None:
-        """Give every lane to a worker without lanes, then start polling Ollama."""
+        """Give every lane to a worker without lanes, start sampling, poll Ollama."""
         self.worker = worker
         state = state_of(worker)
         if not worker_lanes(worker.state.total_resources):
             lanes = parse_lanes(dask.config.get("obdask.placement.lanes", None))
             await worker.set_resources(**lane_resources(lanes))
+        self._start_sampling(worker)
         endpoint = state.local_endpoint or dask.config.get("obdask.llm.local-endpoint", None)
         if not endpoint:
             return
@@ -122,8 +126,32 @@ class ObdaskWorkerPlugin(WorkerPlugin):
         pc.start()
         worker.loop.add_callback(self.poll)
 
+    def _start_sampling(self, worker: Any) -> None:
+        """Send a resource sample to the scheduler every ``obdask.metrics.interval``."""
+        period = config.get_seconds("metrics.interval")
+        if period <= 0:
+            return
+        self._sampler = ResourceSampler(worker.local_directory)
+        pc = PeriodicCallback(self.sample, max(period, 0.05) * 1000)
+        worker.periodic_callbacks["obdask-metrics-sample"] = pc
+        pc.start()
+        worker.loop.add_callback(self.sample)
+
+    def sample(self) -> None:
+        """Send one resource sample (host CPU/RAM/disk, every GPU) to the scheduler."""
+        if self.worker is None or self._sampler is None:
+            return
+        record = self._sampler.sample()
+        models = state_of(self.worker).models
+        if models is not None:
+            record["models"] = models
+        send(self.worker, {"op": METRICS_OP, "kind": "sample", "record": record})
+
     async def teardown(self, worker: Any) -> None:
-        """Stop polling and close the HTTP client."""
+        """Stop sampling and polling and close the HTTP client."""
+        sampler = worker.periodic_callbacks.pop("obdask-metrics-sample", None)
+        if sampler is not None:
+            sampler.stop()
         pc = worker.periodic_callbacks.pop("obdask-ollama-ps", None)
         if pc is not None:
             pc.stop()
@@ -179,6 +207,90 @@ def send(worker: Any, msg: dict[str, Any]) -> None:
         worker.batched_stream.send(msg)
     except Exception as exc:  # closed stream while the worker shuts down
         logger.debug("obdask: could not send %s: %s", msg.get("op"), exc)
+
+
+def send_record(kind: str, record: dict[str, Any], worker: Any = None) -> bool:
+    """From any thread of a worker: send a metrics record to the scheduler.
+
+    One message on the worker's batched stream (no round trip); the scheduler's
+    :class:`~obdask.server.metrics.MetricsExtension` stores it.
+
+    Parameters
+    ----------
+    kind : {"job", "tokens", "sample"}
+    record : dict
+        msgpack-friendly fields.
+    worker : distributed.Worker, optional
+        Default: the worker running the calling task.
+
+    Returns
+    -------
+    bool
+        False (nothing sent) outside a worker or without the obdask worker plugin.
+    """
+    if worker is None:
+        try:
+            worker = get_worker()
+        except ValueError:
+            return False
+    if NAME not in getattr(worker, "plugins", {}):
+        return False
+    worker.loop.add_callback(send, worker, {"op": METRICS_OP, "kind": kind, "record": record})
+    return True
+
+
+class ResourceSampler:
+    """Host facts Dask's heartbeat lacks: host CPU/RAM/disk and every GPU (NVML).
+
+    Dask's heartbeat has the worker process's CPU and memory and, through its
+    own NVML diagnostics, the first GPU only.  NVML is tried once; a machine
+    without ``pynvml`` or a driver samples ``gpus: []`` from then on.
+    """
+
+    def __init__(self, path: str | None = None, nvml: Any | None = None) -> None:
+        import os
+
+        import psutil
+
+        self.psutil = psutil
+        self.path = path if path and os.path.isdir(path) else os.getcwd()
+        self.nvml = nvml
+        self.has_gpus: bool | None = None
+        psutil.cpu_percent(None)  # the first call only starts the measurement
+
+    def gpus(self) -> list[dict[str, Any]]:
+        """Every GPU: index, name, utilization (%), memory used/total (bytes)."""
+        if self.has_gpus is False:
+            return []
+        from obdask.resources import gpu_inventory
+
+        try:
+            found = gpu_inventory(self.nvml)
+        except Exception as exc:  # a broken driver must not stop the sampling
+            logger.debug("NVML sample failed: %s", exc)
+            found = []
+        if self.has_gpus is None:
+            self.has_gpus = bool(found)
+        return [{"index": g.index, "name": g.name, "utilization": g.utilization,
+                 "memory_used": g.memory_used, "memory_total": g.memory_total} for g in found]
+
+    def sample(self) -> dict[str, Any]:
+        """One sample as a plain dict (``ts`` in seconds since the epoch)."""
+        import os
+        import time
+
+        ps = self.psutil
+        mem = ps.virtual_memory()
+        disk = ps.disk_usage(self.path)
+        record: dict[str, Any] = {
+            "ts": time.time(), "cpu_percent": ps.cpu_percent(None), "cpus": ps.cpu_count(),
+            "memory_used": int(mem.total - mem.available), "memory_total": int(mem.total),
+            "disk_used": int(disk.used), "disk_total": int(disk.total),
+            "gpus": self.gpus(),
+        }
+        if hasattr(os, "getloadavg"):
+            record["load_1m"] = os.getloadavg()[0]
+        return record
 
 
 def report_warm(kind: str, key: str) -> bool:

@@ -1,0 +1,132 @@
+"""obdask pages in the scheduler's Bokeh dashboard: components, registration, serving."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+
+import pytest
+
+pytest.importorskip("bokeh")
+
+from obdask.dashboard import components  # noqa: E402
+
+from obdask import dashboard  # noqa: E402
+
+W1, W2 = "tcp://127.0.0.1:4001", "tcp://127.0.0.1:4002"
+
+
+def feed(ext):
+    """Records as workers send them: 2 workers, 2 models, 2 plans."""
+    push = ext.stream_handlers["obdask_metrics_record"]
+    now = time.time()
+    for i, (model, endpoint, worker) in enumerate([
+            ("llama3.2:3b", "http://h1:11434", W1), ("llama3.2:3b", "http://h1:11434", W2),
+            ("qwen2.5-coder:7b", "http://h2:11434", W1)]):
+        push(worker=worker, kind="tokens", record={
+            "model": model, "endpoint": endpoint, "prompt_eval_count": 100 * (i + 1),
+            "eval_count": 10 * (i + 1), "plan": "p1", "job": f"p1::s{i}", "ts": now - 5,
+            "total_duration": 2_000_000_000})
+    for plan, lane, status in [("p1", 1, "done"), ("p1", 1, "done"), ("p1", 2, "failed"),
+                               ("p2", 1, "done")]:
+        push(worker=W1, kind="job", record={"plan": plan, "lane": lane, "status": status,
+                                            "job": f"{plan}::x", "kind": "cmd",
+                                            "duration_s": 1.0, "finished": now})
+    push(worker=W1, kind="sample", record={
+        "ts": now, "cpu_percent": 50.0, "memory_used": 4e9, "memory_total": 16e9,
+        "disk_used": 1e9, "disk_total": 1e10,
+        "gpus": [{"index": 0, "name": "A", "utilization": 30, "memory_used": 2e9,
+                  "memory_total": 8e9},
+                 {"index": 1, "name": "A", "utilization": 90, "memory_used": 6e9,
+                  "memory_total": 8e9}]})
+    push(worker=W2, kind="sample", record={
+        "ts": now, "cpu_percent": 10.0, "memory_used": 2e9, "memory_total": 16e9,
+        "disk_used": 1e9, "disk_total": 1e10, "gpus": []})
+
+
+def with_scheduler(test):
+    """Run ``test(scheduler, ext)`` against a real Scheduler with obdask installed."""
+    from distributed import Scheduler
+
+    from obdask.server import ObdaskPlugin, extension
+
+    async def main():
+        async with Scheduler(dashboard_address="127.0.0.1:0", port=0) as s:
+            await s.register_scheduler_plugin(ObdaskPlugin(), idempotent=True)
+            ext = extension(s, "metrics")
+            feed(ext)
+            result = test(s, ext)
+            if asyncio.iscoroutine(result):
+                await result
+
+    asyncio.run(main())
+
+
+def test_tokens_per_minute_by_model_and_endpoint():
+    def check(s, ext):
+        comp = components.TokensPerMinute(s)
+        comp.update()
+        data = dict(zip(comp.source.data["series"], comp.source.data["tokens_per_min"], strict=True))
+        # 5 s old records in a 60 s window: tokens of the last minute.
+        assert data == {"llama3.2:3b @ http://h1:11434": 330.0,
+                        "qwen2.5-coder:7b @ http://h2:11434": 330.0}
+        assert comp.root is not None
+    with_scheduler(check)
+
+
+def test_job_status_counts_per_plan_and_lane():
+    def check(s, ext):
+        comp = components.JobStatus(s)
+        comp.update()
+        rows = {(p, ln): (d, f) for p, ln, d, f in zip(
+            comp.source.data["plan"], comp.source.data["lane"], comp.source.data["done"],
+            comp.source.data["failed"], strict=True)}
+        assert rows == {("p1", 1): (2, 0), ("p1", 2): (0, 1), ("p2", 1): (1, 0)}
+    with_scheduler(check)
+
+
+def test_workers_table_with_gpus_and_vram():
+    def check(s, ext):
+        comp = components.WorkerResources(s)
+        comp.update()
+        data = comp.source.data
+        by_worker = {w: i for i, w in enumerate(data["worker"])}
+        one, two = by_worker[W1], by_worker[W2]
+        assert data["gpus"][one] == 2 and data["gpus"][two] == 0
+        assert data["gpu_utilization"][one] == 60.0
+        assert data["vram_used"][one] == 8e9 and data["vram_total"][one] == 16e9
+        assert data["cpu_percent"][one] == 50.0 and data["memory_used"][two] == 2e9
+    with_scheduler(check)
+
+
+def test_recent_events():
+    def check(s, ext):
+        s.log_event("obdask-jobs", {"key": "p::a", "event": "failed", "worker": W1})
+        comp = components.RecentEvents(s)
+        comp.update()
+        assert comp.source.data["topic"][0] == "obdask-jobs"
+        assert "failed" in comp.source.data["text"][0]
+    with_scheduler(check)
+
+
+def test_pages_registered_and_served():
+    dashboard.register()
+    from distributed.dashboard.scheduler import applications
+
+    assert dashboard.PAGE in applications
+    assert all(p in applications for p in dashboard.INDIVIDUAL)
+
+    async def check(s, ext):
+        base = f"http://127.0.0.1:{s.http_server.port}"
+
+        def get(path):
+            return urllib.request.urlopen(base + path, timeout=30).read().decode()
+
+        loop = asyncio.get_running_loop()
+        page = await loop.run_in_executor(None, get, dashboard.PAGE)
+        assert "bokeh" in page.lower()
+        plots = json.loads(await loop.run_in_executor(None, get, "/individual-plots.json"))
+        assert set(dashboard.INDIVIDUAL) <= set(plots.values())
+    with_scheduler(check)
