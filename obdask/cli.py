@@ -339,5 +339,9 @@ def _print_table(rows: list[dict[str, Any]], limit: int = 40) -> None:
         click.echo(f"... {len(rows) - min(len(shown), limit)} more jobs not shown")
 
 
+from obdask.cli_stats import stats  # noqa: E402  (needs _guard above)
+
+main.add_command(stats)
+
 if __name__ == "__main__":  # pragma: no cover
     main()
