@@ -198,6 +198,7 @@ def run(plan: str, scheduler: str | None, workers: int | None, workspace: str | 
         "obdask.run.wait-for-resources": wait_for_resources}
     try:
         with dask.config.set(overrides), connect(scheduler, workers) as client:
+            _print_dashboard(client, quiet=as_json)
             result = run_plan(parsed, client, workspace=workspace, resume=resume,
                               progress=bar)
     finally:
@@ -288,6 +289,15 @@ def show(plan: str, run_id: str | None, as_json: bool) -> None:
     for r in records:
         r.setdefault("id", r.get("step"))
     _print_table(records)
+
+
+def _print_dashboard(client: Any, quiet: bool = False) -> None:
+    """Print the obdask dashboard page of ``client``'s cluster on stderr."""
+    from obdask.dashboard import dashboard_url
+
+    url = None if quiet else dashboard_url(client)
+    if url:
+        click.echo(f"dashboard: {url}", err=True)
 
 
 class _ProgressBar:

@@ -27,10 +27,15 @@ def embedded_cluster(n_workers: int | None = None,
     """A ``LocalCluster`` of worker processes plus its client, closed on exit."""
     from distributed import Client, LocalCluster
 
+    from obdask.dashboard import register
+
     n_workers = config.get_int("run.n-workers", n_workers, minimum=1)
     threads = config.get_int("run.threads-per-worker", threads_per_worker, minimum=1)
+    register()  # obdask pages, before the scheduler starts its dashboard
+    # The dashboard listens on localhost only: it is for the person at this machine.
     with LocalCluster(n_workers=0, threads_per_worker=threads, processes=True,
-                      dashboard_address=":0", silence_logs=logging.CRITICAL) as cluster:
+                      dashboard_address="127.0.0.1:0",
+                      silence_logs=logging.CRITICAL) as cluster:
         # Each worker gets its share of this host (GPUs whole), declared at start
         # so the scheduler can place resource-restricted steps from the first task.
         for i, resources in enumerate(split_resources(host_resources(), n_workers)):

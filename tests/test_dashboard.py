@@ -11,9 +11,8 @@ import pytest
 
 pytest.importorskip("bokeh")
 
-from obdask.dashboard import components  # noqa: E402
-
 from obdask import dashboard  # noqa: E402
+from obdask.dashboard import components  # noqa: E402
 
 W1, W2 = "tcp://127.0.0.1:4001", "tcp://127.0.0.1:4002"
 
@@ -68,7 +67,8 @@ def test_tokens_per_minute_by_model_and_endpoint():
     def check(s, ext):
         comp = components.TokensPerMinute(s)
         comp.update()
-        data = dict(zip(comp.source.data["series"], comp.source.data["tokens_per_min"], strict=True))
+        data = dict(zip(comp.source.data["series"], comp.source.data["tokens_per_min"],
+                        strict=True))
         # 5 s old records in a 60 s window: tokens of the last minute.
         assert data == {"llama3.2:3b @ http://h1:11434": 330.0,
                         "qwen2.5-coder:7b @ http://h2:11434": 330.0}
@@ -130,3 +130,85 @@ def test_pages_registered_and_served():
         plots = json.loads(await loop.run_in_executor(None, get, "/individual-plots.json"))
         assert set(dashboard.INDIVIDUAL) <= set(plots.values())
     with_scheduler(check)
+
+
+def _start_scheduler(folder):
+    """``dask scheduler --preload obdask.preload.scheduler`` with its dashboard on loopback."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from cluster_utils import spawn
+
+    sched_file = folder / "scheduler.json"
+    proc = spawn(["scheduler", "--host", "127.0.0.1", "--port", "0",
+                  "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(sched_file),
+                  "--preload", "obdask.preload.scheduler"], folder / "scheduler.log")
+    deadline = time.monotonic() + 90
+    while True:
+        text = sched_file.read_text() if sched_file.exists() else ""
+        try:
+            info = json.loads(text)
+            return proc, info["address"], f"http://127.0.0.1:{info['services']['dashboard']}"
+        except (ValueError, KeyError):
+            pass
+        assert proc.poll() is None, (folder / "scheduler.log").read_text()
+        assert time.monotonic() < deadline, "scheduler did not start"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def live_scheduler(tmp_path_factory):
+    """A real scheduler process with the preload, a worker, and one plan run on it."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from cluster_utils import kill, spawn
+    from distributed import Client
+
+    import obdask
+
+    folder = tmp_path_factory.mktemp("live")
+    proc, address, base = _start_scheduler(folder)
+    worker = spawn(["worker", address, "--nthreads", "1", "--no-dashboard",
+                    "--preload", "obdask.preload.worker"], folder / "worker.log")
+    try:
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(1, timeout=90)
+            (folder / "plan.md").write_text("- [ ] id=a lane=1 payload=@cmd:echo hi\n"
+                                            "- [ ] id=b lane=1 deps=a payload=@cmd:false\n")
+            obdask.run(str(folder / "plan.md"), client)
+            yield folder, address, base
+    finally:
+        kill([worker, proc])
+
+
+def test_preload_serves_the_pages(live_scheduler):
+    _, _, base = live_scheduler
+    plots = json.loads(urllib.request.urlopen(base + "/individual-plots.json", timeout=30).read())
+    assert set(dashboard.INDIVIDUAL) <= set(plots.values())
+    page = urllib.request.urlopen(base + dashboard.PAGE, timeout=30).read().decode()
+    assert "data-root-id" in page  # the document is built (its models come over the websocket)
+
+
+def test_page_in_headless_chromium(live_scheduler):
+    """The page rendered by a real browser: screenshot saved, DOM holds the tables' data."""
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    folder, _, base = live_scheduler
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-dev-shm-usage", "--virtual-time-budget=8000",
+             f"--user-data-dir={folder / 'chromium-profile'}"]
+    shot = folder / "obdask-page.png"
+    subprocess.run([browser, *flags, "--window-size=1400,1000", f"--screenshot={shot}",
+                    base + dashboard.PAGE], check=True, capture_output=True, timeout=120)
+    assert shot.stat().st_size > 10_000
+    dom = subprocess.run([browser, *flags, "--dump-dom", base + dashboard.PAGE], check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    assert "Tokens per minute" in dom or "obdask_tokens_per_minute" in dom, dom[:2000]
+    assert "plan" in dom and "done" in dom and "failed" in dom

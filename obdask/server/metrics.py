@@ -35,7 +35,7 @@ from typing import Any
 
 import dask
 
-from obdask.keys import job_id_of
+from obdask.keys import SEPARATOR, job_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4
                  16777216, 67108864)
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
                     40.96, 81.92)
+#: Seconds after which the sample of a worker the scheduler no longer has is dropped.
+STALE = 60.0
 #: Event topics :meth:`MetricsExtension.events` reads from the scheduler's event log.
 EVENT_PREFIX = "obdask"
 
@@ -94,7 +96,7 @@ class MetricsExtension:
         #: Attempts of obdask jobs still held by the scheduler.
         self._attempts: dict[str, int] = {}
         #: Task groups (one per plan) that held obdask jobs; pruned when Dask drops them.
-        self._groups: dict[str, None] = {}
+        self._groups: dict[str, str] = {}
         _register_collector(scheduler)
 
     def configure(self) -> None:
@@ -143,8 +145,7 @@ class MetricsExtension:
         elif kind == "sample":
             record.setdefault("ts", time.time())
             self.samples.append(record)
-            if record.get("worker") in self.scheduler.workers or worker is None:
-                self.latest[record.get("worker")] = record
+            self.latest[str(record.get("worker"))] = record
         else:
             raise ValueError(f"unknown metrics record kind {kind!r}; use one of {KINDS}")
 
@@ -177,24 +178,33 @@ class MetricsExtension:
                 self._attempts[jid] = self._attempts.get(jid, 0) + 1
                 group = key[0] if isinstance(key, tuple) else None
                 if group is not None and group not in self._groups:
-                    self._groups[group] = None
+                    self._groups[group] = jid.split(SEPARATOR, 1)[0]
         elif finish == "forgotten" and self._attempts:
             jid = job_id_of(key)
             if jid is not None:
                 self._attempts.pop(jid, None)
 
-    def held_states(self) -> dict[str, int]:
-        """Jobs the scheduler holds now, by task state (from its per-group counts)."""
-        counts: dict[str, int] = {}
+    def held_by_plan(self) -> dict[str, dict[str, int]]:
+        """Jobs the scheduler holds now, per plan and task state (its per-group counts)."""
+        out: dict[str, dict[str, int]] = {}
         groups = self.scheduler.task_groups
-        for name in list(self._groups):
+        for name, plan in list(self._groups.items()):
             tg = groups.get(name)
             if tg is None:
                 del self._groups[name]
                 continue
+            counts = out.setdefault(plan, {})
             for state, n in tg.states.items():
                 if n:
                     counts[state] = counts.get(state, 0) + n
+        return out
+
+    def held_states(self) -> dict[str, int]:
+        """Jobs the scheduler holds now, by task state."""
+        counts: dict[str, int] = {}
+        for per_plan in self.held_by_plan().values():
+            for state, n in per_plan.items():
+                counts[state] = counts.get(state, 0) + n
         return counts
 
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
@@ -228,11 +238,13 @@ class MetricsExtension:
         Columns summarise the GPUs (count, mean utilization, VRAM used/total) and
         add what the scheduler knows (models loaded, Dask's own CPU/memory).
         """
-        rows = []
-        for address, ws in list(self.scheduler.workers.items()):
-            sample = self.latest.get(address) or {}
-            rows.append(worker_row(address, sample, ws))
-        return rows
+        workers = self.scheduler.workers
+        stale = time.time() - STALE
+        for address, sample in list(self.latest.items()):
+            if address not in workers and (sample.get("ts") or 0) < stale:
+                del self.latest[address]  # a sample that arrived after its worker left
+        addresses = list(workers) + [a for a in self.latest if a not in workers]
+        return [worker_row(a, self.latest.get(a) or {}, workers.get(a)) for a in addresses]
 
     def events(self, since: float | None = None, limit: int | None = 1000
                ) -> list[dict[str, Any]]:
@@ -276,7 +288,7 @@ def worker_row(address: str, sample: dict[str, Any], ws: Any = None) -> dict[str
         row["dask_memory"] = metrics.get("memory")
         row["nthreads"] = getattr(ws, "nthreads", None)
         row["processing"] = len(getattr(ws, "processing", ()) or ())
-        row["models"] = sample.get("models")
+    row["models"] = sample.get("models")
     return row
 
 
