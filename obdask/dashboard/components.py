@@ -22,6 +22,8 @@ from distributed.dashboard.components import DashboardComponent
 from distributed.dashboard.utils import update
 from distributed.utils import log_errors
 
+#: Table columns shown as numbers (the others as text).
+NUMERIC = {"cpu_percent", "gpu_utilization", "mean_s"}
 #: Seconds of token records "tokens per minute" looks back over.
 WINDOW = 60.0
 
@@ -81,9 +83,8 @@ class TokensPerMinute(DashboardComponent):
 
 def _table(source: ColumnDataSource, columns: list[tuple[str, str]], name: str,
            **kwargs: Any) -> DataTable:
-    cols = [TableColumn(field=f, title=t, formatter=NumberFormatter(format="0,0.[00]"))
-            if f.startswith(("n_", "cpu", "gpu", "done", "failed", "mem", "vram", "tokens"))
-            else TableColumn(field=f, title=t) for f, t in columns]
+    cols = [TableColumn(field=f, title=t, formatter=NumberFormatter(format="0,0.[0]"))
+            if f in NUMERIC else TableColumn(field=f, title=t) for f, t in columns]
     kwargs.setdefault("height", 250)
     return DataTable(source=source, columns=cols, index_position=None, name=name, **kwargs)
 
