@@ -198,7 +198,8 @@ def run(plan: str, scheduler: str | None, workers: int | None, workspace: str | 
         "obdask.run.wait-for-resources": wait_for_resources}
     try:
         with dask.config.set(overrides), connect(scheduler, workers) as client:
-            _print_dashboard(client, quiet=as_json)
+            if bar is not None:
+                bar.header = _dashboard_line(client)
             result = run_plan(parsed, client, workspace=workspace, resume=resume,
                               progress=bar)
     finally:
@@ -291,24 +292,26 @@ def show(plan: str, run_id: str | None, as_json: bool) -> None:
     _print_table(records)
 
 
-def _print_dashboard(client: Any, quiet: bool = False) -> None:
-    """Print the obdask dashboard page of ``client``'s cluster on stderr."""
+def _dashboard_line(client: Any) -> str | None:
+    """``dashboard: URL`` of the obdask page of ``client``'s cluster, if it has a dashboard."""
     from obdask.dashboard import dashboard_url
 
-    url = None if quiet else dashboard_url(client)
-    if url:
-        click.echo(f"dashboard: {url}", err=True)
+    url = dashboard_url(client)
+    return f"dashboard: {url}" if url else None
 
 
 class _ProgressBar:
-    """tqdm on stderr, created at the first update."""
+    """tqdm on stderr, created at the first update (after the optional ``header`` line)."""
 
     def __init__(self, label: str) -> None:
         self.label = label
         self.bar = None
+        self.header: str | None = None  # printed once the jobs are submitted
 
     def __call__(self, done: int, total: int) -> None:
         if self.bar is None:
+            if self.header:
+                click.echo(self.header, err=True)
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=self.label, unit="job", file=sys.stderr,
@@ -349,7 +352,7 @@ def _print_table(rows: list[dict[str, Any]], limit: int = 40) -> None:
         click.echo(f"... {len(rows) - min(len(shown), limit)} more jobs not shown")
 
 
-from obdask.cli_stats import stats  # noqa: E402  (needs _guard above)
+from obdask.cli_stats import stats  # noqa: E402
 
 main.add_command(stats)
 

@@ -6,8 +6,6 @@ from typing import Any
 
 import click
 
-from obdask.cli import _guard
-
 BY = ("model", "endpoint", "plan", "session", "worker", "job", "time")
 
 
@@ -48,9 +46,14 @@ def _jobs_table(frame: Any) -> Any:
               help="How to group the token table.")
 @click.option("--freq", default="1min", show_default=True,
               help="Bucket size of --by time (pandas frequency).")
-@_guard
 def stats(scheduler: str, by: str, freq: str) -> None:
     """Print the cluster's obdask metrics: jobs, workers, tokens (grouped --by)."""
+    from obdask.cli import _guard  # here: obdask.cli imports this module
+
+    _guard(_stats)(scheduler, by, freq)
+
+
+def _stats(scheduler: str, by: str, freq: str) -> None:
     import pandas as pd
 
     from obdask import metrics
