@@ -219,3 +219,18 @@ def test_page_in_headless_chromium(live_scheduler):
     for header in ("plan", "lane", "done", "CPU %", "VRAM", "GPUs"):
         assert header in text, header
     print(f"screenshot: {shot}")
+
+
+def test_obdask_run_prints_the_dashboard_page(tmp_path):
+    """The embedded cluster serves the page on localhost and `obdask run` prints its URL."""
+    import re
+    import subprocess
+    import sys
+
+    (tmp_path / "plan.md").write_text("- [ ] id=a lane=1 payload=@cmd:echo hi\n")
+    result = subprocess.run([sys.executable, "-m", "obdask.cli", "run", "plan.md",
+                             "--workers", "1"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 0, result.stderr
+    found = re.search(r"^dashboard: (http://127\.0\.0\.1:\d+/obdask)$", result.stderr, re.M)
+    assert found, result.stderr
