@@ -147,9 +147,12 @@ def test_budgets_frame(cluster):
     _, client = cluster
     from obdask.llm import budget
 
-    budget.set_budget(client, "metrics-test", 1000, window="1h")
-    frame = metrics.budgets(client)
-    assert frame.loc["metrics-test", "tokens"] == 1000
+    budget.set_budget(client, "metrics-test", 10**9, window="1h")
+    try:
+        frame = metrics.budgets(client)
+        assert frame.loc["metrics-test", "tokens"] == 10**9
+    finally:
+        budget.remove_budget(client, "metrics-test")
 
 
 def test_memory_bound_holds_after_200k_records():
@@ -211,7 +214,8 @@ def test_prometheus_series_on_scheduler_metrics(tmp_path, cluster):
     with OllamaTestServer(models=["llama3.2:3b"]) as server, \
             dask.config.set({"obdask.llm.endpoints": [server.url]}):
         plan = write_plan(tmp_path, "- [ ] id=a lane=1 model=researcher payload=@file:a.md\n")
-        assert obdask.run(plan, client).ok
+        result = obdask.run(plan, client)
+        assert result.ok, result.frame[["status", "error"]].to_dict("records")
         served = server.stats.calls_for("llama3.2:3b")
     wait_for(lambda: metrics.tokens(client), lambda f: len(f) > len(before))
     url = lc.dashboard_link.replace("/status", "/metrics")
