@@ -34,14 +34,11 @@ BY = ("model", "endpoint", "plan", "session", "worker", "job", "time")
 
 def _call(client: Any, op: str, post: Any, **kwargs: Any) -> Any:
     async def run() -> Any:
-        handler = getattr(client.scheduler, op)
-        try:
-            rows = await handler(**kwargs)
-        except KeyError as exc:  # "unknown operation": an older scheduler without obdask
+        rows = await getattr(client.scheduler, op)(**kwargs)
+        if rows is None:  # the scheduler closed the call: it has no such handler
             raise RuntimeError(
                 f"the scheduler does not answer {op}; install obdask's scheduler plugin "
-                "(obdask.server.install(client) or --preload obdask.preload.scheduler)"
-            ) from exc
+                "(obdask.server.install(client) or --preload obdask.preload.scheduler)")
         return post(rows)
 
     return client.sync(run)

@@ -65,7 +65,7 @@ def test_jobs_frame_one_row_per_job_with_worker_and_duration(tmp_path, cluster):
     ran = result.frame
     frame = wait_for(lambda: metrics.jobs(client),
                      lambda f: (f["run_id"] == result.run_id).sum() == 3)
-    frame = frame[frame["run_id"] == result.run_id].set_index("step")
+    frame = frame[frame["run_id"] == result.run_id].set_index("step").sort_index()
     assert sorted(frame.index) == ["a", "b", "c"]
     for step in "abc":
         assert frame.loc[step, "worker"] == ran.loc[step, "worker"]
@@ -253,3 +253,25 @@ def test_cli_stats_prints_tables(cluster):
         assert address in out.output
     bad = runner.invoke(main, ["stats", "--scheduler", lc.scheduler_address, "--by", "colour"])
     assert bad.exit_code == 2
+
+
+def test_scheduler_without_metrics_extension_gets_no_records(tmp_path, monkeypatch):
+    """Workers send nothing the scheduler cannot handle (an unknown op closes their stream)."""
+    from distributed import Client, LocalCluster
+
+    from obdask import server
+
+    monkeypatch.delitem(server.EXTENSIONS, "metrics")
+    with dask.config.set({"obdask.metrics.interval": "100ms"}), \
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                         dashboard_address=None, silence_logs=logging.CRITICAL) as lc, \
+            Client(lc) as client:
+        client.wait_for_workers(1, timeout=60)
+        server.install(client)
+        workers = set(client.scheduler_info()["workers"])
+        plan = write_plan(tmp_path, "- [ ] id=a lane=1 payload=@cmd:echo hi\n")
+        assert obdask.run(plan, client).ok
+        time.sleep(1.0)  # several sample periods and flushes
+        assert set(client.scheduler_info()["workers"]) == workers  # no worker was dropped
+        with pytest.raises(RuntimeError, match="does not answer obdask_metrics_jobs"):
+            metrics.jobs(client)

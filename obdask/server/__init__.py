@@ -89,7 +89,8 @@ class ObdaskPlugin(SchedulerPlugin):
             self.extensions["budgets"].set_budget(budget)
         scheduler.extensions[NAME] = self
         await scheduler.register_worker_plugin(
-            None, dumps(ObdaskWorkerPlugin()), name=WORKER_PLUGIN_NAME, idempotent=True
+            None, dumps(ObdaskWorkerPlugin(metrics="metrics" in self.extensions)),
+            name=WORKER_PLUGIN_NAME, idempotent=True
         )
         logger.info("obdask: scheduler extensions %s", ", ".join(self.extensions))
 

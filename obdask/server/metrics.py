@@ -12,6 +12,10 @@ handler ``obdask_metrics_record(worker, kind, record)``:
 * ``sample``: the worker's resources every ``obdask.metrics.interval``
   (host CPU/RAM/disk from psutil, every GPU's utilization and VRAM from NVML).
 
+Job and token records are queued on the worker and sent every half second as
+one ``batch`` message (``records``: ``[[kind, record], ...]``), so a busy worker
+adds at most two messages a second, not one per job.
+
 Each goes into a ring buffer (``collections.deque(maxlen=obdask.metrics.max-records)``;
 samples: the latest per worker plus a bounded history), and into running
 totals whose keys are low-cardinality labels (model, endpoint, status), so
@@ -122,12 +126,15 @@ class MetricsExtension:
 
     # -- intake -----------------------------------------------------------------
     def _stream_record(self, worker: str | None = None, kind: str = "",
-                       record: dict[str, Any] | None = None, **_: Any) -> None:
+                       record: dict[str, Any] | None = None,
+                       records: list[list[Any]] | None = None, **_: Any) -> None:
         # An exception in a stream handler would close the worker's stream.
-        try:
-            self.add(kind, dict(record or {}), worker)
-        except Exception:
-            logger.exception("obdask: bad metrics record %r %r", kind, record)
+        items = records if kind == "batch" else [[kind, record]]
+        for item_kind, item in items or ():
+            try:
+                self.add(item_kind, dict(item or {}), worker)
+            except Exception:
+                logger.exception("obdask: bad metrics record %r %r", item_kind, item)
 
     def add(self, kind: str, record: dict[str, Any], worker: str | None = None) -> None:
         """Take one record of ``kind`` (``job``, ``tokens`` or ``sample``)."""

@@ -34,6 +34,8 @@ REPORT_OP = "obdask_locality_report"
 #: Stream op of the scheduler's metrics extension (:mod:`obdask.server.metrics`).
 METRICS_OP = "obdask_metrics_record"
 KINDS = ("clone", "model")
+#: Seconds between two sends of queued metrics records (one message each time).
+FLUSH = 0.5
 #: Seconds an Ollama ``/api/ps`` poll may take.
 OLLAMA_TIMEOUT = 2.0
 
@@ -58,6 +60,7 @@ class WorkerState:
     local_endpoint: str | None = None
     reported: set[tuple[str, str]] = field(default_factory=set)
     models: list[str] | None = None
+    outbox: list[list[Any]] = field(default_factory=list)  # metrics records not yet sent
 
     def warm_keys(self) -> set[str]:
         """Locality keys this worker is warm for (clones reported, models loaded)."""
@@ -87,13 +90,18 @@ class ObdaskWorkerPlugin(WorkerPlugin):
     ----------
     interval : float or str, optional
         Poll period; default ``obdask.placement.model-poll-interval``.
+    metrics : bool
+        Whether the scheduler has the metrics extension: only then are resource
+        samples and job/token records sent (an op the scheduler does not know
+        would close the worker's stream).
     """
 
     name = NAME
     idempotent = True
 
-    def __init__(self, interval: float | str | None = None) -> None:
+    def __init__(self, interval: float | str | None = None, metrics: bool = True) -> None:
         self.interval = interval
+        self.metrics = metrics
         self.worker: Any = None
         self._http: Any = None
         self._polling = False
@@ -127,7 +135,12 @@ class ObdaskWorkerPlugin(WorkerPlugin):
         worker.loop.add_callback(self.poll)
 
     def _start_sampling(self, worker: Any) -> None:
-        """Send a resource sample to the scheduler every ``obdask.metrics.interval``."""
+        """Flush metrics records every :data:`FLUSH` s; sample every ``obdask.metrics.interval``."""
+        if not self.metrics:
+            return
+        flush = PeriodicCallback(lambda: flush_records(worker), FLUSH * 1000)
+        worker.periodic_callbacks["obdask-metrics-flush"] = flush
+        flush.start()
         period = config.get_seconds("metrics.interval")
         if period <= 0:
             return
@@ -149,9 +162,11 @@ class ObdaskWorkerPlugin(WorkerPlugin):
 
     async def teardown(self, worker: Any) -> None:
         """Stop sampling and polling and close the HTTP client."""
-        sampler = worker.periodic_callbacks.pop("obdask-metrics-sample", None)
-        if sampler is not None:
-            sampler.stop()
+        for name in ("obdask-metrics-sample", "obdask-metrics-flush"):
+            pc = worker.periodic_callbacks.pop(name, None)
+            if pc is not None:
+                pc.stop()
+        flush_records(worker)
         pc = worker.periodic_callbacks.pop("obdask-ollama-ps", None)
         if pc is not None:
             pc.stop()
@@ -212,8 +227,10 @@ def send(worker: Any, msg: dict[str, Any]) -> None:
 def send_record(kind: str, record: dict[str, Any], worker: Any = None) -> bool:
     """From any thread of a worker: send a metrics record to the scheduler.
 
-    One message on the worker's batched stream (no round trip); the scheduler's
-    :class:`~obdask.server.metrics.MetricsExtension` stores it.
+    Queued and sent with the other records of the last :data:`FLUSH` seconds as
+    one message on the worker's batched stream (no round trip, no extra message
+    per job); the scheduler's :class:`~obdask.server.metrics.MetricsExtension`
+    stores it.
 
     Parameters
     ----------
@@ -226,17 +243,28 @@ def send_record(kind: str, record: dict[str, Any], worker: Any = None) -> bool:
     Returns
     -------
     bool
-        False (nothing sent) outside a worker or without the obdask worker plugin.
+        False (nothing sent) outside a worker, without the obdask worker plugin,
+        or when the scheduler has no metrics extension.
     """
     if worker is None:
         try:
             worker = get_worker()
         except ValueError:
             return False
-    if NAME not in getattr(worker, "plugins", {}):
+    plugin = getattr(worker, "plugins", {}).get(NAME)
+    if not getattr(plugin, "metrics", False):
         return False
-    worker.loop.add_callback(send, worker, {"op": METRICS_OP, "kind": kind, "record": record})
+    state_of(worker).outbox.append([kind, record])  # list.append: safe from any thread
     return True
+
+
+def flush_records(worker: Any) -> None:
+    """Send the records :func:`send_record` queued, as one message (worker's loop)."""
+    state = worker.extensions.get(EXTENSION)
+    if not isinstance(state, WorkerState) or not state.outbox:
+        return
+    records, state.outbox = state.outbox, []
+    send(worker, {"op": METRICS_OP, "kind": "batch", "records": records})
 
 
 class ResourceSampler:
