@@ -78,6 +78,14 @@ def test_jobs_frame_one_row_per_job_with_worker_and_duration(tmp_path, cluster):
     assert frame.loc["c", "exit_code"] == 1
     assert frame.loc["a", "job"] == f"{plan.plan_id}::a"
 
+    def held(dask_scheduler):
+        from obdask.server import extension
+
+        return len(extension(dask_scheduler, "metrics")._attempts)
+
+    # Attempt counters live only while the scheduler holds a job: none after the run.
+    assert wait_for(lambda: client.run_on_scheduler(held), lambda n: n == 0) == 0
+
 
 def test_token_sums_equal_test_server_counts(tmp_path, cluster):
     _, client = cluster
