@@ -105,7 +105,7 @@ class MetricsExtension:
 
     def configure(self) -> None:
         """(Re)read the buffer sizes from ``obdask.metrics``; keeps the newest records."""
-        size = max(1, int(dask.config.get("obdask.metrics.max-records", 100_000)))
+        size = max(1, int(dask.config.get("obdask.metrics.max-records", 50_000)))
         history = max(1, int(dask.config.get("obdask.metrics.max-samples", 10_000)))
         self.jobs = deque(self.jobs, maxlen=size)
         self.tokens = deque(self.tokens, maxlen=size)
