@@ -32,8 +32,11 @@ def embedded_cluster(n_workers: int | None = None, threads_per_worker: int | Non
     """
     from distributed import Client, LocalCluster
 
+    from obdask.dashboard import register
+
     n_workers = config.get_int("run.n-workers", n_workers, minimum=1)
     threads = config.get_int("run.threads-per-worker", threads_per_worker, minimum=1)
+    register()  # obdask pages, before the scheduler starts its dashboard
     ttl = config.get_seconds("run.worker-ttl")
     # the dashboard listens on loopback only (plain HTTP; see docs/security.md)
     tls = {} if security is None else {

@@ -76,6 +76,7 @@ def run_job(spec: JobSpec, ctx: RunContext, *deps: dict[str, Any]) -> JobRecord:
         record.update(getattr(failure, "fields", {}))
         _emit(worker, {"key": spec.key, "run": ctx.run_id, "event": "failed",
                        "worker": where, "error": str(failure)})
+        _publish(worker, spec, record)
         raise JobFailed(str(failure), record)
     _report_localities(spec)
     finished = time.time()
@@ -84,7 +85,31 @@ def run_job(spec: JobSpec, ctx: RunContext, *deps: dict[str, Any]) -> JobRecord:
     ctx.records.ledger_put(spec.step_id, record)
     if spec.dedupe:
         ctx.artifacts.put_result(spec.dedupe, record)
+    _publish(worker, spec, record)
     return JobRecord(record)
+
+
+#: Fields of a job record the scheduler's metrics extension keeps.
+METRIC_FIELDS = ("run_id", "worker", "started", "finished", "duration_s", "status",
+                 "exit_code", "warm", "error")
+
+
+def _publish(worker, spec: JobSpec, record: dict[str, Any]) -> None:  # noqa: ANN001
+    """Send the job's metrics record to the scheduler (one batched message)."""
+    if worker is None:
+        return
+    from obdask.server.worker import send_record
+
+    row = {k: record.get(k) for k in METRIC_FIELDS}
+    if row["error"] is not None:
+        row["error"] = str(row["error"])[:200]
+    row.update(job=spec.key, plan=spec.plan_id, step=spec.step_id, lane=spec.lane,
+               kind="model" if spec.payload.is_model_task else spec.payload.prefix,
+               model=record.get("model") or spec.model)
+    try:
+        send_record("job", row, worker)
+    except Exception:  # metrics must never fail a job
+        logger.debug("could not send the metrics record of %s", spec.key, exc_info=True)
 
 
 def _warmth(spec: JobSpec, worker, clone_warm: bool | None) -> bool | None:  # noqa: ANN001

@@ -168,6 +168,8 @@ class _CallSpec:
     num_predict: int
     role: str | None = None
     attempts_made: int = 0
+    session: str | None = None
+    format_try: int = 0  # > 0: asked again after a reply that did not match ``fmt``
 
     def where(self, endpoint: str | None = None) -> str:
         """``model 'm' on http://h:1 (job 'j')`` for error messages."""
@@ -193,6 +195,7 @@ def call_model(
     endpoints: str | Sequence[str] | None = None,
     local_endpoint: str | None = None,
     keep_alive: str | float | None = None,
+    session: str | None = None,
 ) -> ModelReply:
     """Make one chat call to an Ollama endpoint, with failover, caps and budgets.
 
@@ -217,6 +220,8 @@ def call_model(
         ``obdask.llm.local-endpoint``.
     keep_alive : str or float, optional
         Passed to Ollama.
+    session : str, optional
+        Session id recorded with the tokens (``obdask.metrics``).
 
     Returns
     -------
@@ -253,11 +258,13 @@ def call_model(
         reserve_tokens=estimate_prompt_tokens(msgs) + num_predict,
         num_predict=num_predict,
         role=role_or_model if role_or_model != model else None,
+        session=session,
     )
     pool = get_pool(endpoints, _local_endpoint(local_endpoint))
     tries = 1 + config.get_int("llm.schema-retries") if fmt else 1
     problems: list[str] = []
-    for _ in range(tries):
+    for attempt in range(tries):
+        spec.format_try = attempt
         reply = _call_with_failover(pool, spec)
         reply.data, problems = _check_format(reply.text, fmt)
         if not problems:
@@ -507,6 +514,20 @@ def _incomplete_stream(url: str) -> Exception:
     return httpx.RemoteProtocolError(f"stream from {url} ended without a final done line")
 
 
+def _publish(worker: Any, final: Any, spec: _CallSpec, record: dict[str, Any]) -> None:
+    """Send the call's metrics record to the scheduler (one batched message)."""
+    from obdask.server.worker import send_record
+
+    row = dict(record, session=spec.session, role=spec.role, respent=spec.format_try > 0,
+               attempts=spec.attempts_made, done_reason=final.done_reason)
+    for name in _DURATIONS[1:]:
+        row[name] = int(getattr(final, name, 0) or 0)
+    try:
+        send_record("tokens", row, worker)
+    except Exception:  # accounting must not fail the call
+        logger.debug("could not send the metrics record %s", row, exc_info=True)
+
+
 def _record_tokens(final: Any, spec: _CallSpec, url: str) -> dict[str, Any]:
     """Build the token record from the final chunk and publish it."""
     kind, ctx = dask_context()
@@ -522,6 +543,8 @@ def _record_tokens(final: Any, spec: _CallSpec, url: str) -> dict[str, Any]:
         "ts": time.time(),
     }
     _recent.append(record)
+    if kind == "worker":
+        _publish(ctx, final, spec, record)
     try:
         if kind == "worker":
             ctx.log_event(TOKENS_TOPIC, record)

@@ -3,6 +3,8 @@
 Installs :class:`obdask.server.ObdaskPlugin`, which hosts every obdask scheduler
 extension (:data:`obdask.server.EXTENSIONS`) and installs the worker plugin.
 Idempotent: a later :func:`obdask.server.install` from a client is a no-op.
+Importing it also adds obdask's pages to the scheduler's dashboard
+(:mod:`obdask.dashboard`): ``/obdask`` and ``/individual-obdask-*``.
 """
 
 from __future__ import annotations
@@ -10,9 +12,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from obdask.dashboard import register
 from obdask.server import ObdaskPlugin
 
 logger = logging.getLogger(__name__)
+
+# At import: the scheduler imports its preloads in its constructor, before it
+# builds its dashboard from distributed.dashboard.scheduler.applications;
+# dask_setup runs too late for that.
+register()
 
 
 async def dask_setup(scheduler: Any) -> None:

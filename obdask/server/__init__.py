@@ -32,6 +32,7 @@ from distributed.utils import log_errors
 from obdask.llm.budget.ledger import configured_budgets
 from obdask.server.budgets import BudgetExtension
 from obdask.server.locality import LocalityExtension
+from obdask.server.metrics import MetricsExtension
 from obdask.server.runs import RunsExtension
 from obdask.server.sessions import SessionsExtension
 from obdask.server.worker import NAME as WORKER_PLUGIN_NAME
@@ -48,6 +49,7 @@ EXTENSIONS: dict[str, Callable[[Any], Any]] = {
     "runs": RunsExtension,
     "budgets": BudgetExtension,
     "sessions": SessionsExtension,
+    "metrics": MetricsExtension,
 }
 
 _HOOKS = ("transition", "update_graph", "add_worker", "remove_worker", "remove_client")
@@ -89,7 +91,8 @@ class ObdaskPlugin(SchedulerPlugin):
             self.extensions["budgets"].set_budget(budget)
         scheduler.extensions[NAME] = self
         await scheduler.register_worker_plugin(
-            None, dumps(ObdaskWorkerPlugin()), name=WORKER_PLUGIN_NAME, idempotent=True
+            None, dumps(ObdaskWorkerPlugin(metrics="metrics" in self.extensions)),
+            name=WORKER_PLUGIN_NAME, idempotent=True
         )
         logger.info("obdask: scheduler extensions %s", ", ".join(self.extensions))
 

@@ -31,7 +31,11 @@ logger = logging.getLogger(__name__)
 NAME = "obdask-worker"
 EXTENSION = "obdask"
 REPORT_OP = "obdask_locality_report"
+#: Stream op of the scheduler's metrics extension (:mod:`obdask.server.metrics`).
+METRICS_OP = "obdask_metrics_record"
 KINDS = ("clone", "model")
+#: Seconds between two sends of queued metrics records (one message each time).
+FLUSH = 0.5
 #: Seconds an Ollama ``/api/ps`` poll may take.
 OLLAMA_TIMEOUT = 2.0
 
@@ -56,6 +60,7 @@ class WorkerState:
     local_endpoint: str | None = None
     reported: set[tuple[str, str]] = field(default_factory=set)
     models: list[str] | None = None
+    outbox: list[list[Any]] = field(default_factory=list)  # metrics records not yet sent
 
     def warm_keys(self) -> set[str]:
         """Locality keys this worker is warm for (clones reported, models loaded)."""
@@ -85,16 +90,22 @@ class ObdaskWorkerPlugin(WorkerPlugin):
     ----------
     interval : float or str, optional
         Poll period; default ``obdask.placement.model-poll-interval``.
+    metrics : bool
+        Whether the scheduler has the metrics extension: only then are resource
+        samples and job/token records sent (an op the scheduler does not know
+        would close the worker's stream).
     """
 
     name = NAME
     idempotent = True
 
-    def __init__(self, interval: float | str | None = None) -> None:
+    def __init__(self, interval: float | str | None = None, metrics: bool = True) -> None:
         self.interval = interval
+        self.metrics = metrics
         self.worker: Any = None
         self._http: Any = None
         self._polling = False
+        self._sampler: ResourceSampler | None = None
 
     @property
     def models(self) -> list[str] | None:
@@ -102,7 +113,7 @@ class ObdaskWorkerPlugin(WorkerPlugin):
         return state_of(self.worker).models if self.worker is not None else None
 
     async def setup(self, worker: Any) -> None:
-        """Give every lane to a worker without lanes, then start polling Ollama."""
+        """Give every lane to a worker without lanes, start sampling, poll Ollama."""
         self.worker = worker
         from obdask.interrupts import settle_worker
 
@@ -111,6 +122,7 @@ class ObdaskWorkerPlugin(WorkerPlugin):
         if not worker_lanes(worker.state.total_resources):
             lanes = parse_lanes(dask.config.get("obdask.placement.lanes", None))
             await worker.set_resources(**lane_resources(lanes))
+        self._start_sampling(worker)
         endpoint = state.local_endpoint or dask.config.get("obdask.llm.local-endpoint", None)
         if not endpoint:
             return
@@ -125,8 +137,39 @@ class ObdaskWorkerPlugin(WorkerPlugin):
         pc.start()
         worker.loop.add_callback(self.poll)
 
+    def _start_sampling(self, worker: Any) -> None:
+        """Flush metrics records every :data:`FLUSH` s; sample every ``obdask.metrics.interval``."""
+        if not self.metrics:
+            return
+        flush = PeriodicCallback(lambda: flush_records(worker), FLUSH * 1000)
+        worker.periodic_callbacks["obdask-metrics-flush"] = flush
+        flush.start()
+        period = config.get_seconds("metrics.interval")
+        if period <= 0:
+            return
+        self._sampler = ResourceSampler(worker.local_directory)
+        pc = PeriodicCallback(self.sample, max(period, 0.05) * 1000)
+        worker.periodic_callbacks["obdask-metrics-sample"] = pc
+        pc.start()
+        worker.loop.add_callback(self.sample)
+
+    def sample(self) -> None:
+        """Send one resource sample (host CPU/RAM/disk, every GPU) to the scheduler."""
+        if self.worker is None or self._sampler is None:
+            return
+        record = self._sampler.sample()
+        models = state_of(self.worker).models
+        if models is not None:
+            record["models"] = models
+        send(self.worker, {"op": METRICS_OP, "kind": "sample", "record": record})
+
     async def teardown(self, worker: Any) -> None:
-        """Stop polling and close the HTTP client."""
+        """Stop sampling and polling and close the HTTP client."""
+        for name in ("obdask-metrics-sample", "obdask-metrics-flush"):
+            pc = worker.periodic_callbacks.pop(name, None)
+            if pc is not None:
+                pc.stop()
+        flush_records(worker)
         pc = worker.periodic_callbacks.pop("obdask-ollama-ps", None)
         if pc is not None:
             pc.stop()
@@ -182,6 +225,103 @@ def send(worker: Any, msg: dict[str, Any]) -> None:
         worker.batched_stream.send(msg)
     except Exception as exc:  # closed stream while the worker shuts down
         logger.debug("obdask: could not send %s: %s", msg.get("op"), exc)
+
+
+def send_record(kind: str, record: dict[str, Any], worker: Any = None) -> bool:
+    """From any thread of a worker: send a metrics record to the scheduler.
+
+    Queued and sent with the other records of the last :data:`FLUSH` seconds as
+    one message on the worker's batched stream (no round trip, no extra message
+    per job); the scheduler's :class:`~obdask.server.metrics.MetricsExtension`
+    stores it.
+
+    Parameters
+    ----------
+    kind : {"job", "tokens", "sample"}
+    record : dict
+        msgpack-friendly fields.
+    worker : distributed.Worker, optional
+        Default: the worker running the calling task.
+
+    Returns
+    -------
+    bool
+        False (nothing sent) outside a worker, without the obdask worker plugin,
+        or when the scheduler has no metrics extension.
+    """
+    if worker is None:
+        try:
+            worker = get_worker()
+        except ValueError:
+            return False
+    plugin = getattr(worker, "plugins", {}).get(NAME)
+    if not getattr(plugin, "metrics", False):
+        return False
+    state_of(worker).outbox.append([kind, record])  # list.append: safe from any thread
+    return True
+
+
+def flush_records(worker: Any) -> None:
+    """Send the records :func:`send_record` queued, as one message (worker's loop)."""
+    state = worker.extensions.get(EXTENSION)
+    if not isinstance(state, WorkerState) or not state.outbox:
+        return
+    records, state.outbox = state.outbox, []
+    send(worker, {"op": METRICS_OP, "kind": "batch", "records": records})
+
+
+class ResourceSampler:
+    """Host facts Dask's heartbeat lacks: host CPU/RAM/disk and every GPU (NVML).
+
+    Dask's heartbeat has the worker process's CPU and memory and, through its
+    own NVML diagnostics, the first GPU only.  NVML is tried once; a machine
+    without ``pynvml`` or a driver samples ``gpus: []`` from then on.
+    """
+
+    def __init__(self, path: str | None = None, nvml: Any | None = None) -> None:
+        import os
+
+        import psutil
+
+        self.psutil = psutil
+        self.path = path if path and os.path.isdir(path) else os.getcwd()
+        self.nvml = nvml
+        self.has_gpus: bool | None = None
+        psutil.cpu_percent(None)  # the first call only starts the measurement
+
+    def gpus(self) -> list[dict[str, Any]]:
+        """Every GPU: index, name, utilization (%), memory used/total (bytes)."""
+        if self.has_gpus is False:
+            return []
+        from obdask.resources import gpu_inventory
+
+        try:
+            found = gpu_inventory(self.nvml)
+        except Exception as exc:  # a broken driver must not stop the sampling
+            logger.debug("NVML sample failed: %s", exc)
+            found = []
+        if self.has_gpus is None:
+            self.has_gpus = bool(found)
+        return [{"index": g.index, "name": g.name, "utilization": g.utilization,
+                 "memory_used": g.memory_used, "memory_total": g.memory_total} for g in found]
+
+    def sample(self) -> dict[str, Any]:
+        """One sample as a plain dict (``ts`` in seconds since the epoch)."""
+        import os
+        import time
+
+        ps = self.psutil
+        mem = ps.virtual_memory()
+        disk = ps.disk_usage(self.path)
+        record: dict[str, Any] = {
+            "ts": time.time(), "cpu_percent": ps.cpu_percent(None), "cpus": ps.cpu_count(),
+            "memory_used": int(mem.total - mem.available), "memory_total": int(mem.total),
+            "disk_used": int(disk.used), "disk_total": int(disk.total),
+            "gpus": self.gpus(),
+        }
+        if hasattr(os, "getloadavg"):
+            record["load_1m"] = os.getloadavg()[0]
+        return record
 
 
 def report_warm(kind: str, key: str) -> bool:

@@ -1,0 +1,76 @@
+"""``obdask stats``: the cluster's obdask metrics as tables (:mod:`obdask.metrics`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+BY = ("model", "endpoint", "plan", "session", "worker", "job", "time")
+
+
+def _size(value: Any) -> str:
+    from dask.utils import format_bytes
+
+    try:
+        return "-" if value is None or value != value else format_bytes(float(value))
+    except (TypeError, ValueError):
+        return "-"
+
+
+def _workers_table(frame: Any) -> Any:
+    """The workers frame with readable sizes and percentages."""
+    shown = frame[["cpu_percent", "memory_used", "memory_total", "gpus", "gpu_utilization",
+                   "vram_used", "vram_total", "processing"]].copy()
+    for column in ("memory_used", "memory_total", "vram_used", "vram_total"):
+        shown[column] = shown[column].map(_size)
+    shown.index.name = "worker"
+    return shown
+
+
+def _jobs_table(frame: Any) -> Any:
+    """Job counts per plan, lane and status, with total and mean durations."""
+    if frame.empty:
+        return frame
+    frame = frame.assign(lane=frame["lane"].fillna(-1).astype(int))
+    table = frame.groupby(["plan", "lane", "status"]).agg(
+        jobs=("job", "size"), total_s=("duration_s", "sum"), mean_s=("duration_s", "mean"),
+        attempts=("attempts", "sum"))
+    return table.round(3)
+
+
+@click.command()
+@click.option("--scheduler", required=True, envvar="DASK_SCHEDULER_ADDRESS",
+              help="Scheduler address or scheduler-file .json (or DASK_SCHEDULER_ADDRESS).")
+@click.option("--by", "by", type=click.Choice(BY), default="model", show_default=True,
+              help="How to group the token table.")
+@click.option("--freq", default="1min", show_default=True,
+              help="Bucket size of --by time (pandas frequency).")
+def stats(scheduler: str, by: str, freq: str) -> None:
+    """Print the cluster's obdask metrics: jobs, workers, tokens (grouped --by)."""
+    from obdask.cli_common import _guard
+
+    _guard(_stats)(scheduler, by, freq)
+
+
+def _stats(scheduler: str, by: str, freq: str) -> None:
+    import pandas as pd
+
+    from obdask import metrics
+    from obdask.cluster import connect
+
+    with connect(scheduler) as client:
+        from obdask.server import install
+
+        install(client)
+        jobs = metrics.jobs(client)
+        workers = metrics.workers(client)
+        tokens = metrics.tokens(client, by=by, freq=freq)
+    with pd.option_context("display.width", 160, "display.max_columns", 20,
+                           "display.max_rows", 200):
+        click.echo(f"jobs ({len(jobs)} records):")
+        click.echo(_jobs_table(jobs).to_string() if not jobs.empty else "  none yet")
+        click.echo(f"\nworkers ({len(workers)}):")
+        click.echo(_workers_table(workers).to_string() if not workers.empty else "  none")
+        click.echo(f"\ntokens by {by}:")
+        click.echo(tokens.to_string() if not tokens.empty else "  no model calls yet")

@@ -1,0 +1,207 @@
+"""Bokeh components of the obdask dashboard pages, in distributed's pattern.
+
+Each component is a class taking the scheduler, with a ``source``
+(``ColumnDataSource``), a ``root`` (the Bokeh model to show) and ``update()``
+(reads :class:`~obdask.server.metrics.MetricsExtension` and the scheduler, fills
+``source``); each is testable without a browser.  They run on the scheduler's
+event loop (periodic callbacks of the Bokeh documents), so ``update`` only reads
+bounded in-memory tables.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from typing import Any
+
+from bokeh.layouts import column
+from bokeh.models import ColumnDataSource, DataTable, HoverTool, NumberFormatter, TableColumn
+from bokeh.plotting import figure
+from distributed.dashboard.components import DashboardComponent
+from distributed.dashboard.utils import update
+from distributed.utils import log_errors
+
+#: Table columns shown as numbers (the others as text).
+NUMERIC = {"cpu_percent", "gpu_utilization", "mean_s"}
+#: Seconds of token records "tokens per minute" looks back over.
+WINDOW = 60.0
+
+
+def _ext(scheduler: Any) -> Any:
+    from obdask.server import extension
+
+    return extension(scheduler, "metrics")
+
+
+class TokensPerMinute(DashboardComponent):
+    """Tokens per minute (input + output, last :data:`WINDOW` s) by model and endpoint."""
+
+    @log_errors
+    def __init__(self, scheduler: Any, window: float = WINDOW, **kwargs: Any) -> None:
+        self.scheduler = scheduler
+        self.window = window
+        self.source = ColumnDataSource({k: [] for k in (
+            "series", "model", "endpoint", "tokens_per_min", "input", "output", "calls")})
+        kwargs.setdefault("height", 300)
+        fig = figure(title="Tokens per minute by model @ endpoint", y_range=[], tools="",
+                     name="obdask_tokens_per_minute", **kwargs)
+        fig.hbar(y="series", right="tokens_per_min", height=0.8, source=self.source,
+                 color="#6f42c1")
+        fig.add_tools(HoverTool(tooltips=[("", "@series"), ("tokens/min", "@tokens_per_min{0,0}"),
+                                          ("input", "@input{0,0}"), ("output", "@output{0,0}"),
+                                          ("calls", "@calls")]))
+        fig.xaxis.axis_label = "tokens / minute"
+        self.root = fig
+
+    @log_errors
+    def update(self) -> None:
+        ext = _ext(self.scheduler)
+        sums: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
+        cutoff = time.time() - self.window
+        for record in reversed(ext.tokens if ext is not None else ()):
+            if (record.get("ts") or 0) < cutoff:
+                break
+            row = sums[(str(record.get("model")), str(record.get("endpoint")))]
+            row[0] += int(record.get("prompt_eval_count") or 0)
+            row[1] += int(record.get("eval_count") or 0)
+            row[2] += 1
+        keys = sorted(sums)
+        scale = 60.0 / self.window
+        data = {
+            "series": [f"{m} @ {e}" for m, e in keys],
+            "model": [m for m, _ in keys],
+            "endpoint": [e for _, e in keys],
+            "tokens_per_min": [(sums[k][0] + sums[k][1]) * scale for k in keys],
+            "input": [sums[k][0] for k in keys],
+            "output": [sums[k][1] for k in keys],
+            "calls": [sums[k][2] for k in keys],
+        }
+        self.root.y_range.factors = data["series"]
+        update(self.source, data)
+
+
+def _table(source: ColumnDataSource, columns: list[tuple[str, str]], name: str,
+           **kwargs: Any) -> DataTable:
+    cols = [TableColumn(field=f, title=t, formatter=NumberFormatter(format="0,0.[0]"))
+            if f in NUMERIC else TableColumn(field=f, title=t) for f, t in columns]
+    kwargs.setdefault("height", 250)
+    return DataTable(source=source, columns=cols, index_position=None, name=name, **kwargs)
+
+
+class JobStatus(DashboardComponent):
+    """Job status counts per plan and lane (finished jobs) and the jobs each plan has in flight."""
+
+    @log_errors
+    def __init__(self, scheduler: Any, **kwargs: Any) -> None:
+        self.scheduler = scheduler
+        self.source = ColumnDataSource({k: [] for k in (
+            "plan", "lane", "done", "failed", "other", "mean_s")})
+        self.inflight = ColumnDataSource({k: [] for k in (
+            "plan", "waiting", "queued", "processing", "no_worker", "erred")})
+        kwargs.pop("sizing_mode", None)
+        done = _table(self.source, [("plan", "plan"), ("lane", "lane"), ("done", "done"),
+                                    ("failed", "failed"), ("other", "other"),
+                                    ("mean_s", "mean s")], "obdask_job_status", **kwargs)
+        held = _table(self.inflight, [("plan", "plan"), ("waiting", "waiting"),
+                                      ("queued", "queued"), ("processing", "processing"),
+                                      ("no_worker", "no worker"), ("erred", "erred")],
+                      "obdask_jobs_in_flight", height=150)
+        self.root = column(done, held, sizing_mode="stretch_width")
+
+    @log_errors
+    def update(self) -> None:
+        ext = _ext(self.scheduler)
+        rows: dict[tuple[str, int], list[float]] = defaultdict(lambda: [0, 0, 0, 0.0])
+        for record in ext.jobs if ext is not None else ():
+            lane = record.get("lane")
+            row = rows[(str(record.get("plan")), int(lane) if lane is not None else 0)]
+            status = record.get("status")
+            row[0 if status == "done" else 1 if status == "failed" else 2] += 1
+            row[3] += float(record.get("duration_s") or 0)
+        keys = sorted(rows)
+        update(self.source, {
+            "plan": [p for p, _ in keys], "lane": [ln for _, ln in keys],
+            "done": [rows[k][0] for k in keys], "failed": [rows[k][1] for k in keys],
+            "other": [rows[k][2] for k in keys],
+            "mean_s": [round(rows[k][3] / max(1, sum(rows[k][:3])), 3) for k in keys],
+        })
+        plans = ext.held_by_plan() if ext is not None else {}
+        names = sorted(plans)
+        update(self.inflight, {
+            "plan": names,
+            **{col: [plans[p].get(state, 0) for p in names] for col, state in (
+                ("waiting", "waiting"), ("queued", "queued"), ("processing", "processing"),
+                ("no_worker", "no-worker"), ("erred", "erred"))},
+        })
+
+
+class WorkerResources(DashboardComponent):
+    """Workers with host CPU and RAM, their GPUs (count, utilization, VRAM) and loaded models."""
+
+    COLUMNS = ("worker", "cpu_percent", "memory_used", "memory_total", "mem_text", "gpus",
+               "gpu_utilization", "vram_used", "vram_total", "vram_text", "processing", "models")
+
+    @log_errors
+    def __init__(self, scheduler: Any, **kwargs: Any) -> None:
+        self.scheduler = scheduler
+        self.source = ColumnDataSource({k: [] for k in self.COLUMNS})
+        kwargs.pop("sizing_mode", None)
+        self.root = _table(self.source, [
+            ("worker", "worker"), ("cpu_percent", "CPU %"), ("mem_text", "RAM"),
+            ("gpus", "GPUs"), ("gpu_utilization", "GPU %"), ("vram_text", "VRAM"),
+            ("processing", "tasks"), ("models", "models")], "obdask_workers",
+            sizing_mode="stretch_width", **kwargs)
+
+    @log_errors
+    def update(self) -> None:
+        from dask.utils import format_bytes
+
+        ext = _ext(self.scheduler)
+        rows = ext.get_workers() if ext is not None else []
+
+        def size(used: Any, total: Any) -> str:
+            if not total:
+                return "-"
+            return f"{format_bytes(used or 0)} / {format_bytes(total)}"
+
+        update(self.source, {
+            "worker": [r["worker"] for r in rows],
+            "cpu_percent": [r.get("cpu_percent") for r in rows],
+            "memory_used": [r.get("memory_used") for r in rows],
+            "memory_total": [r.get("memory_total") for r in rows],
+            "mem_text": [size(r.get("memory_used"), r.get("memory_total")) for r in rows],
+            "gpus": [r.get("gpus", 0) for r in rows],
+            "gpu_utilization": [r.get("gpu_utilization") for r in rows],
+            "vram_used": [r.get("vram_used", 0) for r in rows],
+            "vram_total": [r.get("vram_total", 0) for r in rows],
+            "vram_text": [size(r.get("vram_used"), r.get("vram_total")) for r in rows],
+            "processing": [r.get("processing") for r in rows],
+            "models": [", ".join(r.get("models") or []) for r in rows],
+        })
+
+
+class RecentEvents(DashboardComponent):
+    """The newest obdask events (failed jobs, token records, ...), newest first."""
+
+    @log_errors
+    def __init__(self, scheduler: Any, limit: int = 50, **kwargs: Any) -> None:
+        self.scheduler = scheduler
+        self.limit = limit
+        self.source = ColumnDataSource({"time": [], "topic": [], "text": []})
+        kwargs.pop("sizing_mode", None)
+        self.root = _table(self.source, [("time", "time"), ("topic", "topic"),
+                                         ("text", "event")], "obdask_events",
+                           sizing_mode="stretch_width", **kwargs)
+
+    @log_errors
+    def update(self) -> None:
+        ext = _ext(self.scheduler)
+        events = ext.events(limit=self.limit) if ext is not None else []
+        events.reverse()
+        update(self.source, {
+            "time": [time.strftime("%H:%M:%S", time.localtime(e["ts"])) for e in events],
+            "topic": [e["topic"] for e in events],
+            "text": [json.dumps({k: v for k, v in e.items() if k not in ("ts", "topic")},
+                                default=str)[:300] for e in events],
+        })
