@@ -115,3 +115,14 @@ def test_a_third_party_kind_can_be_registered(tmp_path):
         known_executors.pop("echo")
     with pytest.raises(PayloadError, match="no executor for job kind 'nope'"):
         get_executor("nope")
+
+
+def test_timeout_zero_means_no_wall_timeout(tmp_path):
+    # Regression: `spec.timeout or policy.timeout` turned a step's timeout=0 into the
+    # run's default (120 s), here 0.3 s, which would kill the sleep.
+    with dask.config.set({"obdask.run.timeout": "0.3s"}):
+        spec, ctx = _job(tmp_path, "- [ ] id=x lane=1 timeout=0 payload=@cmd:sleep 0.6")
+        assert execute(spec, ctx, ())["exit_code"] == 0
+        spec, ctx = _job(tmp_path, "- [ ] id=x lane=1 payload=@cmd:sleep 0.6")
+        with pytest.raises(PayloadError, match="timed out"):
+            execute(spec, ctx, ())

@@ -398,8 +398,8 @@ def execute_command(spec: JobSpec, ctx: RunContext,
         fields above) are attached for the job record.
     """
     policy = ctx.command
-    # timeout=0 on the step: no wall timeout (None: the run's default)
-    timeout = policy.timeout if spec.timeout is None else (spec.timeout or None)
+    # the step's timeout= (0: no wall timeout, as run_command reads <= 0), else the run's
+    timeout = policy.timeout if spec.timeout is None else spec.timeout
     body = spec.payload.body
     try:
         res = run_command(

@@ -390,6 +390,8 @@ class Driver:
                 self.store.add_note(self.sid, self.epoch, str(exc), source="driver",
                                     index=index, kind="process-error")
                 failed = errors > self.s.max_errors
+                if failed:  # durable first: a client that sees "failed" finds it recorded
+                    self.store.update(self.sid, self.epoch, status="failed")
                 self._share(self._shared_state(state, "failed" if failed else "running"),
                             events + [{"kind": "process-error", "position": position,
                                        "error": str(exc)[:500]}])
@@ -426,8 +428,6 @@ class Driver:
             state = nxt
         if status == "cancelled":
             self.store.update(self.sid, self.epoch, status="cancelled")
-        elif status == "failed":
-            self.store.update(self.sid, self.epoch, status="failed")
         self._write_resources()
         final = {"kind": "session-complete", "flow_code": state.flow_code,
                  "duration": time.time() - started, "success": status == "done",
