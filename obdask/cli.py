@@ -173,8 +173,6 @@ def run(plan: str, scheduler: str | None, workers: int | None, workspace: str | 
     bar = None if as_json else _ProgressBar(parsed.plan_id)
     try:
         with dask.config.set(overrides), connect(scheduler, workers, _announce) as client:
-            if bar is not None:
-                bar.header = _dashboard_line(client)
             result = run_plan(parsed, client, workspace=workspace, resume=resume,
                               progress=bar)
     except SchedulerLost as exc:
@@ -398,26 +396,15 @@ def _print_row(r: dict[str, Any]) -> None:
                f"{'-' if secs is None else f'{secs:.2f}':>7}  {r.get('error') or ''}")
 
 
-def _dashboard_line(client: Any) -> str | None:
-    """``dashboard: URL`` of the obdask page of ``client``'s cluster, if it has a dashboard."""
-    from obdask.dashboard import dashboard_url
-
-    url = dashboard_url(client)
-    return f"dashboard: {url}" if url else None
-
-
 class _ProgressBar:
-    """tqdm on stderr, created at the first update (after the optional ``header`` line)."""
+    """tqdm on stderr, created at the first update."""
 
     def __init__(self, label: str) -> None:
         self.label = label
         self.bar = None
-        self.header: str | None = None  # printed once the jobs are submitted
 
     def __call__(self, done: int, total: int) -> None:
         if self.bar is None:
-            if self.header:
-                click.echo(self.header, err=True)
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=self.label, unit="job", file=sys.stderr,

@@ -122,8 +122,10 @@ def connect(scheduler: str | None = None, n_workers: int | None = None,
     if target is None:
         with embedded_cluster(n_workers, security=security) as client:
             if announce is not None:
+                from obdask.dashboard import dashboard_url
+
                 workers = len(client.scheduler_info(n_workers=-1)["workers"])
-                link = client.dashboard_link
+                link = dashboard_url(client) or client.dashboard_link
                 announce(f"cluster: embedded LocalCluster, {workers} workers, "
                          f"dashboard {link}")
             yield client

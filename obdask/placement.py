@@ -169,8 +169,9 @@ def step_resources(step: StepLike, lanes_active: bool,
     models_served_locally : bool
         Whether some worker serves models from its own endpoint
         (:attr:`ClusterView.models_served_locally`).  Only then does a model
-        role's ``GPU``/``VRAM`` bind the *Dask worker*; a worker that calls an
-        Ollama server over the network needs no GPU.
+        task's role ``GPU``/``VRAM`` bind the *Dask worker*; a worker that calls an
+        Ollama server over the network needs no GPU.  A non-model step that names
+        ``model=`` always asks for that role's hardware.
 
     Returns
     -------
@@ -185,7 +186,9 @@ def step_resources(step: StepLike, lanes_active: bool,
     """
     role = step_role(step)
     out = role_resources(role, step) if role is not None else {}
-    if not models_served_locally:
+    if not models_served_locally and step.is_model_task:
+        # the model is called over the network: the Dask worker needs no GPU.  (A
+        # non-model step naming model= asks for that role's hardware itself.)
         out = {}
     out.update({str(k): float(v) for k, v in (step.resources or {}).items()})
     out = {k: v for k, v in out.items() if v > 0}

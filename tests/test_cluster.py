@@ -129,7 +129,10 @@ def test_unplaceable_step_fails_fast(placement_cluster, tmp_path):
     elapsed = time.monotonic() - start
     stderr = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
-    assert len(stderr) == 1 and stderr[0].startswith("error: "), done.stderr
+    # the cluster it used (one line), then the one error line
+    assert len(stderr) == 2 and stderr[0].startswith("cluster: "), done.stderr
+    stderr = stderr[1:]
+    assert stderr[0].startswith("error: "), done.stderr
     assert "wants.tpu" in stderr[0] and "TPU" in stderr[0]
     assert "Traceback" not in done.stderr + done.stdout
     assert elapsed < 60, f"the CLI took {elapsed:.1f}s"

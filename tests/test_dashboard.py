@@ -232,5 +232,6 @@ def test_obdask_run_prints_the_dashboard_page(tmp_path):
                              "--workers", "1"], cwd=tmp_path, capture_output=True, text=True,
                             timeout=180)
     assert result.returncode == 0, result.stderr
-    found = re.search(r"^dashboard: (http://127\.0\.0\.1:\d+/obdask)$", result.stderr, re.M)
+    found = re.search(r"^cluster: embedded LocalCluster, 1 workers, "
+                      r"dashboard (http://127\.0\.0\.1:\d+/obdask)$", result.stderr, re.M)
     assert found, result.stderr
