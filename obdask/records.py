@@ -151,7 +151,9 @@ class RunStore:
         except FileNotFoundError:
             return []
         runs = sorted(posixpath.basename(n.rstrip("/")) for n in names)
-        return [r for r in runs if r < self.run_id]
+        # beside the run folders: the plan's running.lock (obdask.runlock), dot files
+        return [r for r in runs if r < self.run_id and not r.endswith(".lock")
+                and not r.startswith(".")]
 
     def completed_before(self, steps: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
         """Latest record per step id from earlier runs whose status was complete.
