@@ -27,9 +27,9 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import dask
 from dask.utils import format_bytes
@@ -46,6 +46,8 @@ from obdask.resources import (
 )
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: ``(job_key, step line or id, resources)`` as given to :func:`check_placeable`.
 Job = tuple[str, Any, Mapping[str, float]]
@@ -300,13 +302,26 @@ async def wait_for_placeable(
         Still unplaceable when the timeout expires.
     """
     jobs = list(jobs)
+
+    async def attempt() -> None:
+        check_placeable(jobs, await _workers_info(client))
+
+    await retry_placement(attempt, timeout, interval)
+
+
+async def retry_placement(attempt: Callable[[], Awaitable[T]],
+                          timeout: float | str | None = None, interval: float = 0.5) -> T:
+    """Await ``attempt()`` until it stops raising :class:`PlacementError`.
+
+    Waits up to ``timeout`` (default ``obdask.run.wait-for-resources``; 0: try
+    once) for a worker with the missing resource, polling every ``interval``.
+    """
     limit = config.get_seconds("run.wait-for-resources", timeout)
     deadline = time.monotonic() + limit
     logged = False
     while True:
         try:
-            check_placeable(jobs, await _workers_info(client))
-            return
+            return await attempt()
         except PlacementError as exc:
             left = deadline - time.monotonic()
             if left <= 0:

@@ -447,7 +447,7 @@ async def place_on(client: Client, compiled: CompiledPlan) -> Placement:
     A cluster without workers, or without a worker able to run some job, is
     waited on for ``obdask.run.wait-for-resources`` (0: fail at once).
     """
-    from obdask.placement import cluster_view, place
+    from obdask.placement import cluster_view, place, retry_placement
 
     if compiled.runnable and not (await client.scheduler.identity(n_workers=-1)).get(
             "workers"):
@@ -455,24 +455,11 @@ async def place_on(client: Client, compiled: CompiledPlan) -> Placement:
     wanted = set()
     if config.get("placement.locality"):
         wanted = {k for j in compiled.runnable for k in j.spec.localities}
-    limit = config.get_seconds("run.wait-for-resources")
-    deadline = time.monotonic() + limit
-    logged = False
-    while True:
-        view = await cluster_view(client, wanted)
-        try:
-            return place(compiled, view)
-        except PlacementError as exc:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                if limit <= 0:
-                    raise
-                raise PlacementError(
-                    f"{exc} (waited {limit:g}s; see obdask.run.wait-for-resources)") from None
-            if not logged:
-                logger.info("waiting up to %.0fs for a worker: %s", left, exc)
-                logged = True
-            await asyncio.sleep(min(0.5, left))
+
+    async def attempt() -> Placement:
+        return place(compiled, await cluster_view(client, wanted))
+
+    return await retry_placement(attempt)
 
 
 async def _wait_for_a_worker(client: Client) -> None:
