@@ -1,213 +1,229 @@
 """Every obdask setting checked at once, before anything runs (:func:`check`).
 
-:mod:`obdask.config` reads one setting; this module knows how each ``obdask.*``
-key is read (:data:`CHECKS`) and checks them all, so a bad value fails with a
-one-line error naming its key instead of when (or if) the code that reads it
-runs.  Apart from :mod:`obdask.config` so that the low-level getters import no
+The whole ``obdask`` section of ``dask.config`` is validated once per run against
+``obdask/obdask-schema.yaml`` (JSON Schema, with the formats ``duration``, ``size`` and
+``boolean`` checked by dask's own parsers), then the few checks a schema cannot express
+(:data:`CHECKS`) run on the keys the schema passed.  Every problem is one line naming
+the key path and the cause, e.g. ``obdask.run.retries: -1 is less than the minimum of 0``;
+an unknown key is an error with the nearest known key (``did you mean ...``).
+
+:mod:`obdask.config` reads one setting when the code needs it; this module knows the
+whole tree.  Apart from :mod:`obdask.config` so that the low-level getters import no
 subsystem (the command limits and launchers live in :mod:`obdask.payloads`).
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import dask
+import yaml
 
-from obdask.config import (
-    _check_storage_options,
-    _replaced_by_defaults,
-    get,
-    get_bool,
-    get_bytes,
-    get_int,
-    get_seconds,
-    get_str,
-    get_str_list,
-)
+from obdask import config
 from obdask.exceptions import ConfigError
 
 logger = logging.getLogger(__name__)
 
-
-def _one_of(*choices: Any) -> Callable[[str], Any]:
-    def check(key: str) -> Any:
-        raw = get(key)
-        if raw not in choices:
-            shown = ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in choices)
-            hint = ""
-            if any(isinstance(c, bool) for c in choices) and isinstance(raw, str) and \
-                    raw.lower() in ("true", "false"):
-                hint = " (a YAML boolean; in an environment variable write True or False)"
-            raise ConfigError(f"obdask.{key}: {raw!r} is not one of {shown}{hint}")
-        return raw
-    return check
+#: Words for JSON types in messages (``'zzz' is not a whole number``).
+_TYPE_WORDS = {"string": "a string", "integer": "a whole number", "number": "a number",
+               "boolean": "true or false", "array": "a list", "object": "a mapping",
+               "null": "null"}
+_FORMAT_WORDS = {"duration": "a duration (use e.g. '90s')", "size": "a size (use e.g. '16GB')",
+                 "boolean": "true or false"}
+_BOOL_STRINGS = ("true", "false", "yes", "no", "1", "0")
 
 
-def _optional(getter: Callable[[str], Any]) -> Callable[[str], Any]:
-    return lambda key: None if get(key) is None else getter(key)
+@functools.cache
+def schema() -> dict[str, Any]:
+    """The parsed ``obdask-schema.yaml`` (read once per process)."""
+    with open(config.SCHEMA_FILE) as f:
+        return yaml.safe_load(f)
 
 
-def _mapping(key: str) -> Any:
-    raw = get(key)
-    if raw is not None and not isinstance(raw, Mapping):
-        raise ConfigError(f"obdask.{key}: {raw!r} is not a mapping")
-    return raw
+def _is_duration(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return True  # other types are the "type" keyword's business
+    return float(dask.utils.parse_timedelta(value, default="s")) >= 0
 
 
-def _budgets(key: str) -> Any:
-    raw = get(key)
-    if raw is not None and not isinstance(raw, (list, tuple)):
-        raise ConfigError(f"obdask.{key}: {raw!r} is not a list of budgets")
-    return raw
+def _is_size(value: Any) -> bool:
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        return True  # other types are the "type" keyword's business
+    return int(dask.utils.parse_bytes(value)) >= 0
 
 
-def _models(key: str) -> Any:
-    """``placement.models``: role -> ``{model, gpu, vram}`` (or just a model name)."""
-    raw = get(key)
-    if raw is None:
-        return raw
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"obdask.{key}: {raw!r} is not a mapping of role -> "
-                          "{model, gpu, vram} (e.g. {coder: {model: 'qwen2.5-coder:14b', "
-                          "gpu: 1, vram: 10GB}})")
-    for role, spec in raw.items():
-        where = f"{key}.{role}"
-        if isinstance(spec, str) and spec:
-            continue
-        if not isinstance(spec, Mapping):
-            raise ConfigError(f"obdask.{where}: {spec!r} is not a mapping {{model, gpu, vram}}")
-        if not isinstance(spec.get("model"), str) or not spec["model"]:
-            raise ConfigError(f"obdask.{where}.model: {spec.get('model')!r} is not a "
-                              "non-empty string (an Ollama model name)")
-        gpu = spec.get("gpu") or 0
-        try:
-            ok = not isinstance(gpu, bool) and float(gpu) >= 0
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise ConfigError(f"obdask.{where}.gpu: {gpu!r} is not a number >= 0")
-        get_bytes(f"{where}.vram", spec.get("vram") or 0)
-    return raw
+def _is_boolean(value: Any) -> bool:
+    return not isinstance(value, str) or value.lower() in _BOOL_STRINGS
+
+
+@functools.cache
+def _validator() -> Any:
+    import jsonschema  # imported on the first check only: a few tens of ms
+
+    formats = jsonschema.FormatChecker(formats=())
+    parse_errors = (TypeError, ValueError, KeyError, AttributeError)
+    formats.checks("duration", raises=parse_errors)(_is_duration)
+    formats.checks("size", raises=parse_errors)(_is_size)
+    formats.checks("boolean")(_is_boolean)
+    cls = jsonschema.validators.validator_for(schema())
+    cls.check_schema(schema())
+    return cls(schema(), format_checker=formats)
+
+
+def _canonical(tree: Any, node: Mapping[str, Any]) -> Any:
+    """``tree`` with keys spelt as the schema spells them (``n_workers`` -> ``n-workers``).
+
+    ``DASK_OBDASK__RUN__N_WORKERS`` lands in dask.config as ``n_workers``; dask's own
+    lookups accept either spelling, so the check does too.  Only keys of mappings with a
+    closed set of names are renamed (storage options keep ``endpoint_url``).
+    """
+    props = node.get("properties") if isinstance(node, Mapping) else None
+    if not isinstance(tree, Mapping) or not props:
+        return tree
+    out = {}
+    for key, value in tree.items():
+        name = key if key in props else str(key).replace("_", "-")
+        name = name if name in props else key
+        out[name] = _canonical(value, props.get(name, {}))
+    return out
+
+
+def _message(error: Any) -> Iterator[tuple[str, str]]:
+    """``(key path, one-line message)`` for one jsonschema error."""
+    where = ".".join(str(p) for p in error.absolute_path)
+    value, kind = error.instance, error.validator
+    if kind == "additionalProperties" and error.validator_value is False:
+        known = list(error.schema.get("properties", {}))
+        for extra in sorted(set(value) - set(known), key=str):
+            near = difflib.get_close_matches(str(extra), known, n=1)
+            hint = f" (did you mean {where}.{near[0]}?)" if near else \
+                f" (known keys: {', '.join(known)})"
+            yield f"{where}.{extra}", f"{where}.{extra}: unknown key{hint}"
+        return
+    if kind == "type":
+        types = error.validator_value
+        types = [types] if isinstance(types, str) else types
+        text = f"{value!r} is not " + " or ".join(_TYPE_WORDS.get(t, t) for t in types)
+        if "array" in types and isinstance(value, str):
+            text += " (in YAML: [a, b]; in an environment variable: '[\"a\", \"b\"]')"
+    elif kind == "format":
+        text = f"{value!r} is not {_FORMAT_WORDS.get(error.validator_value, error.validator_value)}"
+    elif kind == "enum":
+        choices = error.validator_value
+        shown = ", ".join("null" if c is None else str(c).lower() if isinstance(c, bool)
+                          else str(c) for c in choices)
+        text = f"{value!r} is not one of {shown}"
+        if any(isinstance(c, bool) for c in choices) and isinstance(value, str) and \
+                value.lower() in ("true", "false"):
+            text += " (a YAML boolean; in an environment variable write True or False)"
+    else:
+        text = error.message
+    yield where, f"{where}: {text}"
+
+
+def _tree() -> dict[str, Any]:
+    """The ``obdask`` config as the user gave it, keys spelt as in the schema."""
+    tree = dict(dask.config.get("obdask", default={}) or {})
+    for key, value in config._replaced_by_defaults.items():  # as the user gave it
+        node = tree
+        *parents, last = key.split(".")
+        for part in parents:
+            node[part] = dict(node.get(part) or {})
+            node = node[part]
+        node[last] = value
+    obdask_schema = schema()["properties"]["obdask"]
+    return _canonical(tree, obdask_schema)
 
 
 def _cmd_limits(key: str) -> Any:
     from obdask.payloads.cmd import check_limits  # no distributed
 
-    raw = get(key) or {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"obdask.{key}: {raw!r} is not a mapping of limits")
-    check_limits(raw)
-    return raw
+    return check_limits(config.get(key) or {})
 
 
-def _launcher(key: str) -> Any:
-    from obdask.payloads.launch import LAUNCHERS
-
-    return _one_of(*LAUNCHERS)(key)
-
-
-def _at_least(minimum: int) -> Callable[[str], int]:
-    return lambda key: get_int(key, minimum=minimum)
-
-
-#: How :func:`check` reads each setting (the getter raises ConfigError naming the key).
-#: Keys read only on workers in their own way (``placement.lanes``, ``llm.slots``,
-#: ``llm.local-endpoint``) are checked where they are read.
-CHECKS: dict[str, Callable[[str], Any]] = {
-    "workspace": get_str,
-    "storage-options": lambda key: _check_storage_options(get(key)),
-    "plan.max-bytes": get_bytes,
-    "store.artifacts": get_str,
-    "store.records": get_str,
-    "store.stage-files": _one_of("auto", True, False),
-    "run.retries": get_int,
-    "run.timeout": get_seconds,
-    "run.n-workers": _at_least(1),
-    "run.threads-per-worker": _at_least(1),
-    "run.connect-timeout": get_seconds,
-    "run.wait-for-resources": get_seconds,
-    "run.busy-plan-wait": get_seconds,
-    "run.worker-ttl": get_seconds,
-    "security.roots": get_str_list,
-    "security.protocols": get_str_list,
-    "run.git-timeout": get_seconds,
-    "run.apply-timeout": get_seconds,
-    "cmd.allowlist": get_str_list,
-    "cmd.allow-substitution": get_bool,
-    "cmd.env-allowlist": get_str_list,
-    "cmd.shell": lambda key: get_str(key, optional=False),
-    "cmd.max-output": get_bytes,
-    "cmd.limits": _cmd_limits,
-    "cmd.pdeathsig": get_bool,
-    "cmd.launcher": _launcher,
-    "placement.models": _models,
-    "placement.default-role": get_str,
-    "placement.locality": get_bool,
-    "placement.file-locality": get_bool,
-    "placement.detect": get_bool,
-    "placement.max-lanes": _at_least(1),
-    "placement.model-poll-interval": get_seconds,
-    "placement.max-locality-records": _at_least(1),
-    "llm.endpoints": get_str_list,
-    "llm.timeout": get_seconds,
-    "llm.model-slots": _mapping,
-    "llm.slot-timeout": _optional(get_seconds),
-    "llm.attempts": _at_least(1),
-    "llm.backoff": get_seconds,
-    "llm.backoff-max": get_seconds,
-    "llm.cool-off": get_seconds,
-    "llm.tags-ttl": get_seconds,
-    "llm.schema-retries": get_int,
-    "llm.num-predict": _at_least(1),
-    "llm.budgets": _budgets,
-    "llm.system-prompts": _mapping,
-    "llm.on-exhausted": _one_of("wait", "fail"),
-    "llm.budget-timeout": get_seconds,
-    "judge.panel": lambda key: _judge(),  # every obdask.judge.* key, read as the judge does
-}
-
-
-def _judge() -> Any:
+def _judge(key: str) -> Any:
     from obdask.judge import check_settings
 
     return check_settings()
 
 
+def _budgets(key: str) -> Any:
+    from obdask.llm.budget.ledger import configured_budgets
+
+    return configured_budgets()
+
+
+#: The checks a schema cannot express, run after it on keys it passed; each raises
+#: ConfigError naming the key.
+CHECKS: dict[str, Callable[[str], Any]] = {
+    "cmd.limits": _cmd_limits,  # clamped to this machine's hard limits
+    "llm.budgets": _budgets,  # a window of 0, scope rules
+    "judge.panel": _judge,  # every obdask.judge.* key, read as the judge does
+}
+
+
+def worker_keys() -> list[str]:
+    """Keys each worker reads from its own config (``x-read-on: worker`` in the schema)."""
+    found = []
+
+    def walk(node: Mapping[str, Any], path: str) -> None:
+        for name, sub in (node.get("properties") or {}).items():
+            full = f"{path}.{name}" if path else name
+            if sub.get("x-read-on") == "worker":
+                found.append(full)
+            walk(sub, full)
+
+    walk(schema()["properties"]["obdask"], "")
+    return found
+
+
+def problems() -> list[str]:
+    """Every problem of the ``obdask`` settings, one line each (empty: all good)."""
+    out: list[tuple[str, str]] = []
+    for error in _validator().iter_errors({"obdask": _tree()}):
+        out.extend(_message(error))
+    bad = {where for where, _ in out}
+    for key, value in config._replaced_by_defaults.items():
+        if f"obdask.{key}" not in bad and not any(w.startswith(f"obdask.{key}.") for w in bad):
+            # Valid (cmd.sandbox: require) but dask.config put the default mapping in its
+            # place when obdask loaded its defaults: it would silently not apply.
+            out.append((f"obdask.{key}", f"obdask.{key}: {value!r} from a config file or "
+                        "environment variable is replaced by the default mapping when obdask "
+                        f"loads; set its keys instead (obdask.{key}.<name>)"))
+    bad = {where for where, _ in out}
+    for key, reader in CHECKS.items():
+        path = f"obdask.{key}"
+        if any(w == path or w.startswith(path + ".") for w in bad):
+            continue
+        try:
+            reader(key)
+        except ConfigError as exc:
+            text = str(exc)
+            out.append((path, text if text.startswith("obdask.") else f"{path}: {text}"))
+    return [text for _, text in sorted(out, key=lambda item: item[0])]
+
+
 def check() -> None:
     """Check every ``obdask.*`` setting at once, before anything runs.
 
-    ``obdask run`` and ``obdask validate`` call this so that a bad value
-    fails with a one-line error naming the key, not when (or if) the code that
+    ``obdask run``, ``obdask validate`` and :func:`obdask.run` call this so that a bad
+    value fails with a one-line error naming the key, not when (or if) the code that
     reads it runs.
 
     Raises
     ------
     ConfigError
-        Naming the first bad key and how many more there are; ``.errors``
-        lists every message.
+        Naming the first bad key and how many more there are; ``.errors`` lists every
+        message.
     """
-    problems = []
-    for key, value in _replaced_by_defaults.items():
-        what = CHECKS.get(key)
-        try:
-            if what is None:
-                raise ConfigError(f"obdask.{key}: {value!r} is not a mapping")
-            with dask.config.set({f"obdask.{key}": value}):  # the value as the user gave it
-                what(key)
-        except ConfigError as exc:
-            problems.append(str(exc))
-    for key, reader in CHECKS.items():
-        if key in _replaced_by_defaults:
-            continue
-        try:
-            reader(key)
-        except ConfigError as exc:
-            problems.append(str(exc))
-    if problems:
-        more = len(problems) - 1
+    found = problems()
+    if found:
+        more = len(found) - 1
         suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-        err = ConfigError(problems[0] + suffix)
-        err.errors = problems  # type: ignore[attr-defined]
+        err = ConfigError(found[0] + suffix)
+        err.errors = found  # type: ignore[attr-defined]
         raise err

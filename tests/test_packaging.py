@@ -33,7 +33,6 @@ CONDA_TO_PYPI = {"ollama-python": "ollama"}
 UNDECLARED_IMPORTS = {
     "tornado": "distributed's event loop; always installed with distributed",
     "pydantic": "the ollama client's reply types (obdask[llm] -> ollama -> pydantic)",
-    "jsonschema": "optional: obdask.llm.schema.validate uses it when it is installed",
 }
 # Declared but never imported by the package, each for a reason.
 UNIMPORTED_DEPENDENCIES = {
