@@ -84,7 +84,7 @@ def test_no_endpoint_configured_uses_ollamas_default_and_names_it(tmp_path):
     (tmp_path / "spec.md").write_text("anything")
     (tmp_path / "plan.md").write_text("- [ ] id=ask lane=1 payload=@file:spec.md\n")
     done = obdask_cli("run", tmp_path / "plan.md", env={"DASK_OBDASK__RUN__N_WORKERS": "1",
-                                                        "DASK_OBDASK__LLM__RETRIES": "0"})
+                                                        "DASK_OBDASK__LLM__ATTEMPTS": "1"})
     assert done.returncode == 1
     assert "127.0.0.1:11434" in done.stdout + done.stderr
     assert "no model backend configured" not in done.stdout + done.stderr
