@@ -4,11 +4,14 @@ A model call reserves its worst case with :func:`reserve` and settles (or
 releases) the :class:`TokenReservation` afterwards.  Inside a Dask task or
 with a client the reservation is made on the scheduler's
 :class:`~obdask.llm.budget.extension.BudgetExtension` (:class:`_RemoteBackend`);
-in a plain process, in the process-local ledger (:func:`local_backend`).
+in a plain process, in the process-local ledger (:func:`local_backend`).  Beside an
+asynchronous client a call made in a thread reserves on the cluster as with a synchronous
+one; on that client's event loop it is refused (:func:`_refuse_on_an_asynchronous_loop`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -16,7 +19,7 @@ import uuid
 from typing import Any
 
 from obdask import config
-from obdask.exceptions import BudgetExceeded
+from obdask.exceptions import BudgetExceeded, ModelError
 from obdask.llm.budget.ledger import Ledger, configured_budgets, out_of_time, wait_time
 
 logger = logging.getLogger(__name__)
@@ -177,11 +180,42 @@ def reset_local_ledger() -> None:
         _local_backend = None
 
 
+def _refuse_on_an_asynchronous_loop() -> None:
+    """Raise when this runs on the event loop of the default, asynchronous client.
+
+    From any other thread such a client reports itself synchronous
+    (``Client.asynchronous``) and the call reserves on the cluster like any other;
+    on its own loop a blocking call cannot wait for the scheduler's answer (the loop
+    that must deliver it is the one blocked), and falling back to the process-local
+    ledger would silently ignore the cluster's budgets.
+
+    Raises
+    ------
+    ModelError
+        Saying to run the call in a thread.
+    """
+    try:
+        from distributed.client import default_client
+
+        client = default_client()
+        running = asyncio.get_running_loop()
+    except (ImportError, ValueError, RuntimeError):  # no client, or no loop in this thread
+        return
+    if getattr(client, "_asynchronous", False) and client.status in (
+            "running", "connecting", "newly-created") and running is client.loop.asyncio_loop:
+        raise ModelError("a model call on the event loop of an asynchronous client would block "
+                         "it and cannot reserve tokens on the cluster's budgets: run it in a "
+                         "thread (await asyncio.to_thread(...))")
+
+
 def _backend() -> Any:
     from obdask.llm.pool import dask_context
 
     kind, ctx = dask_context()
-    return local_backend() if kind == "local" else _RemoteBackend(kind, ctx)
+    if kind != "local":
+        return _RemoteBackend(kind, ctx)
+    _refuse_on_an_asynchronous_loop()
+    return local_backend()
 
 
 def reserve(
