@@ -15,15 +15,16 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import posixpath
 from collections.abc import Iterable
 from typing import Any
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from obdask.exceptions import PayloadError
 from obdask.records import load_record, write_atomic
+from obdask.stores import open_fs, store_errors
 
 logger = logging.getLogger(__name__)
 
@@ -54,16 +55,24 @@ class ArtifactStore:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         self.url = url
         self.storage_options = dict(storage_options or {})
-        try:
-            self.fs, self.root = fsspec.core.url_to_fs(url, **self.storage_options)
-        except (ImportError, ValueError) as exc:
-            raise PayloadError(f"artifact store {url!r}: {exc}") from exc
+        self.fs, self.root = open_fs("artifact", url, self.storage_options)
         self._made: set[str] = set()
 
     def __reduce__(self):
         # Every task carries the store: unpickle to one cached instance per process.
         return (_open_store, (self.url, json.dumps(self.storage_options, sort_keys=True,
                                                    default=str)))
+
+    def check_writable(self) -> None:
+        """On local disk, make the store's folder now and raise StoreError if it cannot be
+        written: every job would fail on it otherwise.  Object stores are left to the
+        first write (a probe would cost a request, and s3fs may create buckets)."""
+        if not self.is_local:
+            return
+        with store_errors("artifact", self.url, "write"):
+            os.makedirs(self.root, exist_ok=True)
+            if not os.access(self.root, os.W_OK | os.X_OK):
+                raise PermissionError(f"no write permission on {self.root}")
 
     @property
     def is_local(self) -> bool:
@@ -89,10 +98,11 @@ class ArtifactStore:
         """Store ``data`` under its sha1 (once) and return the sha1."""
         digest = sha1_bytes(data)
         path = self._path(digest)
-        if not self.fs.exists(path):
-            self._makedirs(path)
-            # whole or nothing: a partial file under the hash would count as present
-            write_atomic(self.fs, path, data, local=self.is_local)
+        with store_errors("artifact", self.url, "write"):
+            if not self.fs.exists(path):
+                self._makedirs(path)
+                # whole or nothing: a partial file under the hash would count as present
+                write_atomic(self.fs, path, data, local=self.is_local)
         return digest
 
     def get(self, digest: str) -> bytes:
@@ -112,8 +122,10 @@ class ArtifactStore:
         """Mark ``dedupe`` as done by storing the job result beside the content."""
         self._check(dedupe)
         path = self._path(f"{dedupe}.result.json")
-        self._makedirs(path)
-        write_atomic(self.fs, path, json.dumps(record, default=str).encode(), local=self.is_local)
+        with store_errors("artifact", self.url, "write"):
+            self._makedirs(path)
+            write_atomic(self.fs, path, json.dumps(record, default=str).encode(),
+                         local=self.is_local)
 
     def done_keys(self, keys: Iterable[str]) -> set[str]:
         """Which of ``keys`` already have an artifact (``by-hash/<key>`` or ``<key>.*``)."""
@@ -121,7 +133,8 @@ class ArtifactStore:
         if not wanted:
             return set()
         try:
-            names = self.fs.ls(posixpath.join(self.root, BY_HASH), detail=False)
+            with store_errors("artifact", self.url, "read"):
+                names = self.fs.ls(posixpath.join(self.root, BY_HASH), detail=False)
         except FileNotFoundError:
             return set()
         present = {posixpath.basename(n.rstrip("/")).split(".", 1)[0] for n in names}

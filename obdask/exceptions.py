@@ -32,6 +32,11 @@ class IntegrityError(PayloadError):
     """Content does not match its pinned ``#sha1=`` hash."""
 
 
+class StoreError(ObdaskError, OSError):
+    """A record or artifact store URL cannot be used: unknown protocol, unreachable or
+    not writable.  Names the URL, the setting that chose it and the fix."""
+
+
 class PlacementError(ObdaskError, RuntimeError):
     """No worker in the cluster can ever run a job (missing resource)."""
 

@@ -35,10 +35,9 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from obdask.exceptions import PayloadError
+from obdask.stores import open_fs, store_errors
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +82,7 @@ class RunStore:
         self.plan_id = plan_id
         self.run_id = run_id
         self.storage_options = dict(storage_options or {})
-        try:
-            self.fs, root = fsspec.core.url_to_fs(url, **self.storage_options)
-        except (ImportError, ValueError) as exc:
-            raise PayloadError(f"records store {url!r}: {exc}") from exc
+        self.fs, root = open_fs("records", url, self.storage_options)
         self.plan_root = posixpath.join(root, plan_id)
         self.root = posixpath.join(self.plan_root, run_id)
         self._jobs_made = False
@@ -123,11 +119,12 @@ class RunStore:
     def ledger_put(self, step_id: str, record: dict[str, Any]) -> None:
         """Record a completed job (atomic where the filesystem allows)."""
         path = self._ledger_path(step_id)
-        if not self._jobs_made:
-            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-            self._jobs_made = True
-        write_atomic(self.fs, path, json.dumps(record, default=str).encode(),
-                     local=self._local)
+        with store_errors("records", self.url, "write"):
+            if not self._jobs_made:
+                self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+                self._jobs_made = True
+            write_atomic(self.fs, path, json.dumps(record, default=str).encode(),
+                         local=self._local)
 
     def write_records(self, records: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         """Write the per-job lines and the summary; returns the records location.
@@ -135,13 +132,14 @@ class RunStore:
         Each file is written whole or not at all (:func:`write_atomic`); the
         summary comes last, so a run with a summary has complete records.
         """
-        self.fs.makedirs(self.root, exist_ok=True)
         lines = "".join(json.dumps(r, default=str) + "\n" for r in records)
-        write_atomic(self.fs, posixpath.join(self.root, "records.jsonl"), lines.encode(),
-                     local=self._local, sync=True)
-        write_atomic(self.fs, posixpath.join(self.root, "summary.json"),
-                     json.dumps(summary, default=str, indent=1).encode(), local=self._local,
-                     sync=True)
+        with store_errors("records", self.url, "write"):
+            self.fs.makedirs(self.root, exist_ok=True)
+            write_atomic(self.fs, posixpath.join(self.root, "records.jsonl"), lines.encode(),
+                         local=self._local, sync=True)
+            write_atomic(self.fs, posixpath.join(self.root, "summary.json"),
+                         json.dumps(summary, default=str, indent=1).encode(),
+                         local=self._local, sync=True)
         return self.location
 
     def previous_runs(self) -> list[str]:
@@ -163,12 +161,13 @@ class RunStore:
         """
         wanted = set(steps) if steps is not None else None
         latest: dict[str, dict[str, Any]] = {}
-        for run_id in reversed(self.previous_runs()):
-            run_root = posixpath.join(self.plan_root, run_id)
-            for record in self._read_run(run_root):
-                latest.setdefault(record["step"], record)
-            if wanted is not None and wanted <= latest.keys():
-                break
+        with store_errors("records", self.url, "read"):
+            for run_id in reversed(self.previous_runs()):
+                run_root = posixpath.join(self.plan_root, run_id)
+                for record in self._read_run(run_root):
+                    latest.setdefault(record["step"], record)
+                if wanted is not None and wanted <= latest.keys():
+                    break
         return {k: r for k, r in latest.items() if r.get("status") in COMPLETE}
 
     def _read_run(self, run_root: str) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from obdask.exceptions import ObdaskError
+from obdask.stores import store_errors
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,10 @@ class RunLock:
         self.held = False
 
     def _create(self) -> bool:
+        with store_errors("records", self.store.url, "write"):
+            return self._create_lock()
+
+    def _create_lock(self) -> bool:
         fs, data = self.store.fs, json.dumps(self.owner).encode()
         fs.makedirs(self.store.plan_root, exist_ok=True)
         if self.store._local:

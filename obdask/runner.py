@@ -169,6 +169,7 @@ def prepare(plan: Plan, *, workspace: str | None = None, resume: bool = False,
 
         ensure_gitignore(default_folder)  # not the user's files: git should not list them
     art = ArtifactStore(art_url, config.storage_options(art_url, storage_options))
+    art.check_writable()  # before any job: every one would fail on it
     store = RunStore(rec_url, plan.plan_id, run_id or new_run_id(),
                      config.storage_options(rec_url, storage_options))
     completed = store.completed_before([s.id for s in plan.steps]) if resume else {}

@@ -151,6 +151,15 @@ def _judge(key: str) -> Any:
     return check_settings()
 
 
+def _store_url(key: str) -> Any:
+    from obdask.stores import protocol_problem  # imports fsspec
+
+    url = config.get(key)
+    problem = url and protocol_problem(url)
+    if problem:
+        raise ConfigError(f"obdask.{key}: {problem}")
+
+
 def _budgets(key: str) -> Any:
     from obdask.llm.budget.ledger import configured_budgets
 
@@ -160,6 +169,9 @@ def _budgets(key: str) -> Any:
 #: The checks a schema cannot express, run after it on keys it passed; each raises
 #: ConfigError naming the key.
 CHECKS: dict[str, Callable[[str], Any]] = {
+    "store.records": _store_url,  # a protocol fsspec knows, its package installed
+    "store.artifacts": _store_url,
+    "sessions.store": _store_url,
     "cmd.limits": _cmd_limits,  # clamped to this machine's hard limits
     "llm.budgets": _budgets,  # a window of 0, scope rules
     "judge.panel": _judge,  # every obdask.judge.* key, read as the judge does
