@@ -32,7 +32,7 @@ SIMULATION = ("SIMULATION: every model reply comes from obdask's bundled Ollama-
               "test server (scripted, no model runs); point obdask.llm.endpoints or OLLAMA_HOST "
               "at real Ollama servers for the real thing")
 #: The simulated fleet: endpoint label -> models it serves (as ``obdask.placement.models``).
-FLEET = {
+FLEET: dict[str, list[dict[str, Any]]] = {
     "gpu-a": [{"name": "qwen2.5-coder:14b"}, {"name": "qwen2.5-coder:7b"}],
     "cpu-b": [{"name": "llama3.2:3b"}],
     "gpu-c": [{"name": "llava:13b", "capabilities": ("completion", "vision")}],
@@ -75,7 +75,8 @@ def scripted_reply(body: dict[str, Any]) -> str | None:
         text = str(body["messages"][-1].get("content") or "")
         found = _FLOW.search(text)
         code = "" if found is None or found.group(1) == "-" else found.group(1)
-        move = SessionState.from_flow_code(code).default_move().to_dict()
+        chosen = SessionState.from_flow_code(code).default_move()
+        move = {} if chosen is None else chosen.to_dict()  # None: the session is finished
         return json.dumps({**move, "justification": f"next step after {code or 'the start'}"})
     if "implementation_summary" in props:
         reports = seen.get("reports") or []

@@ -65,7 +65,7 @@ def run_job(spec: JobSpec, ctx: RunContext, *deps: dict[str, Any]) -> JobRecord:
             record["workspace"] = workspace
         result = execute(spec, ctx, deps)
     except ObdaskError as exc:
-        failure = exc
+        failure: ObdaskError | None = exc
     else:
         failure = None
     if failure is not None:

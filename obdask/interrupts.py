@@ -57,7 +57,7 @@ def sigint_ignored_by_children() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
-        if sentinel is not None:
+        if sentinel is not None and sentinel.stdin is not None:  # stdin is our pipe
             sentinel.stdin.close()
             if sentinel.wait() in (130, -signal.SIGINT):
                 raise KeyboardInterrupt

@@ -590,7 +590,8 @@ def _collect(client: Client, experts: Sequence[Expert], futures: Sequence[Future
     finished = [f for f in futures if f.status == "finished"]
     gathered = dict(zip([f.key for f in finished], client.gather(finished), strict=True))
     for expert, future in zip(experts, futures, strict=True):
-        base = {"role": expert.role, "model": expert.model, "extra": expert.extra}
+        base: dict[str, Any] = {"role": expert.role, "model": expert.model,
+                                "extra": expert.extra}
         if future.key in gathered:
             out = gathered[future.key]
             report = out["data"]

@@ -23,13 +23,14 @@ import logging
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from obdask.exceptions import ObdaskError
 from obdask.plan import Plan
 
 if TYPE_CHECKING:
     from distributed import Client, Future
+    from tornado.platform.asyncio import AsyncIOLoop
 
     from obdask.runner import RunResult
 
@@ -116,8 +117,8 @@ def submit(plan: Plan | str | os.PathLike[str], client: Client | None = None, *,
                           artifacts=artifacts, records=records, priority=priority,
                           inputs=wanted)
     jobs = {key.split("::", 1)[1]: f for key, f in running.futures.items()}
-    run = asyncio.run_coroutine_threadsafe(_finish(client, running, None),
-                                           client.loop.asyncio_loop)
+    loop = cast("AsyncIOLoop", client.loop)  # a running client's loop is tornado's asyncio one
+    run = asyncio.run_coroutine_threadsafe(_finish(client, running, None), loop.asyncio_loop)
     return PlanFutures(plan_id=plan.plan_id, run_id=running.ctx.run_id, jobs=jobs, run=run)
 
 

@@ -85,10 +85,11 @@ def _load_nvml(nvml: Any | None) -> Any | None:
     """Return an initialised NVML module (or fake), or None when unavailable."""
     if nvml is None:
         try:
-            import pynvml as nvml  # nvidia-ml-py
+            import pynvml  # nvidia-ml-py
         except ImportError:
             logger.debug("pynvml is not installed: no GPUs detected")
             return None
+        nvml = pynvml
     try:
         nvml.nvmlInit()
     except nvml.NVMLError as exc:  # LibraryNotFound, DriverNotLoaded, Unknown, ...
@@ -209,6 +210,9 @@ def parse_lanes(value: str | int | Iterable[int | str] | None) -> tuple[int, ...
         items: list[str] = [str(value)]
     elif isinstance(value, str):
         items = value.replace(",", " ").split()
+    elif isinstance(value, bool):
+        raise ConfigError(f"lanes: {value!r} is not a lane number or range "
+                          "(use e.g. '2,3' or '1-4')")
     else:
         items = [str(v).strip() for v in value]
     lanes: set[int] = set()

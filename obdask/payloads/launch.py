@@ -268,7 +268,7 @@ def _make_preexec(rlimits: tuple[tuple[int, int, int], ...], pdeathsig: bool) ->
 
     def preexec() -> None:  # runs in the child between fork and exec: keep it minimal
         for rid, soft, hard in rlimits:
-            setrlimit(rid, (soft, hard))  # type: ignore[misc]
+            setrlimit(rid, (soft, hard))
         if prctl is not None:
             # PDEATHSIG fires when the *thread* that forked us exits, not the process:
             # run_command blocks in that thread until the shell is reaped, so it holds.

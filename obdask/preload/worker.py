@@ -149,7 +149,9 @@ async def dask_setup(
         ollama_endpoint = params.get("ollama_endpoint", ollama_endpoint)
         detect = params.get("detect", detect)
         stray = (*stray, *params.get("stray", ()))
-    given = {"lanes": lanes, "ollama_endpoint": ollama_endpoint, "detect": detect}
+    # Values as click parsed them (str for the two options, bool for the flag).
+    given: dict[str, Any] = {"lanes": lanes, "ollama_endpoint": ollama_endpoint,
+                             "detect": detect}
     found, values = options_from_command_line(list(sys.argv))
     unexplained = list(stray)
     for value in values:

@@ -309,10 +309,10 @@ class Ledger:
                 b.charge(int(tokens), now)
             return
         for name in res.budgets:
-            b = self.budgets.get(name)
-            if b is not None:
-                b.reserved -= res.amount
-                b.charge(int(tokens), now)
+            held = self.budgets.get(name)
+            if held is not None:
+                held.reserved -= res.amount
+                held.charge(int(tokens), now)
 
     def release(self, rid: str) -> bool:
         """Drop reservation ``rid`` without spending; True if it existed."""

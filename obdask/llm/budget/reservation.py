@@ -69,9 +69,10 @@ class _LocalBackend:
     def _sync_config(self) -> None:
         specs = configured_budgets()
         if specs != self._specs:
+            names = {s.get("name") for s in specs}
             for old in self._specs:
-                if old.get("name") not in {s.get("name") for s in specs}:
-                    self.ledger.remove_budget(old.get("name"))
+                if old.get("name") not in names:
+                    self.ledger.remove_budget(str(old["name"]))  # validated: has a name
             for spec in specs:
                 self.ledger.set_budget(spec)
             self._specs = specs

@@ -12,8 +12,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, cast
 
 from obdask.llm.schema import example_instance
 from obdask.llm.testing.handler import _Done, _Fault, _Handler, _Reply
@@ -27,6 +27,13 @@ from obdask.llm.testing.models import (
     parse_keep_alive,
     split_pieces,
 )
+
+if TYPE_CHECKING:
+    import threading
+    from collections import deque
+
+    from obdask.llm.testing.server import OllamaTestServer
+    from obdask.llm.testing.stats import ServerStats
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +50,26 @@ class _EndpointsMixin:
     Relies on the server's model table, reply script, slots and keep-alive
     state (``_models``, ``_replies``, ``_admit``, ``_load``, ``_touch``, ...).
     """
+
+    if TYPE_CHECKING:  # what the server class provides (declared for the type checker)
+        _models: dict[str, ModelSpec]
+        _lock: threading.Lock
+        _loaded: dict[str, dict[str, Any]]
+        _reply_fn: Callable[[dict[str, Any]], Any] | None
+        _replies: deque[Any]
+        _epoch: int
+        keep_alive: float
+        reply_tokens: tuple[int, int]
+        token_latency: float
+        first_token_latency: float
+        stats: ServerStats
+
+        def _lookup(self, name: str) -> ModelSpec | None: ...
+        def _take_fault(self, path: str) -> _Fault | None: ...
+        def _sleep(self, seconds: float, epoch: int) -> None: ...
+        def _admit(self, spec: ModelSpec, epoch: int) -> bool: ...
+        def _load(self, spec: ModelSpec, keep: float, options: Any) -> bool: ...
+        def _touch(self, spec: ModelSpec, keep: float) -> None: ...
 
     # -- listing endpoints ---------------------------------------------------
     def _tags(self, h: _Handler, body: dict[str, Any]) -> None:
@@ -134,7 +161,7 @@ class _EndpointsMixin:
         epoch = self._epoch
         if not self._admit(spec, epoch):
             return h.send_error_json(503, BUSY_MESSAGE)
-        done = _Done(self, spec)
+        done = _Done(cast("OllamaTestServer", self), spec)
         try:
             self._load(spec, keep, body.get("options"))
             if fault is not None and fault.kind == "stall":
@@ -313,7 +340,7 @@ class _EndpointsMixin:
         t0, epoch = time.perf_counter_ns(), self._epoch
         if not self._admit(spec, epoch):
             return h.send_error_json(503, BUSY_MESSAGE)
-        done = _Done(self, spec)
+        done = _Done(cast("OllamaTestServer", self), spec)
         try:
             self._load(spec, keep, body.get("options"))
             t_load = time.perf_counter_ns()

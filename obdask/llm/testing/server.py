@@ -377,7 +377,7 @@ class OllamaTestServer(_EndpointsMixin):
             entry = self._loaded.get(spec.name)
             fresh = entry is None or entry["expires"] <= now
             num_ctx = (options or {}).get("num_ctx") if isinstance(options, dict) else None
-            if fresh:
+            if entry is None or fresh:
                 entry = {"context_length": int(num_ctx or spec.context_length), "keep": keep}
                 self._loaded[spec.name] = entry
             entry["expires"] = _FOREVER

@@ -37,8 +37,8 @@ class ServerStats:
             self.requests: Counter = Counter()
             self.statuses: Counter = Counter()
             self.calls: list[dict[str, Any]] = []
-            self._in_flight: Counter = getattr(self, "_in_flight", Counter())
-            self._running: Counter = getattr(self, "_running", Counter())
+            self._in_flight: Counter = Counter(getattr(self, "_in_flight", ()))  # kept
+            self._running: Counter = Counter(getattr(self, "_running", ()))
             self._peak: Counter = Counter(self._in_flight)
             self._peak_running: Counter = Counter(self._running)
 
