@@ -74,13 +74,14 @@ def store_errors(kind: str, url: str, doing: str) -> Iterator[None]:
     """Turn a filesystem failure while ``doing`` (``"open"``, ``"read"``, ``"write"``) into
     a StoreError.
 
-    obdask's own errors and anything that is not the filesystem's pass through.
+    obdask's own errors, anything that is not the filesystem's, and FileNotFoundError
+    when reading (an absent file the caller expects) pass through.
     """
     try:
         yield
     except Exception as exc:
-        if not is_storage_error(exc):
-            raise
+        if not is_storage_error(exc) or (doing != "write" and isinstance(exc, FileNotFoundError)):
+            raise  # not the store's fault, or a missing file the caller handles
         setting = SETTINGS.get(kind, "its URL")
         text = str(exc).strip()
         first = text.splitlines()[0][:300] if text else ""  # one line (hdfs lists 90 paths)

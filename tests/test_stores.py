@@ -89,3 +89,8 @@ def test_cli_run_with_an_unwritable_records_store_is_one_line(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: records store ") and "is not writable" in last
     assert "Traceback" not in result.stderr and not (tmp_path / "ran").exists()
+
+
+def test_reading_a_store_that_does_not_exist_yet_is_not_an_error(tmp_path):
+    assert ArtifactStore(str(tmp_path / "new-art")).done_keys(["k"]) == set()
+    assert RunStore(str(tmp_path / "new-rec"), "plan", "r1").completed_before(["a"]) == {}
