@@ -174,7 +174,7 @@ CHECKS: dict[str, Callable[[str], Any]] = {
     "sessions.store": _store_url,
     "cmd.limits": _cmd_limits,  # clamped to this machine's hard limits
     "llm.budgets": _budgets,  # a window of 0, scope rules
-    "judge.panel": _judge,  # every obdask.judge.* key, read as the judge does
+    "judge": _judge,  # every obdask.judge.* key, read as the judge does (quorum <= panel)
 }
 
 

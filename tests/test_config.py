@@ -88,6 +88,7 @@ def test_defaults_are_valid_against_the_schema():
     ("llm.budgets", [{"name": "day", "tokens": -5}],
      "obdask.llm.budgets.0.tokens: -5 is less than the minimum of 0"),
     ("judge.panel", [{"model": "x"}], "obdask.judge.panel.0: 'role' is a required property"),
+    ("judge.margin", "wide", "obdask.judge.margin: 'wide' is not a number"),  # once, not twice
     ("cmd.sandbox", "zz", "obdask.cmd.sandbox: 'zz' is not one of auto, require, off"),
     ("plan.max-bytes", "-5MB", "obdask.plan.max-bytes: '-5MB' is not a size"),
     ("llm.model-slots", {"qwen": 0}, "obdask.llm.model-slots.qwen: 0 is less than the minimum"),
