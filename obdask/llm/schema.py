@@ -1,14 +1,9 @@
-"""Just enough JSON Schema for structured model output.
-
-Two helpers, both dependency free:
+"""JSON Schema for structured model output.
 
 * :func:`example_instance` builds a small valid instance of a schema (used by
   the test server to answer ``format=<schema>`` requests);
-* :func:`validate` checks an instance against a schema and returns a list of
-  problems.  It understands ``type``, ``required``, ``properties``, ``items``,
-  ``enum``, ``const``, ``anyOf``/``oneOf``/``allOf`` and local ``$ref``.  When
-  the optional ``jsonschema`` package is importable, :func:`validate` uses it
-  instead.
+* :func:`validate` checks an instance against a schema with ``jsonschema`` and
+  returns a list of problems, one line each.
 """
 
 from __future__ import annotations
@@ -17,16 +12,6 @@ import logging
 from typing import Any
 
 logger = logging.getLogger(__name__)
-
-_PY_TYPES: dict[str, tuple[type, ...]] = {
-    "object": (dict,),
-    "array": (list,),
-    "string": (str,),
-    "integer": (int,),
-    "number": (int, float),
-    "boolean": (bool,),
-    "null": (type(None),),
-}
 
 
 def _resolve(schema: Any, root: dict) -> dict:
@@ -146,84 +131,23 @@ def _example_string(schema: dict) -> str:
     return text
 
 
-def _is_type(value: Any, kind: str) -> bool:
-    if kind in ("integer", "number") and isinstance(value, bool):
-        return False
-    if kind == "integer" and isinstance(value, float):
-        return value.is_integer()
-    return isinstance(value, _PY_TYPES.get(kind, (object,)))
-
-
-def validate(instance: Any, schema: Any, *, use_jsonschema: bool = True) -> list[str]:
-    """Check ``instance`` against ``schema``.
+def validate(instance: Any, schema: Any) -> list[str]:
+    """Check ``instance`` against ``schema`` with ``jsonschema``.
 
     Parameters
     ----------
     instance : object
         Parsed JSON value.
     schema : dict
-        JSON Schema.
-    use_jsonschema : bool
-        Use the ``jsonschema`` package when it is installed (it is optional).
+        JSON Schema (its ``$schema`` picks the draft; the newest by default).
 
     Returns
     -------
     list of str
-        One line per problem (``"$.age: expected integer, got str"``); empty if valid.
+        One line per problem (``"$.age: True is not of type 'integer'"``); empty if valid.
     """
-    if use_jsonschema:
-        try:
-            import jsonschema
-        except ImportError:
-            pass
-        else:
-            cls = jsonschema.validators.validator_for(schema)
-            return [
-                f"$.{'.'.join(str(p) for p in e.absolute_path)}: {e.message}"
-                for e in cls(schema).iter_errors(instance)
-            ]
-    root = schema if isinstance(schema, dict) else {}
-    errors: list[str] = []
-    _check(instance, schema, root, "$", errors)
-    return errors
+    import jsonschema  # a base dependency; imported when a reply is checked
 
-
-def _check(value: Any, schema: Any, root: dict, path: str, errors: list[str]) -> None:
-    if schema is True or schema is None:
-        return
-    if schema is False:
-        errors.append(f"{path}: no value is allowed here")
-        return
-    schema = _resolve(schema, root)
-    if "const" in schema and value != schema["const"]:
-        errors.append(f"{path}: expected {schema['const']!r}")
-    if "enum" in schema and value not in schema["enum"]:
-        errors.append(f"{path}: {value!r} is not one of {schema['enum']!r}")
-    for sub in schema.get("allOf", []):
-        _check(value, sub, root, path, errors)
-    for key in ("anyOf", "oneOf"):
-        if schema.get(key):
-            if not any(_no_errors(value, s, root) for s in schema[key]):
-                errors.append(f"{path}: matches none of the {key} alternatives")
-    kinds = schema.get("type")
-    if kinds is not None:
-        kinds = [kinds] if isinstance(kinds, str) else list(kinds)
-        if not any(_is_type(value, k) for k in kinds):
-            errors.append(f"{path}: expected {'|'.join(kinds)}, got {type(value).__name__}")
-            return
-    if isinstance(value, dict):
-        for key in schema.get("required", []):
-            if key not in value:
-                errors.append(f"{path}: missing required property {key!r}")
-        for key, sub in (schema.get("properties") or {}).items():
-            if key in value:
-                _check(value[key], sub, root, f"{path}.{key}", errors)
-    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
-        for i, item in enumerate(value):
-            _check(item, schema["items"], root, f"{path}[{i}]", errors)
-
-
-def _no_errors(value: Any, schema: Any, root: dict) -> bool:
-    errs: list[str] = []
-    _check(value, schema, root, "$", errs)
-    return not errs
+    cls = jsonschema.validators.validator_for(schema)
+    return [f"$.{'.'.join(str(p) for p in e.absolute_path)}".rstrip(".") + f": {e.message}"
+            for e in cls(schema).iter_errors(instance)]
