@@ -125,9 +125,12 @@ def _message(error: Any) -> Iterator[tuple[str, str]]:
     yield where, f"{where}: {text}"
 
 
-def _tree() -> dict[str, Any]:
+def _tree() -> Any:
     """The ``obdask`` config as the user gave it, keys spelt as in the schema."""
-    tree = dict(dask.config.get("obdask", default={}) or {})
+    raw = dask.config.get("obdask", default=None)
+    if not isinstance(raw, Mapping):
+        return raw  # the schema says what it should be
+    tree = dict(raw)
     for key, value in config._replaced_by_defaults.items():  # as the user gave it
         node = tree
         *parents, last = key.split(".")
@@ -209,8 +212,9 @@ def problems() -> list[str]:
     bad = {where for where, _ in out}
     for key, reader in CHECKS.items():
         path = f"obdask.{key}"
-        if any(w == path or w.startswith(path + ".") for w in bad):
-            continue
+        if any(w == path or w.startswith(path + ".") or path.startswith(w + ".")
+               for w in bad):
+            continue  # the schema already named it, a key inside it or around it
         try:
             reader(key)
         except ConfigError as exc:

@@ -84,6 +84,7 @@ def test_defaults_are_valid_against_the_schema():
     ("cmd.limits.procesess", 3,
      "obdask.cmd.limits.procesess: unknown key (did you mean obdask.cmd.limits.processes?)"),
     ("zzz", 1, "obdask.zzz: unknown key (known keys: workspace,"),
+    ("store", "x", "obdask.store: 'x' is not a mapping"),  # and no check inside it trips
     ("llm.budgets", [{"name": "day", "tokens": 5, "window": 0}],
      "obdask.llm.budgets: budget 'day': window must be positive or null"),
     ("llm.budgets", [{"name": "day", "tokens": -5}],
