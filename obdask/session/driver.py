@@ -83,12 +83,19 @@ class Settings:
 
 
 def run_model(model: str, messages: list[dict[str, Any]], endpoints: tuple[str, ...],
-              fmt: Any = None, job: str | None = None) -> dict[str, Any]:
-    """The model task: one :func:`~obdask.llm.client.call_model`; plain data back."""
+              fmt: Any = None, job: str | None = None, session: str | None = None,
+              position: str | None = None) -> dict[str, Any]:
+    """The model task: one :func:`~obdask.llm.client.call_model`; plain data back.
+
+    ``session`` (``gen_ai.conversation.id``) and the ``position`` of the process the
+    call is made for (``"S2P1"``) go into the call's token records.
+    """
     from obdask.llm.client import call_model
 
     started = time.time()
-    reply = call_model(model, messages, fmt=fmt, job=job, endpoints=list(endpoints) or None)
+    reply = call_model(model, messages, fmt=fmt, job=job, endpoints=list(endpoints) or None,
+                       session=session, schedule=position[:2] if position else None,
+                       process=position[2:] if position else None)
     return {"text": reply.text, "data": reply.data, "model": reply.model,
             "endpoint": reply.endpoint, "input_tokens": reply.prompt_eval_count,
             "output_tokens": reply.eval_count, "attempts": reply.attempts,
@@ -139,18 +146,20 @@ class Driver:
 
     # -- model tasks ---------------------------------------------------------------------
     def _model_task(self, role: str, messages: list[dict[str, Any]], what: str,
-                    fmt: Any = None, inline: bool = False) -> dict[str, Any]:
+                    fmt: Any = None, inline: bool = False,
+                    position: str | None = None) -> dict[str, Any]:
         """A model call as a task placed by ``role``; ``inline``: in the driver's own
         thread when placement cannot matter (no worker serves models itself, so no
-        role binds GPU/VRAM), which saves a task round trip per orchestrator call."""
+        role binds GPU/VRAM), which saves a task round trip per orchestrator call.
+        ``position``: the process the call is made for (none for the orchestrator)."""
         model = self.s.models.get(role, role)
         resources = (self.s.resources.get(role) or {}) if self.served_locally else {}
+        job = f"session:{self.sid}:{what}"
         if inline and not self.served_locally:
-            return run_model(model, messages, self.s.endpoints, fmt,
-                             f"session:{self.sid}:{what}")
+            return run_model(model, messages, self.s.endpoints, fmt, job, self.sid, position)
         key = f"obdask-session-{self.sid}-{what}-{uuid.uuid4().hex[:8]}"
         future = self.client.submit(run_model, model, messages, self.s.endpoints, fmt,
-                                    f"session:{self.sid}:{what}", key=key, pure=False,
+                                    job, self.sid, position, key=key, pure=False,
                                     resources=resources or None)
         try:
             return future.result()
@@ -381,7 +390,7 @@ class Driver:
             info = PROCESSES[(nxt.schedule, nxt.process)]  # type: ignore[index]
             try:
                 result = self._model_task(info.role, self._process_messages(nxt, consultation),
-                                          f"{index:04d}-{position}")
+                                          f"{index:04d}-{position}", position=position)
             except (ModelError, BudgetExceeded) as exc:
                 self.time_split["agent"] += time.monotonic() - t0
                 state = state.error()
