@@ -31,6 +31,7 @@ from typing import Any
 
 from obdask.exceptions import BudgetExceeded, LeaseLost, ModelError, SessionError
 from obdask.session.events import TOKEN_STEP
+from obdask.session.fragments import FragmentError, extract, run_fragment
 from obdask.session.model import PROCESSES, Move, MoveKind, SessionState
 from obdask.session.store import SessionStore
 
@@ -56,6 +57,7 @@ class Settings:
     endpoints: tuple[str, ...] = ()
     models: dict[str, str] = field(default_factory=dict)       # role -> model
     resources: dict[str, dict[str, float]] = field(default_factory=dict)  # role -> needs
+    workspace: str | None = None  # where plan fragments run (default: the worker's cwd)
     consultation_timeout: float = 60.0
     clarify: bool = False
     max_errors: int = 3
@@ -393,17 +395,7 @@ class Driver:
                                           f"{index:04d}-{position}", position=position)
             except (ModelError, BudgetExceeded) as exc:
                 self.time_split["agent"] += time.monotonic() - t0
-                state = state.error()
-                errors += 1
-                self.store.update(self.sid, self.epoch, state=state)
-                self.store.add_note(self.sid, self.epoch, str(exc), source="driver",
-                                    index=index, kind="process-error")
-                failed = errors > self.s.max_errors
-                if failed:  # durable first: a client that sees "failed" finds it recorded
-                    self.store.update(self.sid, self.epoch, status="failed")
-                self._share(self._shared_state(state, "failed" if failed else "running"),
-                            events + [{"kind": "process-error", "position": position,
-                                       "error": str(exc)[:500]}])
+                state, errors, failed = self._failed(state, index, position, exc, errors, events)
                 if failed:
                     status = "failed"
                     break
@@ -416,12 +408,25 @@ class Driver:
                                      output_tokens=result["output_tokens"], role=info.role,
                                      endpoint=result["endpoint"],
                                      conversation_id=self.sid)
+            try:
+                fragment = self._fragment(result["text"], index, position)
+            except FragmentError as exc:
+                state, errors, failed = self._failed(state, index, position, exc, errors, events)
+                if failed:
+                    status = "failed"
+                    break
+                continue
+            if fragment is not None:
+                events.append({"kind": "plan-fragment", "position": position, "index": index,
+                               **{k: fragment[k] for k in ("plan_id", "run_id", "ok")},
+                               "jobs": [{"step": j["step"], "status": j["status"]}
+                                        for j in fragment["jobs"][:50]]})
             payload = {"output": result["text"], "role": info.role, "model": result["model"],
                        "endpoint": result["endpoint"], "move": move.to_dict(),
                        "tokens": {"input": result["input_tokens"],
                                   "output": result["output_tokens"]},
                        "respent": ticket.respent, "attempt": ticket.attempt,
-                       "consultation": consultation}
+                       "consultation": consultation, "fragment": fragment}
             self.store.append_process(self.sid, self.epoch, nxt, payload,
                                       started=result["started"], ended=result["ended"])
             self._crash(index, "after-record")
@@ -444,6 +449,41 @@ class Driver:
         self._share(self._shared_state(state, status), [final])
         return {"id": self.sid, "state": status, "flow_code": state.flow_code,
                 "epoch": self.epoch}
+
+    def _failed(self, state: SessionState, index: int, position: str, exc: Exception,
+                errors: int, events: list[dict[str, Any]]) -> tuple[SessionState, int, bool]:
+        """Record an ``X`` for process ``index`` (its call or its fragment failed);
+        returns the new state, the error count and whether the session failed."""
+        state = state.error()
+        errors += 1
+        self.store.update(self.sid, self.epoch, state=state)
+        self.store.add_note(self.sid, self.epoch, str(exc), source="driver",
+                            index=index, kind="process-error")
+        failed = errors > self.s.max_errors
+        if failed:  # durable first: a client that sees "failed" finds it recorded
+            self.store.update(self.sid, self.epoch, status="failed")
+        self._share(self._shared_state(state, "failed" if failed else "running"),
+                    events + [{"kind": "process-error", "position": position,
+                               "error": str(exc)[:500]}])
+        return state, errors, failed
+
+    def _fragment(self, text: str, index: int, position: str) -> dict[str, Any] | None:
+        """Run the plan fragment in a process's reply, if any (FragmentError if it
+        does not compile); its run records go beside the session's record."""
+        import os
+
+        fragment = extract(text)
+        if fragment is None:
+            return None
+        base = f"{self.store.url.rstrip('/')}/{self.sid}/fragments"
+        result = run_fragment(self.client, fragment, session_id=self.sid, index=index,
+                              position=position, workspace=self.s.workspace or os.getcwd(),
+                              records=f"{base}/records", artifacts=f"{base}/artifacts")
+        self.store.add_action(self.sid, self.epoch, {
+            "kind": "plan-fragment", "position": position,
+            **{k: result[k] for k in ("plan_id", "run_id", "records", "ok", "jobs_total")}},
+            index=index)
+        return result
 
     def _write_resources(self) -> None:
         self.store.set_resources(self.sid, self.epoch, {

@@ -36,3 +36,60 @@ def test_every_call_of_a_session_carries_its_id(cluster, model):
         snap.position for snap in record.snapshots)
     orchestrator = rows[rows["job"].str.contains(":orchestrate-")]
     assert orchestrator["process"].isna().all()  # between processes: none of them
+
+
+FRAGMENT = """Here is the work as jobs:
+
+```plan
+- [ ] id=hello lane=1 payload=@cmd:echo hello from the fragment
+- [ ] id=check lane=3 deps=hello payload=@cmd:test -d .
+```
+"""
+BROKEN = """```plan
+- [ ] id=hello lane=1 deps=nowhere payload=@cmd:echo hi
+```
+"""
+
+
+def test_a_plan_fragment_runs_as_part_of_the_session(cluster, model, tmp_path):
+    m, _ = model
+    m.process_reply = lambda position: FRAGMENT if position == "S3P1" else None
+    s = Session.start(cluster, "Run some jobs.", workspace=str(tmp_path))
+    final = s.wait(timeout=90)
+    assert final["flow_code"] == FULL, final
+    record = s.record()
+    (snap,) = [x for x in record.snapshots if x.position == "S3P1"]
+    fragment = snap.payload["fragment"]
+    assert fragment["ok"] is True and fragment["plan_id"] == f"{s.id}.{snap.index:04d}-S3P1"
+    assert [(j["step"], j["status"]) for j in fragment["jobs"]] == [("hello", "done"),
+                                                                  ("check", "done")]
+    assert all((j["session"], j["schedule"], j["process"]) == (s.id, "S3", "P1")
+               for j in fragment["jobs"])
+    others = [x for x in record.snapshots if x.position != "S3P1"]
+    assert all(x.payload["fragment"] is None for x in others)
+    (action,) = [a for a in record.actions if a.get("kind") == "plan-fragment"]
+    assert action["index"] == snap.index and action["run_id"] == fragment["run_id"]
+    from obdask.records import read_run
+
+    stored = read_run(fragment["records"], fragment["plan_id"],
+                      fragment["run_id"])
+    assert {r["step"] for r in stored if r.get("step")} >= {"hello", "check"}
+    (event,) = [e for e in s.events() if e["kind"] == "plan-fragment"]
+    assert event["ok"] is True and event["position"] == "S3P1"
+
+
+def test_a_fragment_that_does_not_compile_is_an_x_of_its_process(cluster, model, tmp_path):
+    m, _ = model
+    m.process_reply = lambda position: BROKEN if position == "S3P1" else None
+    s = Session.start(cluster, "Run broken jobs.", workspace=str(tmp_path))
+    final = s.wait(timeout=90)
+    # X where the session stood (an X does not move it); after max-errors (3) it fails
+    assert (final["state"], final["flow_code"]) == ("failed", "S1P123S2P123XXXX"), final
+    record = s.record()
+    assert "S3P1" not in [x.position for x in record.snapshots]
+    notes = [n for n in record.notes if n.get("kind") == "process-error"]
+    assert len(notes) == 4
+    assert "plan fragment of process 7 (S3P1) does not compile" in notes[0]["text"]
+    assert "nowhere" in notes[0]["text"]  # the cause, from the plan parser
+    errors = [e for e in s.events() if e["kind"] == "process-error"]
+    assert errors and "does not compile" in errors[0]["error"]
