@@ -8,12 +8,12 @@ import time
 
 import dask
 import pytest
-from test_driver import FULL, MODELS, Model
 
 from obdask.session.api import Session
 from obdask.session.store import SessionStore
 from obdask.testing import OllamaTestServer
 from tests.cluster_utils import ProcessCluster
+from tests.session.scripted import FULL, MODELS, Model
 
 pytestmark = pytest.mark.slow  # real scheduler and worker processes
 
