@@ -61,6 +61,8 @@ class Settings:
     consultation_timeout: float = 60.0
     clarify: bool = False
     max_errors: int = 3
+    max_tokens: int | None = None    # the session's token budget (None: no limit)
+    max_time: float | None = None    # its wall-time budget from creation, seconds
     takeover: bool = False
     crash: dict[str, Any] | None = None
 
@@ -77,11 +79,17 @@ class Settings:
                 resources[role] = role_resources(role)
             except Exception:  # noqa: BLE001 - a bad role entry fails where it is used
                 resources[role] = {}
+        max_tokens = config.get("sessions.max-tokens")
+        max_time = config.get("sessions.max-time")
         return cls(store_url=store.url, storage_options=store.storage_options,
                    endpoints=tuple(endpoints), models=dict(models), resources=resources,
                    consultation_timeout=config.get_seconds("sessions.consultation-timeout"),
                    clarify=config.get_bool("sessions.clarify"),
-                   max_errors=config.get_int("sessions.max-errors", minimum=0), **overrides)
+                   max_errors=config.get_int("sessions.max-errors", minimum=0),
+                   max_tokens=None if max_tokens is None else
+                   config.get_int("sessions.max-tokens", minimum=1),
+                   max_time=None if max_time is None else
+                   config.get_seconds("sessions.max-time"), **overrides)
 
 
 def run_model(model: str, messages: list[dict[str, Any]], endpoints: tuple[str, ...],
@@ -213,6 +221,9 @@ class Driver:
             except (ModelError, BudgetExceeded) as exc:  # e.g. the reply broke the schema twice
                 reasons.append(str(exc))
                 self.time_split["orchestrator"] += time.monotonic() - t0
+                if isinstance(exc, BudgetExceeded):
+                    events.append(self._budget_refused(exc, state.processes_run,
+                                                       state.position, "orchestrator"))
                 break
             self.time_split["orchestrator"] += time.monotonic() - t0
             events += self._count(result)
@@ -370,6 +381,9 @@ class Driver:
             if self.cancel:
                 status = "cancelled"
                 break
+            if self._budget_exhausted(record.created, state):
+                status = "failed"
+                break
             if pending is not None:
                 move, events = pending, []
                 pending = None
@@ -450,10 +464,45 @@ class Driver:
         return {"id": self.sid, "state": status, "flow_code": state.flow_code,
                 "epoch": self.epoch}
 
+    def _budget_refused(self, exc: BudgetExceeded, index: int, position: str,
+                        caller: str) -> dict[str, Any]:
+        """Record that a cluster budget refused a call; the event to publish."""
+        self.store.add_note(self.sid, self.epoch, str(exc), source="driver", index=index,
+                            kind="budget-refused", caller=caller)
+        return {"kind": "budget-refused", "position": position, "index": index,
+                "caller": caller, "error": str(exc)[:500]}
+
+    def _budget_exhausted(self, created: float | None, state: SessionState) -> bool:
+        """Whether the session's own token or time budget is spent; if so it is
+        recorded (a note, status failed) and published (``budget-exhausted``)."""
+        used_tokens = self.tokens["input"] + self.tokens["output"]
+        elapsed = time.time() - float(created or time.time())
+        over = None
+        if self.s.max_tokens is not None and used_tokens >= self.s.max_tokens:
+            over = ("tokens", used_tokens, self.s.max_tokens)
+        elif self.s.max_time is not None and elapsed >= self.s.max_time:
+            over = ("time", round(elapsed, 3), self.s.max_time)
+        if over is None:
+            return False
+        budget, used, limit = over
+        text = (f"session {self.sid}: its {budget} budget is spent ({used} of {limit}, "
+                f"obdask.sessions.max-{budget}) at {state.position} (flow code "
+                f"{state.flow_code or '-'}); stopping")
+        logger.warning("%s", text)
+        self.store.add_note(self.sid, self.epoch, text, source="driver",
+                            index=state.processes_run, kind="budget-exhausted", budget=budget)
+        self.store.update(self.sid, self.epoch, status="failed", error=text)
+        self._share(self._shared_state(state, "failed"),
+                    [{"kind": "budget-exhausted", "budget": budget, "used": used,
+                      "limit": limit, "position": state.position}])
+        return True
+
     def _failed(self, state: SessionState, index: int, position: str, exc: Exception,
                 errors: int, events: list[dict[str, Any]]) -> tuple[SessionState, int, bool]:
         """Record an ``X`` for process ``index`` (its call or its fragment failed);
         returns the new state, the error count and whether the session failed."""
+        if isinstance(exc, BudgetExceeded):
+            events = events + [self._budget_refused(exc, index, position, "process")]
         state = state.error()
         errors += 1
         self.store.update(self.sid, self.epoch, state=state)

@@ -93,3 +93,38 @@ def test_a_fragment_that_does_not_compile_is_an_x_of_its_process(cluster, model,
     assert "nowhere" in notes[0]["text"]  # the cause, from the plan parser
     errors = [e for e in s.events() if e["kind"] == "process-error"]
     assert errors and "does not compile" in errors[0]["error"]
+
+
+def test_session_token_budget_spent_is_an_event_and_recorded(cluster, model):
+    import dask
+
+    with dask.config.set({"obdask.sessions.max-tokens": 1}):
+        s = Session.start(cluster, "Spend a little.")
+    final = s.wait(timeout=60)
+    # checked before each move: after the first process the budget is spent
+    assert (final["state"], final["flow_code"]) == ("failed", "S1P1"), final
+    (event,) = [e for e in s.events() if e["kind"] == "budget-exhausted"]
+    assert event["budget"] == "tokens" and event["limit"] == 1 and event["used"] > 1
+    assert s.events()[-1]["kind"] == "session-complete"
+    record = s.record()
+    assert record.stored_status == "failed" and "max-tokens" in record.meta["error"]
+    assert [n["budget"] for n in record.notes if n.get("kind") == "budget-exhausted"] == [
+        "tokens"]
+
+
+def test_a_call_refused_by_a_cluster_budget_is_a_session_event(cluster, model):
+    from obdask.llm.budget import remove_budget, set_budget
+
+    set_budget(cluster, "no-coders", 1, scope="model", match="coder:1b", on_exhausted="fail")
+    try:
+        s = Session.start(cluster, "Code without tokens.")
+        final = s.wait(timeout=60)
+    finally:
+        remove_budget(cluster, "no-coders")
+    # Knowledge runs on the researcher; the first coder process (Plan P1) is refused
+    assert (final["state"], final["flow_code"]) == ("failed", "S1P123XXXX"), final
+    refused = [e for e in s.events() if e["kind"] == "budget-refused"]
+    assert len(refused) == 4 and {e["position"] for e in refused} == {"S2P1"}
+    assert all(e["caller"] == "process" and "no-coders" in e["error"] for e in refused)
+    notes = [n for n in s.record().notes if n.get("kind") == "budget-refused"]
+    assert len(notes) == 4
