@@ -75,16 +75,21 @@ class RecordFiles:
         if not self._memory:
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
 
-    def _write(self, path: str, data: bytes) -> None:
-        """Replace ``path`` atomically where the filesystem allows."""
+    def _write(self, path: str, data: bytes, durable: bool = True) -> None:
+        """Replace ``path`` atomically where the filesystem allows.
+
+        ``durable=False`` (local disk): no fsync, for mirrors the record can be rebuilt
+        without (an fsync costs milliseconds on every transition of every session).
+        """
         try:
             self._makedirs(path)
             if self._local:
                 tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
                 with open(tmp, "wb") as f:
                     f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
+                    if durable:
+                        f.flush()
+                        os.fsync(f.fileno())
                 os.replace(tmp, path)
             elif self._memory:
                 with _MEMORY_LOCK:

@@ -165,7 +165,9 @@ class SessionStore(RecordReader):
         meta["updated"] = wall_time()
         self._write(path, dumps(meta))
         if "flow_code" in changes:
-            self._write(self._path(session_id, "flow_code"), str(changes["flow_code"]).encode())
+            # a mirror for people (meta.json and the snapshots hold the flow code)
+            self._write(self._path(session_id, "flow_code"), str(changes["flow_code"]).encode(),
+                        durable=False)
 
     def append_process(self, session_id: str, epoch: int, state: SessionState,
                        payload: dict[str, Any] | None = None, *, started: float | None = None,

@@ -61,6 +61,7 @@ def test_two_drivers_race_for_one_session(cluster, model):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # ten rounds of ten sessions: minutes on a loaded machine
 def test_two_drivers_race_for_one_session_100_trials(cluster, model):
     refused = _race(cluster, 100)
     assert refused >= 50
