@@ -36,6 +36,50 @@ def reply(body):
     return "done."
 
 
+def store_loop(sessions: int = 3) -> dict:
+    """The durable part of a transition alone (local disk, no model, no cluster): the
+    loop of docs/sessions.md, ``begin_call`` + ``record_tokens`` + ``append_process``."""
+    import os
+
+    from obdask.session.model import MoveKind, SessionState
+    from obdask.session.store import SessionStore
+
+    store = SessionStore(tempfile.mkdtemp(prefix="bench-session-store-"))
+    fsyncs = 0
+    real_fsync = os.fsync
+
+    def counting_fsync(fd):  # count what the store asks the disk for
+        nonlocal fsyncs
+        fsyncs += 1
+        real_fsync(fd)
+
+    os.fsync = counting_fsync
+    transitions = 0
+    t0 = time.perf_counter()
+    try:
+        for i in range(sessions):
+            sid = f"loop-{i}"
+            store.create(sid, "p", epoch=1)
+            state = SessionState()
+            while not state.finished:
+                move = state.default_move()
+                if move.kind is MoveKind.FINISH:
+                    state = state.apply(move)
+                    store.update(sid, 1, state=state)
+                    break
+                nxt = state.apply(move)
+                ticket = store.begin_call(sid, 1, nxt.processes_run, nxt.position)
+                store.record_tokens(sid, 1, ticket, model="m", input_tokens=1,
+                                    output_tokens=1)
+                store.append_process(sid, 1, nxt, {"output": "x"}, started=0, ended=1)
+                state, transitions = nxt, transitions + 1
+    finally:
+        os.fsync = real_fsync
+    wall = time.perf_counter() - t0
+    return {"transitions": transitions, "ms_per_transition": wall / transitions * 1000,
+            "fsyncs_per_transition": fsyncs / transitions}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latency", type=float, default=0.5)
@@ -51,7 +95,10 @@ def main() -> None:
     from obdask.session.api import Session
     from obdask.testing import OllamaTestServer
 
-    out: dict = {"latency_s": args.latency}
+    out: dict = {"latency_s": args.latency, "store": store_loop()}
+    print(f"store alone: {out['store']['ms_per_transition']:.1f} ms and "
+          f"{out['store']['fsyncs_per_transition']:.1f} fsyncs per transition "
+          f"(vs {2 * args.latency * 1000:.0f} ms of model latency per transition)")
     store = tempfile.mkdtemp(prefix="bench-sessions-")
     with OllamaTestServer(models=["m:1b"], replies=reply, num_parallel=args.parallel,
                           first_token_latency=args.latency) as server, \

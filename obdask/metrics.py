@@ -22,7 +22,8 @@ from typing import Any
 
 JOB_COLUMNS = ["job", "plan", "step", "run_id", "kind", "lane", "model", "worker", "status",
                "exit_code", "attempts", "warm", "started", "finished", "duration_s", "error"]
-TOKEN_COLUMNS = ["ts", "model", "endpoint", "worker", "plan", "job", "session", "role",
+TOKEN_COLUMNS = ["ts", "model", "endpoint", "worker", "plan", "job", "session", "schedule",
+                 "process", "role",
                  "prompt_eval_count", "eval_count", "total_duration", "load_duration",
                  "prompt_eval_duration", "eval_duration", "respent", "attempts"]
 WORKER_COLUMNS = ["worker", "name", "ts", "cpu_percent", "memory_used", "memory_total",

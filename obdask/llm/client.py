@@ -169,6 +169,8 @@ class _CallSpec:
     role: str | None = None
     attempts_made: int = 0
     session: str | None = None
+    schedule: str | None = None
+    process: str | None = None
     format_try: int = 0  # > 0: asked again after a reply that did not match ``fmt``
 
     def where(self, endpoint: str | None = None) -> str:
@@ -196,6 +198,8 @@ def call_model(
     local_endpoint: str | None = None,
     keep_alive: str | float | None = None,
     session: str | None = None,
+    schedule: str | None = None,
+    process: str | None = None,
 ) -> ModelReply:
     """Make one chat call to an Ollama endpoint, with failover, caps and budgets.
 
@@ -221,7 +225,11 @@ def call_model(
     keep_alive : str or float, optional
         Passed to Ollama.
     session : str, optional
-        Session id recorded with the tokens (``obdask.metrics``).
+        Session id recorded with the tokens (``obdask.metrics``); the OpenTelemetry
+        GenAI name of this attribute is ``gen_ai.conversation.id``.
+    schedule, process : str, optional
+        The session's schedule (``"S2"``) and process (``"P1"``) the call is made
+        for, recorded with the tokens.
 
     Returns
     -------
@@ -259,6 +267,8 @@ def call_model(
         num_predict=num_predict,
         role=role_or_model if role_or_model != model else None,
         session=session,
+        schedule=schedule,
+        process=process,
     )
     pool = get_pool(endpoints, _local_endpoint(local_endpoint))
     tries = 1 + config.get_int("llm.schema-retries") if fmt else 1
@@ -518,7 +528,7 @@ def _publish(worker: Any, final: Any, spec: _CallSpec, record: dict[str, Any]) -
     """Send the call's metrics record to the scheduler (one batched message)."""
     from obdask.server.worker import send_record
 
-    row = dict(record, session=spec.session, role=spec.role, respent=spec.format_try > 0,
+    row = dict(record, role=spec.role, respent=spec.format_try > 0,
                attempts=spec.attempts_made, done_reason=final.done_reason)
     for name in _DURATIONS[1:]:
         row[name] = int(getattr(final, name, 0) or 0)
@@ -540,6 +550,10 @@ def _record_tokens(final: Any, spec: _CallSpec, url: str) -> dict[str, Any]:
         "worker": ctx.address if kind == "worker" else None,
         "job": spec.job,
         "plan": spec.plan,
+        # gen_ai.conversation.id: on every record of a session's calls (and events)
+        "session": spec.session,
+        "schedule": spec.schedule,
+        "process": spec.process,
         "ts": time.time(),
     }
     _recent.append(record)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import datetime as dt
+import os
 import queue
 import secrets
 import time
@@ -67,6 +68,8 @@ class Session:
         self.client = client
         self.store = store if isinstance(store, SessionStore) else open_store(store, workspace)
         self.future = future  # the driver task this handle submitted (None otherwise)
+        # where the session's plan fragments run (None: the worker's current folder)
+        self.workspace = os.path.abspath(workspace) if workspace else None
 
     def __repr__(self) -> str:
         return f"Session({self.id!r})"
@@ -121,7 +124,8 @@ class Session:
         from obdask.session.driver import Settings, drive
 
         _install(self.client)
-        settings = Settings.from_config(self.store, **overrides)
+        settings = Settings.from_config(self.store, **{"workspace": self.workspace,
+                                                        **overrides})
         key = f"obdask-session-driver-{self.id}-{secrets.token_hex(4)}"
         prompt = self.store.read(self.id, full=False).prompt
         _rpc(self.client, "obdask_session_register", session=self.id, key=key, prompt=prompt)
@@ -165,7 +169,8 @@ class Session:
         from obdask.session.driver import Settings, drive
 
         await install(self.client)
-        settings = Settings.from_config(self.store, **overrides)
+        settings = Settings.from_config(self.store, **{"workspace": self.workspace,
+                                                        **overrides})
         key = f"obdask-session-driver-{self.id}-{secrets.token_hex(4)}"
         record = await asyncio.to_thread(self.store.read, self.id, full=False)
         await self.client.scheduler.obdask_session_register(session=self.id, key=key,

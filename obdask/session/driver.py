@@ -31,6 +31,7 @@ from typing import Any
 
 from obdask.exceptions import BudgetExceeded, LeaseLost, ModelError, SessionError
 from obdask.session.events import TOKEN_STEP
+from obdask.session.fragments import FragmentError, extract, run_fragment
 from obdask.session.model import PROCESSES, Move, MoveKind, SessionState
 from obdask.session.store import SessionStore
 
@@ -56,9 +57,12 @@ class Settings:
     endpoints: tuple[str, ...] = ()
     models: dict[str, str] = field(default_factory=dict)       # role -> model
     resources: dict[str, dict[str, float]] = field(default_factory=dict)  # role -> needs
+    workspace: str | None = None  # where plan fragments run (default: the worker's cwd)
     consultation_timeout: float = 60.0
     clarify: bool = False
     max_errors: int = 3
+    max_tokens: int | None = None    # the session's token budget (None: no limit)
+    max_time: float | None = None    # its wall-time budget from creation, seconds
     takeover: bool = False
     crash: dict[str, Any] | None = None
 
@@ -75,20 +79,33 @@ class Settings:
                 resources[role] = role_resources(role)
             except Exception:  # noqa: BLE001 - a bad role entry fails where it is used
                 resources[role] = {}
+        max_tokens = config.get("sessions.max-tokens")
+        max_time = config.get("sessions.max-time")
         return cls(store_url=store.url, storage_options=store.storage_options,
                    endpoints=tuple(endpoints), models=dict(models), resources=resources,
                    consultation_timeout=config.get_seconds("sessions.consultation-timeout"),
                    clarify=config.get_bool("sessions.clarify"),
-                   max_errors=config.get_int("sessions.max-errors", minimum=0), **overrides)
+                   max_errors=config.get_int("sessions.max-errors", minimum=0),
+                   max_tokens=None if max_tokens is None else
+                   config.get_int("sessions.max-tokens", minimum=1),
+                   max_time=None if max_time is None else
+                   config.get_seconds("sessions.max-time"), **overrides)
 
 
 def run_model(model: str, messages: list[dict[str, Any]], endpoints: tuple[str, ...],
-              fmt: Any = None, job: str | None = None) -> dict[str, Any]:
-    """The model task: one :func:`~obdask.llm.client.call_model`; plain data back."""
+              fmt: Any = None, job: str | None = None, session: str | None = None,
+              position: str | None = None) -> dict[str, Any]:
+    """The model task: one :func:`~obdask.llm.client.call_model`; plain data back.
+
+    ``session`` (``gen_ai.conversation.id``) and the ``position`` of the process the
+    call is made for (``"S2P1"``) go into the call's token records.
+    """
     from obdask.llm.client import call_model
 
     started = time.time()
-    reply = call_model(model, messages, fmt=fmt, job=job, endpoints=list(endpoints) or None)
+    reply = call_model(model, messages, fmt=fmt, job=job, endpoints=list(endpoints) or None,
+                       session=session, schedule=position[:2] if position else None,
+                       process=position[2:] if position else None)
     return {"text": reply.text, "data": reply.data, "model": reply.model,
             "endpoint": reply.endpoint, "input_tokens": reply.prompt_eval_count,
             "output_tokens": reply.eval_count, "attempts": reply.attempts,
@@ -139,18 +156,20 @@ class Driver:
 
     # -- model tasks ---------------------------------------------------------------------
     def _model_task(self, role: str, messages: list[dict[str, Any]], what: str,
-                    fmt: Any = None, inline: bool = False) -> dict[str, Any]:
+                    fmt: Any = None, inline: bool = False,
+                    position: str | None = None) -> dict[str, Any]:
         """A model call as a task placed by ``role``; ``inline``: in the driver's own
         thread when placement cannot matter (no worker serves models itself, so no
-        role binds GPU/VRAM), which saves a task round trip per orchestrator call."""
+        role binds GPU/VRAM), which saves a task round trip per orchestrator call.
+        ``position``: the process the call is made for (none for the orchestrator)."""
         model = self.s.models.get(role, role)
         resources = (self.s.resources.get(role) or {}) if self.served_locally else {}
+        job = f"session:{self.sid}:{what}"
         if inline and not self.served_locally:
-            return run_model(model, messages, self.s.endpoints, fmt,
-                             f"session:{self.sid}:{what}")
+            return run_model(model, messages, self.s.endpoints, fmt, job, self.sid, position)
         key = f"obdask-session-{self.sid}-{what}-{uuid.uuid4().hex[:8]}"
         future = self.client.submit(run_model, model, messages, self.s.endpoints, fmt,
-                                    f"session:{self.sid}:{what}", key=key, pure=False,
+                                    job, self.sid, position, key=key, pure=False,
                                     resources=resources or None)
         try:
             return future.result()
@@ -202,6 +221,9 @@ class Driver:
             except (ModelError, BudgetExceeded) as exc:  # e.g. the reply broke the schema twice
                 reasons.append(str(exc))
                 self.time_split["orchestrator"] += time.monotonic() - t0
+                if isinstance(exc, BudgetExceeded):
+                    events.append(self._budget_refused(exc, state.processes_run,
+                                                       state.position, "orchestrator"))
                 break
             self.time_split["orchestrator"] += time.monotonic() - t0
             events += self._count(result)
@@ -359,6 +381,9 @@ class Driver:
             if self.cancel:
                 status = "cancelled"
                 break
+            if self._budget_exhausted(record.created, state):
+                status = "failed"
+                break
             if pending is not None:
                 move, events = pending, []
                 pending = None
@@ -381,20 +406,10 @@ class Driver:
             info = PROCESSES[(nxt.schedule, nxt.process)]  # type: ignore[index]
             try:
                 result = self._model_task(info.role, self._process_messages(nxt, consultation),
-                                          f"{index:04d}-{position}")
+                                          f"{index:04d}-{position}", position=position)
             except (ModelError, BudgetExceeded) as exc:
                 self.time_split["agent"] += time.monotonic() - t0
-                state = state.error()
-                errors += 1
-                self.store.update(self.sid, self.epoch, state=state)
-                self.store.add_note(self.sid, self.epoch, str(exc), source="driver",
-                                    index=index, kind="process-error")
-                failed = errors > self.s.max_errors
-                if failed:  # durable first: a client that sees "failed" finds it recorded
-                    self.store.update(self.sid, self.epoch, status="failed")
-                self._share(self._shared_state(state, "failed" if failed else "running"),
-                            events + [{"kind": "process-error", "position": position,
-                                       "error": str(exc)[:500]}])
+                state, errors, failed = self._failed(state, index, position, exc, errors, events)
                 if failed:
                     status = "failed"
                     break
@@ -407,12 +422,25 @@ class Driver:
                                      output_tokens=result["output_tokens"], role=info.role,
                                      endpoint=result["endpoint"],
                                      conversation_id=self.sid)
+            try:
+                fragment = self._fragment(result["text"], index, position)
+            except FragmentError as exc:
+                state, errors, failed = self._failed(state, index, position, exc, errors, events)
+                if failed:
+                    status = "failed"
+                    break
+                continue
+            if fragment is not None:
+                events.append({"kind": "plan-fragment", "position": position, "index": index,
+                               **{k: fragment[k] for k in ("plan_id", "run_id", "ok")},
+                               "jobs": [{"step": j["step"], "status": j["status"]}
+                                        for j in fragment["jobs"][:50]]})
             payload = {"output": result["text"], "role": info.role, "model": result["model"],
                        "endpoint": result["endpoint"], "move": move.to_dict(),
                        "tokens": {"input": result["input_tokens"],
                                   "output": result["output_tokens"]},
                        "respent": ticket.respent, "attempt": ticket.attempt,
-                       "consultation": consultation}
+                       "consultation": consultation, "fragment": fragment}
             self.store.append_process(self.sid, self.epoch, nxt, payload,
                                       started=result["started"], ended=result["ended"])
             self._crash(index, "after-record")
@@ -435,6 +463,76 @@ class Driver:
         self._share(self._shared_state(state, status), [final])
         return {"id": self.sid, "state": status, "flow_code": state.flow_code,
                 "epoch": self.epoch}
+
+    def _budget_refused(self, exc: BudgetExceeded, index: int, position: str,
+                        caller: str) -> dict[str, Any]:
+        """Record that a cluster budget refused a call; the event to publish."""
+        self.store.add_note(self.sid, self.epoch, str(exc), source="driver", index=index,
+                            kind="budget-refused", caller=caller)
+        return {"kind": "budget-refused", "position": position, "index": index,
+                "caller": caller, "error": str(exc)[:500]}
+
+    def _budget_exhausted(self, created: float | None, state: SessionState) -> bool:
+        """Whether the session's own token or time budget is spent; if so it is
+        recorded (a note, status failed) and published (``budget-exhausted``)."""
+        used_tokens = self.tokens["input"] + self.tokens["output"]
+        elapsed = time.time() - float(created or time.time())
+        over = None
+        if self.s.max_tokens is not None and used_tokens >= self.s.max_tokens:
+            over = ("tokens", used_tokens, self.s.max_tokens)
+        elif self.s.max_time is not None and elapsed >= self.s.max_time:
+            over = ("time", round(elapsed, 3), self.s.max_time)
+        if over is None:
+            return False
+        budget, used, limit = over
+        text = (f"session {self.sid}: its {budget} budget is spent ({used} of {limit}, "
+                f"obdask.sessions.max-{budget}) at {state.position} (flow code "
+                f"{state.flow_code or '-'}); stopping")
+        logger.warning("%s", text)
+        self.store.add_note(self.sid, self.epoch, text, source="driver",
+                            index=state.processes_run, kind="budget-exhausted", budget=budget)
+        self.store.update(self.sid, self.epoch, status="failed", error=text)
+        self._share(self._shared_state(state, "failed"),
+                    [{"kind": "budget-exhausted", "budget": budget, "used": used,
+                      "limit": limit, "position": state.position}])
+        return True
+
+    def _failed(self, state: SessionState, index: int, position: str, exc: Exception,
+                errors: int, events: list[dict[str, Any]]) -> tuple[SessionState, int, bool]:
+        """Record an ``X`` for process ``index`` (its call or its fragment failed);
+        returns the new state, the error count and whether the session failed."""
+        if isinstance(exc, BudgetExceeded):
+            events = events + [self._budget_refused(exc, index, position, "process")]
+        state = state.error()
+        errors += 1
+        self.store.update(self.sid, self.epoch, state=state)
+        self.store.add_note(self.sid, self.epoch, str(exc), source="driver",
+                            index=index, kind="process-error")
+        failed = errors > self.s.max_errors
+        if failed:  # durable first: a client that sees "failed" finds it recorded
+            self.store.update(self.sid, self.epoch, status="failed")
+        self._share(self._shared_state(state, "failed" if failed else "running"),
+                    events + [{"kind": "process-error", "position": position,
+                               "error": str(exc)[:500]}])
+        return state, errors, failed
+
+    def _fragment(self, text: str, index: int, position: str) -> dict[str, Any] | None:
+        """Run the plan fragment in a process's reply, if any (FragmentError if it
+        does not compile); its run records go beside the session's record."""
+        import os
+
+        fragment = extract(text)
+        if fragment is None:
+            return None
+        base = f"{self.store.url.rstrip('/')}/{self.sid}/fragments"
+        result = run_fragment(self.client, fragment, session_id=self.sid, index=index,
+                              position=position, workspace=self.s.workspace or os.getcwd(),
+                              records=f"{base}/records", artifacts=f"{base}/artifacts")
+        self.store.add_action(self.sid, self.epoch, {
+            "kind": "plan-fragment", "position": position,
+            **{k: result[k] for k in ("plan_id", "run_id", "records", "ok", "jobs_total")}},
+            index=index)
+        return result
 
     def _write_resources(self) -> None:
         self.store.set_resources(self.sid, self.epoch, {

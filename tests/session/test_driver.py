@@ -8,11 +8,8 @@ default move of the flow code it is shown (or with what a test scripts instead).
 from __future__ import annotations
 
 import json
-import logging
-import re
 import subprocess
 import sys
-import threading
 import time
 
 import dask
@@ -23,67 +20,7 @@ from obdask.exceptions import LeaseLost, SessionError, SessionExists, UnknownSes
 from obdask.session.api import Session
 from obdask.session.model import SessionState
 from obdask.session.store import SessionStore
-from obdask.testing import OllamaTestServer
-
-FULL = "S1P123S2P123S3P123S4P123S5P123"
-MODELS = {"orchestrator": "orch:1b", "coder": "coder:1b", "researcher": "res:1b"}
-FLOW = re.compile(r"^flow code: (\S+)$", re.M)
-POSITION = re.compile(r"^position: (\S+)$", re.M)
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    from distributed import Client, LocalCluster
-
-    with LocalCluster(n_workers=2, threads_per_worker=2, processes=False, protocol="tcp",
-                      dashboard_address=":0", silence_logs=logging.CRITICAL) as cl:
-        with Client(cl) as client:
-            yield client
-
-
-class Model:
-    """The test server's reply function: default moves, scripted exceptions, a log."""
-
-    def __init__(self, orchestrator=None):
-        self.orchestrator = orchestrator  # callable(flow code, n-th ask) -> reply or None
-        self.log: list[tuple[str, str]] = []  # (model, position or flow code)
-        self.lock = threading.Lock()
-
-    def __call__(self, body):
-        text = body["messages"][-1]["content"]
-        model = body["model"].split(":")[0]
-        if model == "orch" and isinstance(body.get("format"), dict):
-            code = FLOW.search(text).group(1)
-            code = "" if code == "-" else code
-            with self.lock:
-                self.log.append(("orch", code))
-                n = sum(1 for m, c in self.log if m == "orch" and c == code)
-            if self.orchestrator is not None:
-                scripted = self.orchestrator(code, n)
-                if scripted is not None:
-                    return json.dumps(scripted)
-            return json.dumps(SessionState.from_flow_code(code).default_move().to_dict()
-                              | {"justification": "default"})
-        pos = POSITION.search(text)
-        with self.lock:
-            self.log.append((model, pos.group(1) if pos else "?"))
-        return f"{model} output for {pos.group(1) if pos else 'a question'}."
-
-    def processes(self):
-        return [p for m, p in self.log if m in ("coder", "res")]
-
-
-@pytest.fixture
-def model(tmp_path):
-    m = Model()
-    with OllamaTestServer(models=list(MODELS.values()), replies=m) as server:
-        models = {role: {"model": name, "gpu": 0, "vram": 0} for role, name in MODELS.items()}
-        with dask.config.set({"obdask.llm.endpoints": [server.url],
-                              "obdask.placement.models": models,
-                              "obdask.sessions.store": str(tmp_path / "sessions"),
-                              "obdask.sessions.consultation-timeout": "0.3s",
-                              "obdask.llm.backoff": "0.01s"}):
-            yield m, server
+from tests.session.scripted import FULL
 
 
 def test_session_runs_to_the_end_on_the_cluster(cluster, model, tmp_path):

@@ -7,10 +7,10 @@ import tempfile
 
 import dask
 from distributed.utils_test import gen_cluster
-from test_driver import FULL, MODELS, Model
 
 from obdask.session.api import Session
 from obdask.testing import OllamaTestServer
+from tests.session.scripted import FULL, MODELS, Model
 
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 2)] * 2, timeout=120)

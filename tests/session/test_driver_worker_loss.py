@@ -11,11 +11,11 @@ import time
 
 import dask
 import pytest
-from test_driver import FULL, MODELS, Model
 
 from obdask.session.api import Session
 from obdask.session.store import SessionStore
 from obdask.testing import OllamaTestServer
+from tests.session.scripted import FULL, MODELS, Model
 
 pytestmark = pytest.mark.slow  # a LocalCluster of worker processes
 
