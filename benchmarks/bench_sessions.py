@@ -36,15 +36,16 @@ def reply(body):
     return "done."
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latency", type=float, default=0.5)
-    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--sessions", type=int, default=20,
+                        help="sessions at once for the throughput part (0: skip it)")
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--json", dest="json_out", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from distributed import Client, LocalCluster
 
@@ -78,6 +79,8 @@ def main() -> None:
             print(f"one session: {calls} model calls, wall {wall:.2f}s vs critical path "
                   f"{crit:.2f}s: ratio {wall / crit:.2f} (target <= 1.1), "
                   f"{(wall - crit) / calls * 1000:.0f} ms overhead per call")
+            if args.sessions < 1:
+                return out
             n0 = len(server.stats.calls)
             t0 = time.perf_counter()
             handles = [Session.start(client, f"session {i}") for i in range(args.sessions)]
@@ -97,6 +100,7 @@ def main() -> None:
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(out, f, indent=1)
+    return out
 
 
 if __name__ == "__main__":
