@@ -59,7 +59,10 @@ def run_obdask(client: Any, path: str, settings: dict[str, Any]) -> float:
 
     configure(client, settings)
     start = time.perf_counter()
-    result = obdask.run(path, client)
+    # as_current: obdask.run waits through distributed.wait, which takes the default
+    # client; with two clusters up (metrics section) that must be this one.
+    with client.as_current():
+        result = obdask.run(path, client)
     elapsed = time.perf_counter() - start
     if not result.ok:
         raise RuntimeError(f"{path}: the run failed: {result.summary['counts']}")
@@ -254,6 +257,7 @@ def metrics_overhead(quick: bool, repeat: int) -> dict[str, Any]:
                                             scheduler_kwargs={"preload": loads})
                 # A default client: obdask.run's wait needs one (distributed.wait).
                 client = Client(cluster)
+                client.wait_for_workers(1, timeout=120)  # SubprocessCluster does not wait
                 pid = client.run_on_scheduler(os.getpid)
                 exts = client.run_on_scheduler(_extensions)
                 clusters[name] = (cluster, client, psutil.Process(pid), exts)
