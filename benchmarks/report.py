@@ -74,7 +74,7 @@ def markdown(results: dict[str, Any], guard_rows: list[dict[str, Any]]) -> str:
         lines += (_per_job(section) if name == "per-job" else _generic(section)) + [""]
     lines += ["## Ratios", "", "| ratio | value | target | guard | |", "|---|---|---|---|---|"]
     guarded = {r["name"]: r for r in guard_rows}
-    for name, section in results["sections"].items():
+    for section in results["sections"].values():
         for key, value in section.get("ratios", {}).items():
             g = guarded.get(key)
             if g is None:

@@ -1,4 +1,4 @@
-"""The benchmark guard's bound checking (``python -m benchmarks --guard``): logic only, no timing."""
+"""The benchmark guard's bound checking (`python -m benchmarks --guard`): logic, no timing."""
 
 from __future__ import annotations
 
