@@ -79,24 +79,23 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"one session: {calls} model calls, wall {wall:.2f}s vs critical path "
                   f"{crit:.2f}s: ratio {wall / crit:.2f} (target <= 1.1), "
                   f"{(wall - crit) / calls * 1000:.0f} ms overhead per call")
-            if args.sessions < 1:
-                return out
-            n0 = len(server.stats.calls)
-            t0 = time.perf_counter()
-            handles = [Session.start(client, f"session {i}") for i in range(args.sessions)]
-            states = [h.wait(timeout=1200, poll=0.05)["state"] for h in handles]
-            wall = time.perf_counter() - t0
-            calls = len(server.stats.calls) - n0
-            limit = 1 * args.parallel / args.latency
-            out["concurrent"] = {"sessions": args.sessions, "done": states.count("done"),
-                                 "calls": calls, "wall_s": wall,
-                                 "calls_per_s": calls / wall, "limit_per_s": limit,
-                                 "ratio": calls / wall / limit,
-                                 "peak_concurrency": server.stats.peak("m:1b")}
-            print(f"{args.sessions} sessions at once: {calls} calls in {wall:.1f}s = "
-                  f"{calls / wall:.2f}/s vs K*P/L = {limit:.2f}/s: ratio "
-                  f"{calls / wall / limit:.2f} (target >= 0.9); "
-                  f"{states.count('done')} done")
+            if args.sessions > 0:
+                n0 = len(server.stats.calls)
+                t0 = time.perf_counter()
+                handles = [Session.start(client, f"session {i}") for i in range(args.sessions)]
+                states = [h.wait(timeout=1200, poll=0.05)["state"] for h in handles]
+                wall = time.perf_counter() - t0
+                calls = len(server.stats.calls) - n0
+                limit = 1 * args.parallel / args.latency
+                out["concurrent"] = {"sessions": args.sessions, "done": states.count("done"),
+                                     "calls": calls, "wall_s": wall,
+                                     "calls_per_s": calls / wall, "limit_per_s": limit,
+                                     "ratio": calls / wall / limit,
+                                     "peak_concurrency": server.stats.peak("m:1b")}
+                print(f"{args.sessions} sessions at once: {calls} calls in {wall:.1f}s = "
+                      f"{calls / wall:.2f}/s vs K*P/L = {limit:.2f}/s: ratio "
+                      f"{calls / wall / limit:.2f} (target >= 0.9); "
+                      f"{states.count('done')} done")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(out, f, indent=1)

