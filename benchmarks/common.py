@@ -54,7 +54,7 @@ def local_cluster(workers: int = 2, threads: int = 1, **kwargs: Any) -> Iterator
     from distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
-                      dashboard_address=None, silence_logs=logging.CRITICAL,
+                      dashboard_address=":0", silence_logs=logging.CRITICAL,
                       **kwargs) as cluster, Client(cluster) as client:
         yield client
 
