@@ -244,7 +244,7 @@ def metrics_overhead(quick: bool, repeat: int) -> dict[str, Any]:
     from distributed import Client
     from distributed.deploy.subprocess import SubprocessCluster
 
-    n = 300 if quick else 1000
+    n = 150 if quick else 1000
     preload = [os.path.join(HERE, "nometrics.py"), "obdask.preload.scheduler"]
     with tempfile.TemporaryDirectory(prefix="obdask-bench-") as folder:
         path = write_plan(folder, "metrics", plan_text("@cmd:true",
