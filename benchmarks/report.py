@@ -111,7 +111,7 @@ def plots(results: dict[str, Any], out: str) -> tuple[list[str], str | None]:
             ax.plot(x, [1000 * r["wall_s_per_job"]["median"] for r in rows], "o-",
                     label="wall ms/job")
             ax.plot(x, [1000 * r["scheduler_cpu_s_per_job"]["median"] for r in rows], "s-",
-                    label="scheduler CPU ms/job")
+                    label="client+scheduler CPU ms/job")
             ax.set_xscale("log", base=2)
             ax.set_xlabel("workers (1 thread each)")
         elif name == "fleet":

@@ -1,8 +1,10 @@
 """Scaling simulation on one machine: more workers, and a fleet of model endpoints.
 
 * :func:`workers`: the same ``@cmd:true`` plan on 1, 2, 4, 8, 16 worker processes
-  (1 thread each) of a ``SubprocessCluster``, so the scheduler runs in its own process
-  and its CPU per job is measured alone (psutil), next to the wall time per job.
+  (1 thread each) of a ``LocalCluster``; the CPU per job of this process (client and
+  scheduler: a LocalCluster's scheduler runs here) is measured next to the wall time.
+  (A ``SubprocessCluster`` would measure the scheduler alone, but its workers did not
+  start on the loaded development machine.)
   On a 2-core machine more workers cannot run more commands at once: the curve shows
   what the scheduler and the extra processes cost as a cluster grows, not a speed-up.
 * :func:`fleet`: K Ollama test servers (``obdask.testing.OllamaTestServer``, one port
@@ -15,7 +17,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
 from typing import Any
@@ -31,19 +32,15 @@ logger = logging.getLogger(__name__)
 
 def workers(quick: bool, repeat: int) -> dict[str, Any]:
     """Wall and scheduler CPU per job of one plan on growing clusters."""
-    from distributed import Client
-    from distributed.deploy.subprocess import SubprocessCluster
+    from benchmarks.common import local_cluster
 
     counts, n = (1, 2, 4, 8, 16), (200 if quick else 1000)
     rows = []
     with tempfile.TemporaryDirectory(prefix="obdask-bench-") as folder:
         path = write_plan(folder, "workers", plan_text("@cmd:true", shape_edges("independent", n)))
         for k in counts:
-            with SubprocessCluster(n_workers=k, threads_per_worker=1, dashboard_address=None,
-                                   scheduler_kwargs={"preload": ["obdask.preload.scheduler"]}
-                                   ) as cluster, Client(cluster) as client:
-                client.wait_for_workers(k, timeout=120)
-                sched = psutil.Process(client.run_on_scheduler(os.getpid))
+            with local_cluster(k, 1) as client:
+                sched = psutil.Process()  # the LocalCluster's scheduler runs in this process
                 run_obdask(client, path, {**NO_SANDBOX, **OPTIMIZE_ON})  # warm-up
                 walls, cpus = [], []
                 for _ in range(repeat):
@@ -54,11 +51,12 @@ def workers(quick: bool, repeat: int) -> dict[str, Any]:
                    "scheduler_cpu_s_per_job": stat(cpus)}
             rows.append(row)
             print(f"  {k:>2} workers: {1000 * row['wall_s_per_job']['median']:.2f} ms/job wall, "
-                  f"scheduler {1e6 * row['scheduler_cpu_s_per_job']['median']:.0f} us/job",
+                  f"client+scheduler CPU {1e6 * row['scheduler_cpu_s_per_job']['median']:.0f} "
+                  "us/job",
                   flush=True)
     first, last = rows[0], rows[-1]
     return {"rows": rows, "ratios": {
-        f"scheduler CPU/job {last['workers']}w/{first['workers']}w":
+        f"client+scheduler CPU/job {last['workers']}w/{first['workers']}w":
             last["scheduler_cpu_s_per_job"]["median"] / first["scheduler_cpu_s_per_job"]["median"]}}
 
 
