@@ -80,15 +80,16 @@ def store_loop(sessions: int = 3) -> dict:
             "fsyncs_per_transition": fsyncs / transitions}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latency", type=float, default=0.5)
-    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--sessions", type=int, default=20,
+                        help="sessions at once for the throughput part (0: skip it)")
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--json", dest="json_out", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from distributed import Client, LocalCluster
 
@@ -125,25 +126,27 @@ def main() -> None:
             print(f"one session: {calls} model calls, wall {wall:.2f}s vs critical path "
                   f"{crit:.2f}s: ratio {wall / crit:.2f} (target <= 1.1), "
                   f"{(wall - crit) / calls * 1000:.0f} ms overhead per call")
-            n0 = len(server.stats.calls)
-            t0 = time.perf_counter()
-            handles = [Session.start(client, f"session {i}") for i in range(args.sessions)]
-            states = [h.wait(timeout=1200, poll=0.05)["state"] for h in handles]
-            wall = time.perf_counter() - t0
-            calls = len(server.stats.calls) - n0
-            limit = 1 * args.parallel / args.latency
-            out["concurrent"] = {"sessions": args.sessions, "done": states.count("done"),
-                                 "calls": calls, "wall_s": wall,
-                                 "calls_per_s": calls / wall, "limit_per_s": limit,
-                                 "ratio": calls / wall / limit,
-                                 "peak_concurrency": server.stats.peak("m:1b")}
-            print(f"{args.sessions} sessions at once: {calls} calls in {wall:.1f}s = "
-                  f"{calls / wall:.2f}/s vs K*P/L = {limit:.2f}/s: ratio "
-                  f"{calls / wall / limit:.2f} (target >= 0.9); "
-                  f"{states.count('done')} done")
+            if args.sessions > 0:
+                n0 = len(server.stats.calls)
+                t0 = time.perf_counter()
+                handles = [Session.start(client, f"session {i}") for i in range(args.sessions)]
+                states = [h.wait(timeout=1200, poll=0.05)["state"] for h in handles]
+                wall = time.perf_counter() - t0
+                calls = len(server.stats.calls) - n0
+                limit = 1 * args.parallel / args.latency
+                out["concurrent"] = {"sessions": args.sessions, "done": states.count("done"),
+                                     "calls": calls, "wall_s": wall,
+                                     "calls_per_s": calls / wall, "limit_per_s": limit,
+                                     "ratio": calls / wall / limit,
+                                     "peak_concurrency": server.stats.peak("m:1b")}
+                print(f"{args.sessions} sessions at once: {calls} calls in {wall:.1f}s = "
+                      f"{calls / wall:.2f}/s vs K*P/L = {limit:.2f}/s: ratio "
+                      f"{calls / wall / limit:.2f} (target >= 0.9); "
+                      f"{states.count('done')} done")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(out, f, indent=1)
+    return out
 
 
 if __name__ == "__main__":

@@ -1,0 +1,14 @@
+"""Scheduler preload for the metrics-overhead benchmark: obdask without its metrics extension.
+
+``dask scheduler --preload benchmarks/nometrics.py --preload obdask.preload.scheduler``:
+drops ``"metrics"`` from :data:`obdask.server.EXTENSIONS` (the documented way to change
+the extensions, before the plugin starts), so the scheduler plugin starts every other
+extension and the worker plugin samples nothing.  Used by
+``benchmarks.suite.metrics_overhead``; obdask has no config switch for it.
+"""
+
+from __future__ import annotations
+
+from obdask.server import EXTENSIONS
+
+EXTENSIONS.pop("metrics", None)
