@@ -137,6 +137,7 @@ CHECKS: dict[str, Callable[[str], Any]] = {
     "cmd.allowlist": get_str_list,
     "cmd.allow-substitution": get_bool,
     "cmd.env-allowlist": get_str_list,
+    "cmd.executable-dirs": get_str_list,
     "cmd.shell": lambda key: get_str(key, optional=False),
     "cmd.max-output": get_bytes,
     "cmd.limits": _cmd_limits,

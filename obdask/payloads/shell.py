@@ -11,12 +11,15 @@ Nothing is executed.  The public entry point with config defaults is
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
 from obdask.exceptions import CommandRefused
+from obdask.payloads.argcheck import refusal, risky_assignment
 
 _HOW = "add it to obdask.cmd.allowlist (or the allowlist argument) to allow it"
+_HOW_DIRS = "add its directory to obdask.cmd.executable-dirs to allow it"
 _HOW_SUB = (
     "set obdask.cmd.allow-substitution: true (or allow_substitution=True) to allow it; "
     "the commands inside are checked too"
@@ -108,11 +111,12 @@ class _Parser:
     """One pass over a command line; appends executables to ``out``."""
 
     def __init__(self, text: str, allow: frozenset[str], allow_sub: bool, out: list[str],
-                 depth: int = 0) -> None:
+                 depth: int = 0, dirs: frozenset[str] = frozenset()) -> None:
         if depth > _MAX_DEPTH:
             raise _refuse("nesting is too deep to check")
         self.s, self.i, self.n = text, 0, len(text)
         self.allow, self.allow_sub, self.out, self.depth = allow, allow_sub, out, depth
+        self.dirs = dirs   # directories a path-qualified executable may be in
         self.heredocs: list[tuple[str, bool, bool]] = []
 
     # ------------------------------------------------------------------ lexer
@@ -275,7 +279,8 @@ class _Parser:
             c = s[self.i]
             if c == "`":
                 self.i += 1
-                _Parser("".join(body), self.allow, True, self.out, self.depth + 1)._parse_list()
+                _Parser("".join(body), self.allow, True, self.out, self.depth + 1,
+                        self.dirs)._parse_list()
                 return s[start:self.i]
             if c == "\\" and s[self.i + 1:self.i + 2] in escapable and self.i + 1 < n:
                 body.append(s[self.i + 1])
@@ -364,7 +369,7 @@ class _Parser:
                 end = n
             if not quoted:   # the body undergoes $-expansion and command substitution
                 body = _Parser(s[start:end], self.allow, self.allow_sub, self.out,
-                               self.depth + 1)
+                               self.depth + 1, self.dirs)
                 body._dquote(None)
 
     # ----------------------------------------------------------------- parser
@@ -396,6 +401,9 @@ class _Parser:
                         self._for_header()
                         continue
                 if not words and _ASSIGN_RE.match(tok.raw):
+                    why = risky_assignment(tok.raw)
+                    if why:
+                        raise _refuse(why)
                     started = True
                     continue
                 words.append(tok)
@@ -475,6 +483,9 @@ class _Parser:
             if base == "eval":
                 self._check_string(args, "eval")
                 return
+            why = refusal(base, [a.value if not a.dynamic else a.raw for a in args])
+            if why:
+                raise _refuse(why)
             if base == "find":
                 self._check_find(args)
                 return
@@ -504,14 +515,33 @@ class _Parser:
             raise _refuse(f"empty executable name {word.raw!r}")
         if name not in self.allow and base not in self.allow:
             raise _refuse(f"{name!r} is not on the allowlist{_RISKY.get(base, '')}; {_HOW}")
+        if "/" in name:
+            self._check_dir(name)
         self.out.append(name)
         return base
+
+    def _check_dir(self, name: str) -> None:
+        """A path-qualified executable must lie in a configured directory.
+
+        The allowlist names programs, but ``./ls`` or ``b/cat`` may be any file
+        copied there (``cp /bin/rm ./ls``): only the directories of
+        ``obdask.cmd.executable-dirs`` are trusted to hold what their names say.
+        """
+        if ".." in name.split("/"):
+            raise _refuse(f"executable {name!r} goes through '..'; {_HOW_DIRS}")
+        folder = os.path.dirname(os.path.normpath(name)) or "."
+        if folder not in self.dirs:
+            raise _refuse(f"executable {name!r} is not in a directory of "
+                          f"obdask.cmd.executable-dirs (a file of any name can be copied "
+                          f"into {folder!r}); write the bare name to run it from PATH, or "
+                          f"{_HOW_DIRS}")
 
     def _check_string(self, args: list[_Word], what: str) -> None:
         if any(a.dynamic for a in args):
             raise _refuse(f"{what} of a non-literal string cannot be checked")
         text = " ".join(a.value for a in args)
-        _Parser(text, self.allow, self.allow_sub, self.out, self.depth + 1)._parse_list()
+        _Parser(text, self.allow, self.allow_sub, self.out, self.depth + 1,
+                self.dirs)._parse_list()
 
     def _check_shell_args(self, base: str, args: list[_Word]) -> None:
         """``sh -c STRING``: check STRING too; ``sh FILE`` runs a script (not checked)."""
@@ -584,11 +614,15 @@ def _command_index(base: str, opts: _Opts, args: list[_Word]) -> int | None:
         i += 1
     i += opts.positional
     while opts.assignments and i < len(args) and _ASSIGN_RE.match(args[i].raw):
+        why = risky_assignment(args[i].raw)
+        if why:
+            raise _refuse(f"{base}: {why}")
         i += 1
     return min(i, len(args))
 
 
-def find_commands(command: str, allowlist: frozenset[str], allow_substitution: bool) -> list[str]:
+def find_commands(command: str, allowlist: frozenset[str], allow_substitution: bool,
+                  executable_dirs: frozenset[str] = frozenset()) -> list[str]:
     """Return the executable of every simple command in ``command``, checked.
 
     Parameters
@@ -599,6 +633,9 @@ def find_commands(command: str, allowlist: frozenset[str], allow_substitution: b
         Executable names that may run.
     allow_substitution : bool
         Whether ``$(...)``, backticks and ``<(...)`` may appear.
+    executable_dirs : frozenset of str
+        Normalised directories (absolute, or relative to the working directory)
+        a path-qualified executable (``/usr/bin/git``) may be in.
 
     Returns
     -------
@@ -613,7 +650,8 @@ def find_commands(command: str, allowlist: frozenset[str], allow_substitution: b
     if "\x00" in command:
         raise _refuse("the command contains a NUL byte")
     out: list[str] = []
-    parser = _Parser(command, allowlist, allow_substitution, out)
+    parser = _Parser(command, allowlist, allow_substitution, out,
+                     dirs=frozenset(os.path.normpath(d) for d in executable_dirs))
     try:
         parser._parse_list()
     except RecursionError:
