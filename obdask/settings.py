@@ -152,6 +152,7 @@ CHECKS: dict[str, Callable[[str], Any]] = {
     "placement.model-poll-interval": get_seconds,
     "placement.max-locality-records": _at_least(1),
     "llm.endpoints": get_str_list,
+    "llm.api-key-endpoints": get_str_list,
     "llm.timeout": get_seconds,
     "llm.model-slots": _mapping,
     "llm.slot-timeout": _optional(get_seconds),

@@ -337,9 +337,9 @@ class EndpointPool:
         if not state.healthy(now) and not refresh:
             return state.tags
         try:
-            import ollama
+            from obdask.llm.auth import ollama_client
 
-            with ollama.Client(host=url, timeout=min(10.0, self.cool_off or 10.0)) as client:
+            with ollama_client(url, min(10.0, self.cool_off or 10.0)) as client:
                 listing = client.list()
         except Exception as exc:  # refused, timeout, 5xx, bad body: all mean "not usable"
             self.mark_down(url, f"/api/tags failed: {type(exc).__name__}: {exc}")
