@@ -39,6 +39,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from obdask.exceptions import PayloadError
+from obdask.redact import redact_obj
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class RunStore:
         if not self._jobs_made:
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
             self._jobs_made = True
-        write_atomic(self.fs, path, json.dumps(record, default=str).encode(),
+        write_atomic(self.fs, path, json.dumps(redact_obj(record), default=str).encode(),
                      local=self._local)
 
     def write_records(self, records: list[dict[str, Any]], summary: dict[str, Any]) -> str:
@@ -136,11 +137,13 @@ class RunStore:
         summary comes last, so a run with a summary has complete records.
         """
         self.fs.makedirs(self.root, exist_ok=True)
-        lines = "".join(json.dumps(r, default=str) + "\n" for r in records)
+        # secrets masked here too: every record file passes through this store
+        lines = "".join(json.dumps(redact_obj(r), default=str) + "\n" for r in records)
         write_atomic(self.fs, posixpath.join(self.root, "records.jsonl"), lines.encode(),
                      local=self._local, sync=True)
         write_atomic(self.fs, posixpath.join(self.root, "summary.json"),
-                     json.dumps(summary, default=str, indent=1).encode(), local=self._local,
+                     json.dumps(redact_obj(summary), default=str, indent=1).encode(),
+                     local=self._local,
                      sync=True)
         return self.location
 

@@ -35,6 +35,7 @@ from obdask import config as _config
 from obdask.exceptions import ConfigError, PayloadError
 from obdask.payloads.launch import LAUNCHERS, LIMIT_KEYS, collect, reap, spawn
 from obdask.payloads.shell import find_commands
+from obdask.redact import redact, redact_bytes
 
 if TYPE_CHECKING:
     from obdask.compile import JobSpec
@@ -388,7 +389,7 @@ def run_command(command: str, cwd: str | os.PathLike[str], *, timeout: float | N
     duration = time.monotonic() - start
     if timed_out:
         logger.warning("@cmd: timed out after %.1fs, process group %d killed: %s",
-                       duration, proc.pid, command)
+                       duration, proc.pid, redact(command))
     return CommandResult(command, proc.returncode, out, err, nout, nerr, duration,
                          timed_out, proc.pid)
 
@@ -412,8 +413,8 @@ def _safe_path(path: str, cwd: str | os.PathLike[str]) -> str:
 
 
 def _store(ctx: RunContext, data: bytes) -> str | None:
-    """Artifact key of a non-empty stream (empty output stores nothing)."""
-    return ctx.artifacts.put(data) if data else None
+    """Artifact key of a non-empty stream, secrets masked (empty output stores nothing)."""
+    return ctx.artifacts.put(redact_bytes(data)) if data else None
 
 
 def execute_command(spec: JobSpec, ctx: RunContext,
@@ -461,7 +462,7 @@ def execute_command(spec: JobSpec, ctx: RunContext,
         message = f"job {spec.key}: @cmd: exit code {res.exit_code}: {body}"
         if tail[0]:
             message += f" (stderr: {tail[0][:200]})"
-    error = PayloadError(message)
+    error = PayloadError(redact(message))
     error.exit_code = res.exit_code  # type: ignore[attr-defined]
     error.fields = fields  # type: ignore[attr-defined]
     raise error

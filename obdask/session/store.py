@@ -89,7 +89,10 @@ def _iso(t: float) -> str:
 
 
 def _dumps(data: Any) -> bytes:
-    return json.dumps(data, indent=1, sort_keys=True, default=str).encode()
+    from obdask.redact import redact_obj
+
+    # session records hold model replies and command results: no secret goes to storage
+    return json.dumps(redact_obj(data), indent=1, sort_keys=True, default=str).encode()
 
 
 def _check_epoch(epoch: Any) -> int:
