@@ -138,6 +138,7 @@ CHECKS: dict[str, Callable[[str], Any]] = {
     "cmd.allow-substitution": get_bool,
     "cmd.env-allowlist": get_str_list,
     "cmd.executable-dirs": get_str_list,
+    "cmd.pids-max": lambda key: None if get(key) is None else get_int(key, minimum=1),
     "cmd.shell": lambda key: get_str(key, optional=False),
     "cmd.max-output": get_bytes,
     "cmd.limits": _cmd_limits,
