@@ -24,9 +24,10 @@ import psutil
 import pytest
 from cluster_utils import dask_env, wait_gone
 
-from obdask.exceptions import ConfigError, PayloadError, SandboxUnavailable
+from obdask.exceptions import ConfigError, PayloadError, PlanError, SandboxUnavailable
 from obdask.payloads import sandbox
 from obdask.payloads.cmd import run_command
+from obdask.plan import parse
 
 pytestmark = pytest.mark.skipif(sandbox.unavailable_reason("bwrap") is not None,
                                 reason=f"bwrap cannot run here: "
@@ -485,3 +486,22 @@ def test_memory_limit_fails_the_job_clearly_and_the_worker_lives(ws):
     assert res.exit_code != 0 and b"ALLOCATED" not in res.stdout, res
     assert b"MemoryError" in res.stderr, res.stderr[-500:]
     assert run("echo alive", ws).ok
+
+
+def test_network_opt_in_per_step(tmp_path, tcp_server):
+    """A step with network=true reaches a loopback TCP server; its neighbour cannot."""
+    import obdask
+
+    probe = ("python -c \"import socket; socket.create_connection(('127.0.0.1', "
+             f"{tcp_server}), timeout=3); print('CONNECTED')\"")
+    plan = tmp_path / "plan.md"
+    plan.write_text(f"- [ ] id=open lane=1 network=true payload=@cmd:{probe}\n"
+                    f"- [ ] id=closed lane=1 payload=@cmd:{probe}\n")
+    with dask.config.set({"obdask.cmd.sandbox.mode": "require"}):
+        result = obdask.run(plan, workspace=tmp_path)
+    frame = result.frame
+    assert frame.loc["open", "status"] == "done", frame.loc["open", "error"]
+    assert frame.loc["closed", "status"] == "failed", frame.loc["closed"]
+    assert "Network is unreachable" in frame.loc["closed", "error"], frame.loc["closed", "error"]
+    with pytest.raises(PlanError, match="network=true applies to @cmd: steps only"):
+        parse("- [ ] id=f lane=1 network=true payload=@file:x.md\n")

@@ -304,7 +304,8 @@ def run_command(command: str, cwd: str | os.PathLike[str], *, timeout: float | N
                 allow_substitution: bool | None = None,
                 env_allowlist: Iterable[str] | None = None,
                 pdeathsig: bool | None = None,
-                executable_dirs: Iterable[str] | None = None) -> CommandResult:
+                executable_dirs: Iterable[str] | None = None,
+                network: bool = False) -> CommandResult:
     """Check ``command`` and run it with ``obdask.cmd.shell -c`` in ``cwd``.
 
     The child runs in a new session (its own process group) with stdin from
@@ -342,6 +343,9 @@ def run_command(command: str, cwd: str | os.PathLike[str], *, timeout: float | N
         Variables kept from ``env``; default ``obdask.cmd.env-allowlist``.
     pdeathsig : bool, optional
         Kill the shell when this process dies; default ``obdask.cmd.pdeathsig``.
+    network : bool
+        Let this command use the host's network inside the sandbox (a step's
+        ``network=true``); ``obdask.cmd.sandbox.network: true`` does it for all.
 
     Returns
     -------
@@ -380,7 +384,8 @@ def run_command(command: str, cwd: str | os.PathLike[str], *, timeout: float | N
 
     start = time.monotonic()
     proc = spawn(settings.shell, command, cwd, child_env, rlimits,
-                  settings.pdeathsig if pdeathsig is None else pdeathsig, settings.launcher)
+                  settings.pdeathsig if pdeathsig is None else pdeathsig, settings.launcher,
+                  network=network)
     logger.debug("@cmd: pid %d in %s: %s", proc.pid, cwd, command)
     try:
         out, err, nout, nerr, timed_out = collect(proc, wall, keep)
@@ -444,6 +449,7 @@ def execute_command(spec: JobSpec, ctx: RunContext,
             max_output=policy.max_output, limits=policy.limits, allowlist=policy.allowlist,
             allow_substitution=policy.allow_substitution, env_allowlist=policy.env_allowlist,
             pdeathsig=policy.pdeathsig, executable_dirs=policy.executable_dirs,
+            network=getattr(spec, "network", False),
         )
     except PayloadError as exc:
         raise type(exc)(f"job {spec.key}: {exc}") from None

@@ -104,7 +104,7 @@ _prctl = _load_prctl()
 
 def spawn(shell: str, command: str, cwd: str | os.PathLike[str], env: dict[str, str],
            rlimits: tuple[tuple[int, int, int], ...], pdeathsig: bool,
-           launcher: str) -> subprocess.Popen[bytes]:
+           launcher: str, network: bool = False) -> subprocess.Popen[bytes]:
     """Popen ``shell -c command`` in its own session, limits and PDEATHSIG applied.
 
     ``launcher="spawn"`` (default) registers the process group with this
@@ -126,7 +126,8 @@ def spawn(shell: str, command: str, cwd: str | os.PathLike[str], env: dict[str, 
     late_limits: tuple[tuple[int, int, int], ...] = ()
     gate: tuple[int, int] | None = None
     box_fds: tuple[int, int, int, int] | None = None  # block r/w, info r/w
-    box = sandbox.wrap(argv, cwd, env)  # obdask.payloads.sandbox: one bwrap exec, or None
+    # obdask.payloads.sandbox: one bwrap exec, or None
+    box = sandbox.wrap(argv, cwd, env, network=network)
     # a pids cgroup holds setsid'd descendants and bounds fork bombs (root ignores
     # RLIMIT_NPROC); the child joins it while held, so only the spawn launcher uses one
     group = cgroup.create() if launcher == "spawn" else None
