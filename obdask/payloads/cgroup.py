@@ -15,10 +15,12 @@ group and, with bwrap, the PID namespace are what hold.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import os
 import signal
+import threading
 import time
 from functools import lru_cache
 
@@ -30,6 +32,11 @@ logger = logging.getLogger(__name__)
 
 _ROOTS = ("/sys/fs/cgroup/pids", "/sys/fs/cgroup/unified", "/sys/fs/cgroup")
 _counter = itertools.count()
+# Empty job cgroups kept for reuse: mkdir/rmdir of a cgroup cost milliseconds, a pool
+# hit costs one write of pids.max.  Removed when the process exits.
+_POOL_SIZE = 16
+_pool: list[JobGroup] = []
+_pool_lock = threading.Lock()
 
 
 class JobGroup:
@@ -71,6 +78,16 @@ class JobGroup:
                 return
             time.sleep(0.005)
 
+    def release(self) -> None:
+        """Kill what is left; keep the empty cgroup for the next job, or remove it."""
+        self.kill()
+        if not self.pids():
+            with _pool_lock:
+                if len(_pool) < _POOL_SIZE and _pool_owner[0] == os.getpid():
+                    _pool.append(self)
+                    return
+        self.remove()
+
     def remove(self) -> None:
         """Kill what is left and remove the cgroup (it must be empty)."""
         for _ in range(200):
@@ -93,6 +110,18 @@ def create() -> JobGroup | None:
     parent = _parent()
     if parent is None:
         return None
+    with _pool_lock:
+        if _pool_owner[0] != os.getpid():  # a forked child: the parent's pool is not ours
+            _pool.clear()
+            _pool_owner[0] = os.getpid()
+        group = _pool.pop() if _pool else None
+    if group is not None:
+        try:
+            with open(os.path.join(group.path, "pids.max"), "w") as f:
+                f.write(str(limit))
+            return group
+        except OSError:
+            group.remove()
     path = os.path.join(parent, f"obdask-{os.getpid()}-{next(_counter)}")
     try:
         os.mkdir(path)
@@ -108,6 +137,37 @@ def create() -> JobGroup | None:
     return JobGroup(path)
 
 
+_pool_owner = [os.getpid()]
+
+
+@atexit.register
+def _empty_pool() -> None:
+    with _pool_lock:
+        groups = list(_pool) if _pool_owner[0] == os.getpid() else []
+        _pool.clear()
+    for group in groups:
+        group.remove()
+
+
+def _remove_stale(root: str) -> None:
+    """Remove empty job cgroups of processes that died without cleaning up (SIGKILL)."""
+    for name in os.listdir(root):
+        parts = name.split("-")
+        if len(parts) != 3 or parts[0] != "obdask" or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+            continue  # its owner is alive
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        try:
+            os.rmdir(os.path.join(root, name))  # fails (EBUSY) while processes are in it
+        except OSError:
+            pass
+
+
 @lru_cache(maxsize=1)
 def _parent() -> str | None:
     """A cgroup folder with the pids controller this process may create children in."""
@@ -119,6 +179,7 @@ def _parent() -> str | None:
             continue
         try:
             if os.path.exists(os.path.join(probe, "pids.max")):
+                _remove_stale(root)
                 return root
         finally:
             os.rmdir(probe)

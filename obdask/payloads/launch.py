@@ -437,7 +437,7 @@ def reap(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
     group = getattr(proc, "obdask_cgroup", None)
     if group is not None:  # setsid'd or double-forked leftovers die with it
-        group.remove()
+        group.release()
         proc.obdask_cgroup = None  # type: ignore[attr-defined]
     for pipe in (proc.stdout, proc.stderr):
         if pipe is not None:
