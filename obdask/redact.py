@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -35,9 +36,10 @@ import dask
 __all__ = ["MASK", "install", "redact", "redact_bytes", "redact_obj", "secret_values"]
 
 MASK = "***"
-MIN_LENGTH = 6
-_SECRET_NAME = re.compile(r".*(_KEY|KEY_ID|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL).*|"
-                          r"AWS_.*|.*_PAT|APIKEY|.*_API_KEY", re.IGNORECASE)
+MIN_LENGTH = 8  # a shorter value could match inside ids, digests and timestamps
+# searched, not fullmatched: a leading .* made it backtrack on every variable name
+_SECRET_NAME = re.compile(r"_KEY|KEY_ID|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|^AWS_|_PAT$|"
+                          r"^APIKEY$", re.IGNORECASE)
 _NOT_SECRET = re.compile(r"AWS_(DEFAULT_)?REGION|AWS_PROFILE|.*_AUTH_TYPE|.*KEYRING.*|"
                          r".*_KEY_(FILE|PATH)|.*TOKEN_(FILE|PATH)", re.IGNORECASE)
 _OPTION_NAME = re.compile(r"(.*_)?(key|secret|token|password|passwd|credentials?|"
@@ -54,14 +56,18 @@ _AUTH_HEADER = re.compile(r"(?P<head>\b(?:Authorization|Proxy-Authorization)\s*[
                           re.IGNORECASE)
 _BEARER = re.compile(r"(?P<head>\bBearer\s+)(?P<secret>[A-Za-z0-9._~+/=-]{6,})")
 _PATTERNS = (_URL_PASSWORD, _AUTH_HEADER, _BEARER, _ASSIGNED)
+# One search says whether any pattern could match: most strings skip the four above.
+_TRIGGER = re.compile(r"pass|secret|token|key|auth|bearer|://[^/\s]*@", re.IGNORECASE)
+_TTL = 1.0  # seconds the environment's secrets are reused unless variables came or went
 
 _lock = threading.Lock()
 _cache: tuple[Any, tuple[str, ...], re.Pattern[str] | None] | None = None
+_env_cache: tuple[float, int, dict[str, str]] = (0.0, -1, {})
 
 
 def _env_secrets(environ: Mapping[str, str]) -> list[str]:
     return [v for k, v in environ.items()
-            if _SECRET_NAME.fullmatch(k) and not _NOT_SECRET.fullmatch(k)]
+            if _SECRET_NAME.search(k) and not _NOT_SECRET.fullmatch(k)]
 
 
 def _option_secrets(value: Any, name: str = "") -> Iterable[str]:
@@ -90,11 +96,24 @@ def secret_values() -> tuple[str, ...]:
     return _compiled()[0]
 
 
-def _compiled() -> tuple[tuple[str, ...], re.Pattern[str] | None]:
-    global _cache
-    env = {k: v for k, v in os.environ.items() if _SECRET_NAME.fullmatch(k)}
+def _secret_env() -> dict[str, str]:
+    """Secret-named variables (and OLLAMA_HOST), re-read when variables come or go, else
+    at most once a second: reading the whole environment per record is too slow."""
+    global _env_cache
+    now = time.monotonic()
+    at, size, env = _env_cache
+    if size == len(os.environ) and now - at < _TTL:
+        return env
+    env = {k: v for k, v in os.environ.items() if _SECRET_NAME.search(k)}
     if os.environ.get("OLLAMA_HOST"):
         env["OLLAMA_HOST"] = os.environ["OLLAMA_HOST"]
+    _env_cache = (now, len(os.environ), env)
+    return env
+
+
+def _compiled() -> tuple[tuple[str, ...], re.Pattern[str] | None]:
+    global _cache
+    env = _secret_env()
     sources = _config_sources()
     stamp = (tuple(sorted(env.items())), repr(sources))
     cached = _cache
@@ -110,15 +129,16 @@ def _compiled() -> tuple[tuple[str, ...], re.Pattern[str] | None]:
     return found, pattern
 
 
-def redact(text: str) -> str:
+def redact(text: str, _known: re.Pattern[str] | None | bool = False) -> str:
     """``text`` with every known secret value and secret-looking assignment masked."""
     if not text:
         return text
-    _, known = _compiled()
-    if known is not None:
+    known = _compiled()[1] if _known is False else _known
+    if isinstance(known, re.Pattern):
         text = known.sub(MASK, text)
-    for pattern in _PATTERNS:
-        text = pattern.sub(_masked, text)
+    if _TRIGGER.search(text):
+        for pattern in _PATTERNS:
+            text = pattern.sub(_masked, text)
     return text
 
 
@@ -137,14 +157,20 @@ def redact_bytes(data: bytes) -> bytes:
 
 def redact_obj(value: Any) -> Any:
     """A copy of a record (dicts, lists, tuples, strings) with secrets masked."""
+    return _redact_obj(value, _compiled()[1])  # the known values are looked up once
+
+
+def _redact_obj(value: Any, known: re.Pattern[str] | None) -> Any:
+    if value is None or isinstance(value, (int, float)):  # most fields: skip the ABC checks
+        return value
     if isinstance(value, str):
-        return redact(value)
+        return redact(value, known)
     if isinstance(value, Mapping):
-        return {k: redact_obj(v) for k, v in value.items()}
+        return {k: _redact_obj(v, known) for k, v in value.items()}
     if isinstance(value, list):
-        return [redact_obj(v) for v in value]
+        return [_redact_obj(v, known) for v in value]
     if isinstance(value, tuple):
-        return tuple(redact_obj(v) for v in value)
+        return tuple(_redact_obj(v, known) for v in value)
     return value
 
 

@@ -23,6 +23,7 @@ from functools import lru_cache
 from typing import Any
 
 from obdask import config
+from obdask.llm.urls import normalize_url
 
 __all__ = ["api_key_for", "ollama_client"]
 
@@ -30,8 +31,6 @@ logger = logging.getLogger(__name__)
 
 
 def _key_endpoints() -> frozenset[str]:
-    from obdask.llm.pool import normalize_url
-
     urls = list(config.get_str_list("llm.api-key-endpoints") or ())
     if os.environ.get("OLLAMA_HOST"):
         urls.append(os.environ["OLLAMA_HOST"])
