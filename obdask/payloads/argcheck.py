@@ -17,7 +17,16 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-__all__ = ["risky_assignment", "refusal"]
+from obdask.exceptions import CommandRefused
+
+__all__ = ["ASSIGN_RE", "refusal", "refused", "risky_assignment"]
+
+ASSIGN_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def refused(message: str) -> CommandRefused:
+    """The checker's one-line refusal, prefixed ``@cmd:``."""
+    return CommandRefused("@cmd: " + " ".join(message.split()))
 
 # Variables that change which program runs or what it loads: PATH lookup, the dynamic
 # linker, shell start-up files, git's config-from-environment and helper programs.

@@ -15,8 +15,9 @@ import os
 import re
 from dataclasses import dataclass
 
-from obdask.exceptions import CommandRefused
-from obdask.payloads.argcheck import refusal, risky_assignment
+from obdask.payloads.argcheck import ASSIGN_RE, refusal, refused, risky_assignment
+from obdask.payloads.wrappers import WRAPPERS as _WRAPPERS
+from obdask.payloads.wrappers import command_index as _command_index
 
 _HOW = "add it to obdask.cmd.allowlist (or the allowlist argument) to allow it"
 _HOW_DIRS = "add its directory to obdask.cmd.executable-dirs to allow it"
@@ -27,7 +28,7 @@ _HOW_SUB = (
 _MAX_DEPTH = 24
 _META = frozenset(" \t\n&|;()<>")
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_ASSIGN_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+_ASSIGN_RE = ASSIGN_RE
 # Longest first.  ``&>`` is deliberately absent: in dash it is ``&`` then ``>``,
 # which makes the next word a command; lexing it that way is the stricter reading.
 _OPS = (";;&", "<<-", "<<<", "&&", "||", ";;", ";&", "|&", "<<", ">>", "<&", ">&", "<>", ">|",
@@ -55,47 +56,10 @@ _RISKY = {
 _SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "ash", "mksh"})
 
 
-@dataclass(frozen=True)
-class _Opts:
-    """Option grammar of a command that runs another command (``env``, ``xargs``...)."""
-
-    flags: str = ""              # short options without argument
-    with_arg: str = ""           # short options taking the next word (or the rest of the cluster)
-    attached: str = ""           # short options whose argument can only be attached (xargs -i)
-    long_flags: frozenset[str] = frozenset()
-    long_arg: frozenset[str] = frozenset()
-    positional: int = 0          # operands before the command (timeout's duration)
-    assignments: bool = False    # NAME=VALUE words before the command (env)
-    no_exec: str = ""            # short options meaning "runs nothing" (command -v)
-    default: str | None = None   # command run when none is given (xargs: echo)
-
-
-_WRAPPERS: dict[str, _Opts] = {
-    "env": _Opts(flags="i0v", with_arg="uC", long_flags=frozenset({"ignore-environment", "null",
-                 "debug"}), long_arg=frozenset({"unset", "chdir"}), assignments=True),
-    "nice": _Opts(flags="0123456789", with_arg="n", long_arg=frozenset({"adjustment"})),
-    "nohup": _Opts(),
-    "timeout": _Opts(flags="v", with_arg="ks", long_flags=frozenset({"preserve-status",
-                     "foreground", "verbose"}), long_arg=frozenset({"kill-after", "signal"}),
-                     positional=1),
-    "stdbuf": _Opts(with_arg="ioe", long_arg=frozenset({"input", "output", "error"})),
-    "time": _Opts(flags="pavq", with_arg="fo", long_flags=frozenset({"append", "verbose",
-                  "portability", "quiet"}), long_arg=frozenset({"format", "output"})),
-    "command": _Opts(flags="p", no_exec="vV"),
-    "builtin": _Opts(),
-    "exec": _Opts(flags="cl", with_arg="a"),
-    "xargs": _Opts(flags="0rtpxo", with_arg="aEILnsPd", attached="iel",
-                   long_flags=frozenset({"null", "no-run-if-empty", "verbose", "interactive",
-                                         "exit", "open-tty", "show-limits", "replace", "eof",
-                                         "max-lines"}),
-                   long_arg=frozenset({"arg-file", "delimiter", "max-args", "max-procs",
-                                       "max-chars", "process-slot-var"}), default="echo"),
-}
 _FIND_EXEC = frozenset({"-exec", "-execdir", "-ok", "-okdir"})
 
 
-def _refuse(message: str) -> CommandRefused:
-    return CommandRefused("@cmd: " + " ".join(message.split()))
+_refuse = refused
 
 
 @dataclass
@@ -577,48 +541,6 @@ class _Parser:
                 self._finish(args[i + 1:j])
                 i = j
             i += 1
-
-
-def _command_index(base: str, opts: _Opts, args: list[_Word]) -> int | None:
-    """Index in ``args`` of the command a wrapper runs (== len(args): none); None: it runs none."""
-    i = 0
-    while i < len(args):
-        a = args[i]
-        if a.dynamic:
-            raise _refuse(f"cannot check the command run by {base}: {a.raw!r} is not literal")
-        v = a.value
-        if v == "--":
-            i += 1
-            break
-        if v.startswith("--"):
-            name, eq, _ = v[2:].partition("=")
-            if name in opts.long_arg and not eq:
-                i += 1
-            elif name not in opts.long_arg and name not in opts.long_flags:
-                raise _refuse(f"cannot check option {v!r} of {base}")
-        elif v.startswith("-") and len(v) > 1 and not (base == "env" and v == "-"):
-            for k, ch in enumerate(v[1:], 1):
-                if ch in opts.no_exec:
-                    return None
-                if ch in opts.attached:
-                    break
-                if ch in opts.with_arg:
-                    i += k == len(v) - 1
-                    break
-                if ch not in opts.flags:
-                    raise _refuse(f"cannot check option {v!r} of {base}")
-        elif v == "-":
-            pass
-        else:
-            break
-        i += 1
-    i += opts.positional
-    while opts.assignments and i < len(args) and _ASSIGN_RE.match(args[i].raw):
-        why = risky_assignment(args[i].raw)
-        if why:
-            raise _refuse(f"{base}: {why}")
-        i += 1
-    return min(i, len(args))
 
 
 def find_commands(command: str, allowlist: frozenset[str], allow_substitution: bool,
