@@ -14,6 +14,9 @@ from obdask.exceptions import (
     PlanError,
 )
 from obdask.plan import Plan, Step
+from obdask.redact import install as _install_redaction
+
+_install_redaction()  # every obdask.* log record is redacted (obdask/redact.py)
 
 __version__ = "0.1.0"
 

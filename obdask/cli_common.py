@@ -26,7 +26,9 @@ EXIT_SCHEDULER_LOST = 3
 
 
 def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
+    from obdask.redact import redact
+
+    click.echo(f"error: {redact(message)}", err=True)
     sys.exit(EXIT_USAGE)
 
 

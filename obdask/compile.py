@@ -46,6 +46,7 @@ class JobSpec:
     checkout: str | None = None
     fingerprint: str = ""
     staged: str | None = None  # sha1 of the @file: content the client put in the store
+    network: bool = False  # the step's network=true: its @cmd: sandbox shares the network
 
     @property
     def dask_key(self) -> tuple[str, str]:
@@ -138,8 +139,11 @@ def job_kind(step: Step) -> str:
 
 def fingerprint(step: Step) -> str:
     """Hash of what a step does: a resumed record only counts if it is unchanged."""
-    blob = json.dumps([step.payload.raw, sorted(step.deps), step.dedupe, step.lane,
-                       step.resources, step.model], sort_keys=True)
+    what = [step.payload.raw, sorted(step.deps), step.dedupe, step.lane, step.resources,
+            step.model]
+    if step.network:  # only then: fingerprints of existing plans stay as they were
+        what.append("network")
+    blob = json.dumps(what, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -205,6 +209,7 @@ def compile_plan(
                 None if step.is_model_task else default_timeout),
             dedupe=step.dedupe_key, model=step.model, localities=localities,
             checkout=checkout, fingerprint=fp, staged=(staged or {}).get(step.id),
+            network=step.network,
         )
         job = Job(spec=spec, step=step,
                   retries=step.retries if step.retries is not None else default_retries)

@@ -35,6 +35,7 @@ class CommandPolicy:
     limits: dict[str, Any]
     timeout: float
     pdeathsig: bool = True
+    executable_dirs: tuple[str, ...] | None = None  # None: the worker's config
 
     @classmethod
     def from_config(cls) -> CommandPolicy:
@@ -52,6 +53,7 @@ class CommandPolicy:
             limits=dict(limits),
             timeout=config.get_seconds("run.timeout"),
             pdeathsig=config.get_bool("cmd.pdeathsig"),
+            executable_dirs=config.get_str_list("cmd.executable-dirs"),
         )
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from obdask.exceptions import JobFailed, ObdaskError
 from obdask.payloads import execute
 from obdask.records import JobRecord
+from obdask.redact import redact, redact_obj
 from obdask.workspace import job_workspace
 
 if TYPE_CHECKING:
@@ -70,18 +71,21 @@ def run_job(spec: JobSpec, ctx: RunContext, *deps: dict[str, Any]) -> JobRecord:
         failure = None
     if failure is not None:
         # Raised outside the except block: no chained context to pickle back.
-        record.update(status="failed", error=str(failure), finished=time.time(),
+        message = redact(str(failure))  # a command line or stderr may hold a password
+        record.update(status="failed", error=message, finished=time.time(),
                       exit_code=getattr(failure, "exit_code", None))
         record["duration_s"] = record["finished"] - started
         record.update(getattr(failure, "fields", {}))
+        record = redact_obj(record)
         _emit(worker, {"key": spec.key, "run": ctx.run_id, "event": "failed",
-                       "worker": where, "error": str(failure)})
+                       "worker": where, "error": message})
         _publish(worker, spec, record)
-        raise JobFailed(str(failure), record)
+        raise JobFailed(message, record)
     _report_localities(spec)
     finished = time.time()
     record.update(result)
     record.update(status="done", finished=finished, duration_s=finished - started)
+    record = redact_obj(record)
     ctx.records.ledger_put(spec.step_id, record)
     if spec.dedupe:
         ctx.artifacts.put_result(spec.dedupe, record)

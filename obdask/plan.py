@@ -35,7 +35,7 @@ PREFIXES = ("@cmd:", "@file:", "@doc:", "@url:", "@git:", "@gh:")
 METADATA_PREFIXES = ("@doc:", "@url:", "@git:", "@gh:")
 FIELDS = (
     "id", "lane", "deps", "dedupe", "payload",
-    "resources", "retries", "timeout", "model", "locality",
+    "resources", "retries", "timeout", "model", "locality", "network",
 )
 REQUIRED = ("id", "lane", "payload")
 LLM_TASK = "LLM_TASK"
@@ -120,6 +120,7 @@ class Step:
     model: str | None = None
     locality: str | None = None
     llm_task: bool = False  # an @doc:LLM_TASK step in a plan with llm_doc_tasks=true
+    network: bool = False   # network=true: this @cmd: step's sandbox shares the host network
 
     @property
     def is_model_task(self) -> bool:
@@ -475,6 +476,15 @@ def _parse_step(body: str, done: bool, lineno: int, errors: _Errors) -> Step | N
         step.timeout = _parse_value(parse_duration, fields["timeout"], "timeout", sid, lineno,
                                     errors, "a duration such as 90s or 5m", MAX_TIMEOUT,
                                     "30 days")
+    if "network" in fields:
+        value = fields["network"].lower()
+        if value not in _TRUE | _FALSE:
+            errors.add(lineno, f"step {sid!r}: network={fields['network']!r} is not true or "
+                               "false")
+        elif value in _TRUE and payload.prefix != "cmd":
+            errors.add(lineno, f"step {sid!r}: network=true applies to @cmd: steps only "
+                               f"(this one is @{payload.prefix}:)")
+        step.network = value in _TRUE
     if "resources" in fields and _parse_list("resources", fields["resources"], sid, lineno,
                                              errors, unique=False):
         step.resources = _parse_resources(fields["resources"], sid, lineno, errors)

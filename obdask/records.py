@@ -37,6 +37,7 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
+from obdask.redact import redact_obj
 from obdask.stores import open_fs, store_errors
 
 logger = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ class RunStore:
             if not self._jobs_made:
                 self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
                 self._jobs_made = True
-            write_atomic(self.fs, path, json.dumps(record, default=str).encode(),
+            write_atomic(self.fs, path, json.dumps(redact_obj(record), default=str).encode(),
                          local=self._local)
 
     def write_records(self, records: list[dict[str, Any]], summary: dict[str, Any]) -> str:
@@ -132,13 +133,13 @@ class RunStore:
         Each file is written whole or not at all (:func:`write_atomic`); the
         summary comes last, so a run with a summary has complete records.
         """
-        lines = "".join(json.dumps(r, default=str) + "\n" for r in records)
+        lines = "".join(json.dumps(redact_obj(r), default=str) + "\n" for r in records)
         with store_errors("records", self.url, "write"):
             self.fs.makedirs(self.root, exist_ok=True)
             write_atomic(self.fs, posixpath.join(self.root, "records.jsonl"), lines.encode(),
                          local=self._local, sync=True)
             write_atomic(self.fs, posixpath.join(self.root, "summary.json"),
-                         json.dumps(summary, default=str, indent=1).encode(),
+                         json.dumps(redact_obj(summary), default=str, indent=1).encode(),
                          local=self._local, sync=True)
         return self.location
 

@@ -25,6 +25,7 @@ from obdask.exceptions import JobFailed, ObdaskError, PlacementError, PlanError,
 from obdask.placement import Placement
 from obdask.plan import Plan
 from obdask.records import RunStore, new_run_id
+from obdask.redact import redact_obj
 from obdask.runlock import RunLock
 
 if TYPE_CHECKING:
@@ -631,7 +632,7 @@ async def _collect(client: Client, compiled: CompiledPlan, futures: dict[str, Fu
             record = await _failure_record(job, futures[job.key])
         record.update(id=job.spec.step_id, run_id=ctx.run_id, plan=ctx.plan_id)
         _attempts(record, tries.get(job.key, []), events.get(job.key, []))
-        outcomes.append(record)
+        outcomes.append(redact_obj(record))  # the frame, the CLI and the records files
     return outcomes
 
 

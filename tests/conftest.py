@@ -6,12 +6,21 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 
 import dask
 import pytest
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples")
+
+# Tests run the interpreter by its full path (sys.executable) in @cmd: lines: trust its
+# folder as a place executables may be named in (obdask.cmd.executable-dirs), here and
+# in the obdask CLIs and workers the tests start.
+EXECUTABLE_DIRS = [*dask.config.get("obdask.cmd.executable-dirs"),
+                   os.path.dirname(sys.executable)]
+dask.config.set({"obdask.cmd.executable-dirs": EXECUTABLE_DIRS})
+os.environ["DASK_OBDASK__CMD__EXECUTABLE_DIRS"] = repr(EXECUTABLE_DIRS)
 
 
 @pytest.fixture(scope="module")

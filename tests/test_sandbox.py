@@ -24,9 +24,10 @@ import psutil
 import pytest
 from cluster_utils import dask_env, wait_gone
 
-from obdask.exceptions import ConfigError, PayloadError, SandboxUnavailable
+from obdask.exceptions import ConfigError, PayloadError, PlanError, SandboxUnavailable
 from obdask.payloads import sandbox
 from obdask.payloads.cmd import run_command
+from obdask.plan import parse
 
 pytestmark = pytest.mark.skipif(sandbox.unavailable_reason("bwrap") is not None,
                                 reason=f"bwrap cannot run here: "
@@ -419,3 +420,89 @@ def test_git_hooks_and_config_are_out_of_a_jobs_reach(mirror_and_worktree):
         assert not hook.exists(), ws
         assert "fsmonitor" not in (gitdir / "config").read_text(), ws
         assert run(f"{GIT} status --short && git rev-parse HEAD", ws).ok
+
+
+# ------------------------------------------------------------ processes, memory, network
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_setsid_grandchild_does_not_outlive_the_timeout_in_either_mode(ws, mode):
+    """Sandbox: the PID namespace; rlimit-only: the job's pids cgroup (where it can be made)."""
+    from obdask.payloads import cgroup
+
+    if mode == "off" and cgroup._parent() is None:
+        pytest.skip("no writable pids cgroup: rlimit-only mode holds the process group only")
+    marker = f"{300 + uuid.uuid4().int % 1000}.{uuid.uuid4().int % 1000}"
+    line = (f"setsid sleep {marker} & "
+            + py(f"import os, time\nif os.fork() == 0:\n    os.setsid()\n    "
+                 f"os.execvp('sleep', ['sleep', '{marker}'])\ntime.sleep(1)")
+            + f" & sleep {marker}")
+    res = run(line, ws, mode=mode, timeout=2)
+    assert res.timed_out
+    deadline = time.monotonic() + 10
+    while _marked(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _marked(marker)
+    for proc in left:
+        proc.kill()
+    assert not left, [p.info["cmdline"] for p in left]
+
+
+def test_setsid_survivor_after_exit_is_killed_in_rlimit_only_mode(ws):
+    from obdask.payloads import cgroup
+
+    if cgroup._parent() is None:
+        pytest.skip("no writable pids cgroup")
+    marker = f"{300 + uuid.uuid4().int % 1000}.{uuid.uuid4().int % 1000}"
+    res = run(f"setsid sleep {marker} & echo started", ws, mode="off")
+    assert res.ok
+    deadline = time.monotonic() + 10
+    while _marked(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _marked(marker)
+
+
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_fork_bomb_is_contained(ws, mode):
+    """Root ignores RLIMIT_NPROC: the pids cgroup bounds the bomb, the timeout ends it."""
+    from obdask.payloads import cgroup
+
+    if cgroup._parent() is None and (mode == "off" or os.getuid() == 0):
+        pytest.skip("no pids cgroup: a fork bomb run as root would not be bounded")
+    # the checker refuses function definitions, so the bomb comes as a script file
+    (ws / "bomb.sh").write_text(":(){ :|:& };:\n")
+    before = len(psutil.pids())
+    with dask.config.set({"obdask.cmd.pids-max": 64}):
+        res = run("sh bomb.sh", ws, mode=mode, timeout=3)
+    assert res.timed_out or res.exit_code != 0, res
+    deadline = time.monotonic() + 15
+    while len(psutil.pids()) > before + 20 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(psutil.pids()) <= before + 20, (before, len(psutil.pids()))
+    assert run("echo alive", ws).stdout == b"alive\n"  # this process can still fork
+
+
+def test_memory_limit_fails_the_job_clearly_and_the_worker_lives(ws):
+    res = run(py("x = bytearray(800 * 1024 * 1024); print('ALLOCATED')"), ws,
+              limits={"address-space": "300MiB"})
+    assert res.exit_code != 0 and b"ALLOCATED" not in res.stdout, res
+    assert b"MemoryError" in res.stderr, res.stderr[-500:]
+    assert run("echo alive", ws).ok
+
+
+def test_network_opt_in_per_step(tmp_path, tcp_server):
+    """A step with network=true reaches a loopback TCP server; its neighbour cannot."""
+    import obdask
+
+    probe = ("python -c \"import socket; socket.create_connection(('127.0.0.1', "
+             f"{tcp_server}), timeout=3); print('CONNECTED')\"")
+    plan = tmp_path / "plan.md"
+    plan.write_text(f"- [ ] id=open lane=1 network=true payload=@cmd:{probe}\n"
+                    f"- [ ] id=closed lane=1 payload=@cmd:{probe}\n")
+    with dask.config.set({"obdask.cmd.sandbox.mode": "require"}):
+        result = obdask.run(plan, workspace=tmp_path)
+    frame = result.frame
+    assert frame.loc["open", "status"] == "done", frame.loc["open", "error"]
+    assert frame.loc["closed", "status"] == "failed", frame.loc["closed"]
+    error = frame.loc["closed", "error"]
+    assert "Connection refused" in error or "unreachable" in error, error  # its own netns
+    with pytest.raises(PlanError, match="network=true applies to @cmd: steps only"):
+        parse("- [ ] id=f lane=1 network=true payload=@file:x.md\n")

@@ -428,15 +428,17 @@ def _client_for(url: str, timeout: Any) -> Any:
     Building a client builds an httpx client and its SSL context (~20 ms);
     a model call should not pay that each time.
     """
-    import ollama
+    from obdask.llm.auth import ollama_client
 
     cache = getattr(_clients, "cache", None)
     if cache is None:
         cache = _clients.cache = {}
-    key = (url, repr(timeout))
+    from obdask.llm.auth import api_key_for
+
+    key = (url, repr(timeout), api_key_for(url))  # a key set or removed later is seen
     client = cache.get(key)
     if client is None:
-        client = cache[key] = ollama.Client(host=url, timeout=timeout)
+        client = cache[key] = ollama_client(url, timeout)
     return client
 
 

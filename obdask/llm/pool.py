@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -30,6 +29,7 @@ import dask
 
 from obdask import config
 from obdask.exceptions import ConfigError, ModelError
+from obdask.llm.urls import normalize_url
 
 logger = logging.getLogger(__name__)
 
@@ -41,42 +41,6 @@ def canonical_model(name: str) -> str:
     """Return ``name`` with ``:latest`` added when it has no tag."""
     last = name.rsplit("/", 1)[-1]
     return name if ":" in last else f"{name}:latest"
-
-
-_HOSTPORT_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]*)(:[0-9]{1,5})?$")
-
-
-def normalize_url(host: str) -> str:
-    """Turn ``host[:port]`` or a URL into ``scheme://host:port`` like the ollama client does.
-
-    Examples
-    --------
-    >>> normalize_url("127.0.0.1:5000")
-    'http://127.0.0.1:5000'
-    >>> normalize_url("gpu1")
-    'http://gpu1:11434'
-    """
-    original = host
-    host = str(host).strip().rstrip("/")
-    scheme, sep, rest = host.partition("://")
-    if not sep:
-        scheme, rest = "http", host
-    hostport, slash, path = rest.partition("/")
-    if scheme not in ("http", "https") or not _HOSTPORT_RE.match(hostport) or \
-            re.search(r"\s", host) or "//" in rest:
-        raise ConfigError(f"Ollama endpoint {original!r} is not a valid URL; use "
-                          "http://HOST:PORT (e.g. http://gpu1:11434) in obdask.llm.endpoints "
-                          "or OLLAMA_HOST")
-    default_port = {"http": 80, "https": 443}[scheme] if sep else 11434
-    if hostport.startswith("["):
-        has_port = "]:" in hostport
-    else:
-        has_port = ":" in hostport
-    if not has_port:
-        hostport = f"{hostport or '127.0.0.1'}:{default_port}"
-    elif hostport.startswith(":"):
-        hostport = "127.0.0.1" + hostport
-    return f"{scheme}://{hostport}" + (f"/{path}" if slash and path else "")
 
 
 def endpoint_urls(
@@ -337,9 +301,9 @@ class EndpointPool:
         if not state.healthy(now) and not refresh:
             return state.tags
         try:
-            import ollama
+            from obdask.llm.auth import ollama_client
 
-            with ollama.Client(host=url, timeout=min(10.0, self.cool_off or 10.0)) as client:
+            with ollama_client(url, min(10.0, self.cool_off or 10.0)) as client:
                 listing = client.list()
         except Exception as exc:  # refused, timeout, 5xx, bad body: all mean "not usable"
             self.mark_down(url, f"/api/tags failed: {type(exc).__name__}: {exc}")

@@ -35,6 +35,7 @@ from obdask import config as _config
 from obdask.exceptions import ConfigError, PayloadError
 from obdask.payloads.launch import LAUNCHERS, LIMIT_KEYS, collect, reap, spawn
 from obdask.payloads.shell import find_commands
+from obdask.redact import redact, redact_bytes
 
 if TYPE_CHECKING:
     from obdask.compile import JobSpec
@@ -96,6 +97,7 @@ class CommandResult:
 class _Settings:
     allowlist: frozenset[str]
     allow_substitution: bool
+    executable_dirs: frozenset[str]
     env_allowlist: tuple[str, ...]
     shell: str
     max_output: int
@@ -133,6 +135,8 @@ def _parse_settings(cfg: Mapping[str, Any], timeout: Any) -> _Settings:
     return _Settings(
         allowlist=frozenset(str(a) for a in allow),
         allow_substitution=bool(key("allow-substitution")),
+        executable_dirs=frozenset(_config.get_str_list(
+            "cmd.executable-dirs", key("executable-dirs") or [])),
         env_allowlist=_config.get_str_list("cmd.env-allowlist", key("env-allowlist") or []),
         shell=str(shell),
         max_output=max_output,
@@ -217,7 +221,8 @@ def _parse_limits(limits: Mapping[str, Any]) -> tuple[tuple[int, int, int], ...]
 
 
 def check_command(command: str, allowlist: Iterable[str] | None = None,
-                  allow_substitution: bool | None = None) -> list[str]:
+                  allow_substitution: bool | None = None,
+                  executable_dirs: Iterable[str] | None = None) -> list[str]:
     """Check a shell line statically; return the executable of every simple command.
 
     The line is tokenized as POSIX ``sh`` does it: quotes and escapes, the
@@ -232,8 +237,14 @@ def check_command(command: str, allowlist: Iterable[str] | None = None,
 
     * every executable must be on the allowlist.  A word naming a path
       (``.venv/bin/python``, ``/usr/bin/git``) is allowed when the path itself
-      or its **basename** is listed: the allowlist names programs, not files, so
-      ``python`` lets ``./venv/bin/python`` run;
+      or its **basename** is listed **and** its directory is one of
+      ``obdask.cmd.executable-dirs`` (default: the system ``bin`` folders):
+      ``./ls`` or ``b/cat`` could be any file copied there.  ``PATH=``,
+      ``LD_*=`` and similar assignments (also through ``env`` and ``export``)
+      are refused, and so are the obvious ways allowed programs run or write
+      anything (``git -c core.fsmonitor=``, ``make --eval``, ``awk system()``,
+      ``sed e``/``w``, ``find -delete``/``-exec``...:
+      :mod:`obdask.payloads.argcheck`);
     * an executable must be a literal word: ``$CMD``, ``"$(which x)"`` or a
       pattern such as ``py*`` is refused (its value is unknown until run time);
     * ``$(...)``, backticks and ``<(...)`` are refused unless
@@ -255,6 +266,8 @@ def check_command(command: str, allowlist: Iterable[str] | None = None,
         Allowed executable names; default ``obdask.cmd.allowlist``.
     allow_substitution : bool, optional
         Default ``obdask.cmd.allow-substitution``.
+    executable_dirs : iterable of str, optional
+        Default ``obdask.cmd.executable-dirs``.
 
     Returns
     -------
@@ -268,19 +281,20 @@ def check_command(command: str, allowlist: Iterable[str] | None = None,
     """
     if isinstance(allowlist, str):
         allowlist = [allowlist]
-    if allowlist is None or allow_substitution is None:
-        settings = _settings()
-        allow = settings.allowlist if allowlist is None else frozenset(allowlist)
-        if allow_substitution is None:
-            allow_substitution = settings.allow_substitution
-    else:
-        allow = frozenset(allowlist)
-    return list(_check_cached(command, allow, bool(allow_substitution)))
+    settings = _settings()
+    allow = settings.allowlist if allowlist is None else frozenset(allowlist)
+    if allow_substitution is None:
+        allow_substitution = settings.allow_substitution
+    dirs = (settings.executable_dirs if executable_dirs is None
+            else frozenset([executable_dirs] if isinstance(executable_dirs, str)
+                           else executable_dirs))
+    return list(_check_cached(command, allow, bool(allow_substitution), dirs))
 
 
 @lru_cache(maxsize=512)
-def _check_cached(command: str, allow: frozenset[str], allow_sub: bool) -> tuple[str, ...]:
-    return tuple(find_commands(command, allow, allow_sub))
+def _check_cached(command: str, allow: frozenset[str], allow_sub: bool,
+                  dirs: frozenset[str]) -> tuple[str, ...]:
+    return tuple(find_commands(command, allow, allow_sub, dirs))
 
 
 def run_command(command: str, cwd: str | os.PathLike[str], *, timeout: float | None = None,
@@ -289,7 +303,9 @@ def run_command(command: str, cwd: str | os.PathLike[str], *, timeout: float | N
                 allowlist: Iterable[str] | None = None,
                 allow_substitution: bool | None = None,
                 env_allowlist: Iterable[str] | None = None,
-                pdeathsig: bool | None = None) -> CommandResult:
+                pdeathsig: bool | None = None,
+                executable_dirs: Iterable[str] | None = None,
+                network: bool = False) -> CommandResult:
     """Check ``command`` and run it with ``obdask.cmd.shell -c`` in ``cwd``.
 
     The child runs in a new session (its own process group) with stdin from
@@ -321,12 +337,15 @@ def run_command(command: str, cwd: str | os.PathLike[str], *, timeout: float | N
         Overrides of ``obdask.cmd.limits`` keys (``cpu-seconds``,
         ``address-space``, ``file-size``, ``processes``); ``None`` values
         leave a limit as inherited.
-    allowlist, allow_substitution : optional
+    allowlist, allow_substitution, executable_dirs : optional
         Passed to :func:`check_command`; default from config.
     env_allowlist : iterable of str, optional
         Variables kept from ``env``; default ``obdask.cmd.env-allowlist``.
     pdeathsig : bool, optional
         Kill the shell when this process dies; default ``obdask.cmd.pdeathsig``.
+    network : bool
+        Let this command use the host's network inside the sandbox (a step's
+        ``network=true``); ``obdask.cmd.sandbox.network: true`` does it for all.
 
     Returns
     -------
@@ -344,7 +363,9 @@ def run_command(command: str, cwd: str | os.PathLike[str], *, timeout: float | N
         allowlist = [allowlist]
     allow = settings.allowlist if allowlist is None else frozenset(allowlist)
     allow_sub = settings.allow_substitution if allow_substitution is None else allow_substitution
-    _check_cached(command, allow, bool(allow_sub))
+    dirs = (settings.executable_dirs if executable_dirs is None
+            else frozenset(executable_dirs))
+    _check_cached(command, allow, bool(allow_sub), dirs)
     wall = settings.timeout if timeout is None else _parse_timeout(timeout)
     if max_output is None or isinstance(max_output, int):
         keep = settings.max_output if max_output is None else max_output
@@ -358,10 +379,13 @@ def run_command(command: str, cwd: str | os.PathLike[str], *, timeout: float | N
     child_env = {k: source[k] for k in keep_vars if k in source}
     if extra_env:
         child_env.update(extra_env)
+    if "PATH" in child_env:
+        child_env["PATH"] = _safe_path(child_env["PATH"], cwd)
 
     start = time.monotonic()
     proc = spawn(settings.shell, command, cwd, child_env, rlimits,
-                  settings.pdeathsig if pdeathsig is None else pdeathsig, settings.launcher)
+                  settings.pdeathsig if pdeathsig is None else pdeathsig, settings.launcher,
+                  network=network)
     logger.debug("@cmd: pid %d in %s: %s", proc.pid, cwd, command)
     try:
         out, err, nout, nerr, timed_out = collect(proc, wall, keep)
@@ -370,14 +394,32 @@ def run_command(command: str, cwd: str | os.PathLike[str], *, timeout: float | N
     duration = time.monotonic() - start
     if timed_out:
         logger.warning("@cmd: timed out after %.1fs, process group %d killed: %s",
-                       duration, proc.pid, command)
+                       duration, proc.pid, redact(command))
     return CommandResult(command, proc.returncode, out, err, nout, nerr, duration,
                          timed_out, proc.pid)
 
 
+def _safe_path(path: str, cwd: str | os.PathLike[str]) -> str:
+    """``PATH`` without relative or empty entries and without folders in the workspace.
+
+    A bare ``ls`` must not find a file the job (or an earlier step) put in its
+    workspace: the allowlist names programs, and those live outside it.
+    """
+    root = os.path.realpath(cwd)
+    keep = []
+    for entry in path.split(os.pathsep):
+        if not os.path.isabs(entry):
+            continue
+        real = os.path.realpath(entry)
+        if real == root or real.startswith(root.rstrip("/") + "/"):
+            continue
+        keep.append(entry)
+    return os.pathsep.join(keep)
+
+
 def _store(ctx: RunContext, data: bytes) -> str | None:
-    """Artifact key of a non-empty stream (empty output stores nothing)."""
-    return ctx.artifacts.put(data) if data else None
+    """Artifact key of a non-empty stream, secrets masked (empty output stores nothing)."""
+    return ctx.artifacts.put(redact_bytes(data)) if data else None
 
 
 def execute_command(spec: JobSpec, ctx: RunContext,
@@ -406,7 +448,8 @@ def execute_command(spec: JobSpec, ctx: RunContext,
             body, ctx.workspace, timeout=timeout, extra_env=ctx.env or None,
             max_output=policy.max_output, limits=policy.limits, allowlist=policy.allowlist,
             allow_substitution=policy.allow_substitution, env_allowlist=policy.env_allowlist,
-            pdeathsig=policy.pdeathsig,
+            pdeathsig=policy.pdeathsig, executable_dirs=policy.executable_dirs,
+            network=getattr(spec, "network", False),
         )
     except PayloadError as exc:
         raise type(exc)(f"job {spec.key}: {exc}") from None
@@ -425,7 +468,7 @@ def execute_command(spec: JobSpec, ctx: RunContext,
         message = f"job {spec.key}: @cmd: exit code {res.exit_code}: {body}"
         if tail[0]:
             message += f" (stderr: {tail[0][:200]})"
-    error = PayloadError(message)
+    error = PayloadError(redact(message))
     error.exit_code = res.exit_code  # type: ignore[attr-defined]
     error.fields = fields  # type: ignore[attr-defined]
     raise error

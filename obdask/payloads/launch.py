@@ -33,7 +33,7 @@ from functools import lru_cache
 from typing import Any
 
 from obdask.exceptions import PayloadError
-from obdask.payloads import sandbox
+from obdask.payloads import cgroup, sandbox
 from obdask.payloads.reaper import watchdog
 
 try:
@@ -104,7 +104,7 @@ _prctl = _load_prctl()
 
 def spawn(shell: str, command: str, cwd: str | os.PathLike[str], env: dict[str, str],
            rlimits: tuple[tuple[int, int, int], ...], pdeathsig: bool,
-           launcher: str) -> subprocess.Popen[bytes]:
+           launcher: str, network: bool = False) -> subprocess.Popen[bytes]:
     """Popen ``shell -c command`` in its own session, limits and PDEATHSIG applied.
 
     ``launcher="spawn"`` (default) registers the process group with this
@@ -126,7 +126,11 @@ def spawn(shell: str, command: str, cwd: str | os.PathLike[str], env: dict[str, 
     late_limits: tuple[tuple[int, int, int], ...] = ()
     gate: tuple[int, int] | None = None
     box_fds: tuple[int, int, int, int] | None = None  # block r/w, info r/w
-    box = sandbox.wrap(argv, cwd, env)  # obdask.payloads.sandbox: one bwrap exec, or None
+    # obdask.payloads.sandbox: one bwrap exec, or None
+    box = sandbox.wrap(argv, cwd, env, network=network)
+    # a pids cgroup holds setsid'd descendants and bounds fork bombs (root ignores
+    # RLIMIT_NPROC); the child joins it while held, so only the spawn launcher uses one
+    group = cgroup.create() if launcher == "spawn" else None
     if box is not None and _which(shell) is None:  # bwrap would report it as exit status 1
         raise PayloadError(f"@cmd: cannot run shell {shell!r} (not found); "
                            "set obdask.cmd.shell to an existing shell")
@@ -135,14 +139,14 @@ def spawn(shell: str, command: str, cwd: str | os.PathLike[str], env: dict[str, 
         # rlimits are set from here with prlimit(2): nothing runs in the child.
         if rlimits and not hasattr(resource, "prlimit"):
             preexec = _make_preexec(rlimits, False)
-        elif rlimits and box is not None:
+        elif (rlimits or group) and box is not None:
             # bwrap's child reports its pid on --info-fd and waits on --block-fd: the
             # limits go on it there, before it forks the shell (which inherits them)
             late_limits = rlimits
             block, info = os.pipe(), os.pipe()
             box_fds = (block[0], block[1], info[0], info[1])
             box[-4:-4] = ["--block-fd", str(block[0]), "--info-fd", str(info[1])]
-        elif rlimits:
+        elif rlimits or group:
             # The shell waits on a pipe until the limits are in place, so no part of the
             # command runs unlimited; EOF (this process died first) makes it exit instead.
             late_limits = rlimits
@@ -166,6 +170,8 @@ def spawn(shell: str, command: str, cwd: str | os.PathLike[str], env: dict[str, 
     except OSError as exc:
         _close_gate(gate)
         _close_fds(box_fds)
+        if group is not None:
+            group.remove()
         if exc.filename is not None and os.fspath(exc.filename) == os.fspath(cwd):
             what = "does not exist" if exc.errno == errno.ENOENT else f"is unusable ({exc})"
             raise PayloadError(f"@cmd: working directory {os.fspath(cwd)!r} {what}") from exc
@@ -179,12 +185,15 @@ def spawn(shell: str, command: str, cwd: str | os.PathLike[str], env: dict[str, 
     except subprocess.SubprocessError as exc:
         _close_gate(gate)
         _close_fds(box_fds)
+        if group is not None:
+            group.remove()
         raise PayloadError(f"@cmd: could not set up the child process ({exc}); "
                            "check obdask.cmd.limits") from exc
     if launcher == "spawn" and pdeathsig:
         proc.obdask_watched = watchdog.watch(proc.pid)  # type: ignore[attr-defined]
         if not proc.obdask_watched:  # type: ignore[attr-defined]
             logger.warning("@cmd: pid %d is not protected against worker death", proc.pid)
+    proc.obdask_cgroup = group  # type: ignore[attr-defined]
     if gate is not None:
         os.close(gate[0])
         _open_gate(proc, late_limits, gate[1])
@@ -209,6 +218,7 @@ def _open_box(proc: subprocess.Popen[bytes], rlimits: tuple[tuple[int, int, int]
             child = int(info.split(b'"child-pid":', 1)[1].split(b",", 1)[0].split(b"}")[0])
             for rid, soft, hard in rlimits:
                 resource.prlimit(child, rid, (soft, hard))
+            _join_cgroup(proc, child)
         try:
             os.write(fds[1], b"x")
         except BrokenPipeError:
@@ -244,6 +254,7 @@ def _open_gate(proc: subprocess.Popen[bytes], rlimits: tuple[tuple[int, int, int
     try:
         for rid, soft, hard in rlimits:
             resource.prlimit(proc.pid, rid, (soft, hard))
+        _join_cgroup(proc, proc.pid)
         os.write(write_fd, b"go\n")
     except OSError as exc:
         # The shell is held at the gate, so it cannot have run anything: stop it.
@@ -253,6 +264,27 @@ def _open_gate(proc: subprocess.Popen[bytes], rlimits: tuple[tuple[int, int, int
                            "check the limits, or set obdask.cmd.launcher: preexec") from exc
     finally:
         os.close(write_fd)
+
+
+def _join_cgroup(proc: subprocess.Popen[bytes], pid: int) -> None:
+    """Put the held child in the job's cgroup; without it the job still runs (logged)."""
+    group = getattr(proc, "obdask_cgroup", None)
+    if group is None:
+        return
+    try:
+        group.add(pid)
+    except OSError as exc:
+        logger.debug("@cmd: pid %d not put in %s (%s)", pid, group.path, exc)
+        group.remove()
+        proc.obdask_cgroup = None  # type: ignore[attr-defined]
+
+
+def _kill_all(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Signal the job's process group and, when it has one, everything in its cgroup."""
+    _killpg(proc.pid, sig)
+    group = getattr(proc, "obdask_cgroup", None)
+    if group is not None:
+        group.kill(sig)
 
 
 def _close_gate(gate: tuple[int, int] | None) -> None:
@@ -362,7 +394,7 @@ def collect(proc: subprocess.Popen[bytes], wall: float | None,
                 exited = True
                 if pidfd >= 0:
                     poller.unregister(pidfd)
-                _killpg(proc.pid, signal.SIGKILL)  # background jobs left in the group
+                _kill_all(proc, signal.SIGKILL)  # background jobs left in the group
                 limit = time.monotonic() + _DRAIN
             if limit is None or time.monotonic() < limit:
                 continue
@@ -370,10 +402,10 @@ def collect(proc: subprocess.Popen[bytes], wall: float | None,
                 break  # pipes held open by a process outside the group, or unkillable
             if stage == 0:
                 timed_out = True
-                _killpg(proc.pid, signal.SIGTERM)
+                _kill_all(proc, signal.SIGTERM)
                 limit, stage = time.monotonic() + _TERM_GRACE, 1
             else:
-                _killpg(proc.pid, signal.SIGKILL)
+                _kill_all(proc, signal.SIGKILL)
                 limit, stage = time.monotonic() + 10.0, 2
     finally:
         if pidfd >= 0:
@@ -403,6 +435,10 @@ def reap(proc: subprocess.Popen[bytes]) -> None:
         # the shell is not reaped yet, so its pid (the group id) cannot have been reused
         _killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    group = getattr(proc, "obdask_cgroup", None)
+    if group is not None:  # setsid'd or double-forked leftovers die with it
+        group.release()
+        proc.obdask_cgroup = None  # type: ignore[attr-defined]
     for pipe in (proc.stdout, proc.stderr):
         if pipe is not None:
             pipe.close()

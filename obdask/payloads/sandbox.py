@@ -34,6 +34,7 @@ bwrap's child while it waits on ``--block-fd``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import re
@@ -237,7 +238,7 @@ def _job_args(pol: Policy, workspace: str, env_key: tuple[str, str, str, str]
 
 
 def wrap(argv: Sequence[str], cwd: str | os.PathLike[str], env: Mapping[str, str],
-         options: Sequence[str] = ()) -> list[str] | None:
+         options: Sequence[str] = (), network: bool = False) -> list[str] | None:
     """``argv`` run inside bwrap in ``cwd``, or None when this worker runs unsandboxed.
 
     Parameters
@@ -252,6 +253,9 @@ def wrap(argv: Sequence[str], cwd: str | os.PathLike[str], env: Mapping[str, str
         ``VIRTUAL_ENV`` directories are bound read-only).
     options : sequence of str
         Extra bwrap options (``--block-fd N``) put before ``--``.
+    network : bool
+        Share the host's network for this command (a step's ``network=true``)
+        even when ``obdask.cmd.sandbox.network`` is false.
 
     Raises
     ------
@@ -265,6 +269,8 @@ def wrap(argv: Sequence[str], cwd: str | os.PathLike[str], env: Mapping[str, str
     pol = policy()
     if pol.mode == "off":
         return None
+    if network and not pol.network:
+        pol = dataclasses.replace(pol, network=True)
     reason = _probe(pol)
     if reason is not None:
         if pol.mode == "require":

@@ -11,12 +11,16 @@ Nothing is executed.  The public entry point with config defaults is
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
-from obdask.exceptions import CommandRefused
+from obdask.payloads.argcheck import ASSIGN_RE, refusal, refused, risky_assignment
+from obdask.payloads.wrappers import WRAPPERS as _WRAPPERS
+from obdask.payloads.wrappers import command_index as _command_index
 
 _HOW = "add it to obdask.cmd.allowlist (or the allowlist argument) to allow it"
+_HOW_DIRS = "add its directory to obdask.cmd.executable-dirs to allow it"
 _HOW_SUB = (
     "set obdask.cmd.allow-substitution: true (or allow_substitution=True) to allow it; "
     "the commands inside are checked too"
@@ -24,7 +28,7 @@ _HOW_SUB = (
 _MAX_DEPTH = 24
 _META = frozenset(" \t\n&|;()<>")
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_ASSIGN_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+_ASSIGN_RE = ASSIGN_RE
 # Longest first.  ``&>`` is deliberately absent: in dash it is ``&`` then ``>``,
 # which makes the next word a command; lexing it that way is the stricter reading.
 _OPS = (";;&", "<<-", "<<<", "&&", "||", ";;", ";&", "|&", "<<", ">>", "<&", ">&", "<>", ">|",
@@ -52,47 +56,10 @@ _RISKY = {
 _SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "ash", "mksh"})
 
 
-@dataclass(frozen=True)
-class _Opts:
-    """Option grammar of a command that runs another command (``env``, ``xargs``...)."""
-
-    flags: str = ""              # short options without argument
-    with_arg: str = ""           # short options taking the next word (or the rest of the cluster)
-    attached: str = ""           # short options whose argument can only be attached (xargs -i)
-    long_flags: frozenset[str] = frozenset()
-    long_arg: frozenset[str] = frozenset()
-    positional: int = 0          # operands before the command (timeout's duration)
-    assignments: bool = False    # NAME=VALUE words before the command (env)
-    no_exec: str = ""            # short options meaning "runs nothing" (command -v)
-    default: str | None = None   # command run when none is given (xargs: echo)
-
-
-_WRAPPERS: dict[str, _Opts] = {
-    "env": _Opts(flags="i0v", with_arg="uC", long_flags=frozenset({"ignore-environment", "null",
-                 "debug"}), long_arg=frozenset({"unset", "chdir"}), assignments=True),
-    "nice": _Opts(flags="0123456789", with_arg="n", long_arg=frozenset({"adjustment"})),
-    "nohup": _Opts(),
-    "timeout": _Opts(flags="v", with_arg="ks", long_flags=frozenset({"preserve-status",
-                     "foreground", "verbose"}), long_arg=frozenset({"kill-after", "signal"}),
-                     positional=1),
-    "stdbuf": _Opts(with_arg="ioe", long_arg=frozenset({"input", "output", "error"})),
-    "time": _Opts(flags="pavq", with_arg="fo", long_flags=frozenset({"append", "verbose",
-                  "portability", "quiet"}), long_arg=frozenset({"format", "output"})),
-    "command": _Opts(flags="p", no_exec="vV"),
-    "builtin": _Opts(),
-    "exec": _Opts(flags="cl", with_arg="a"),
-    "xargs": _Opts(flags="0rtpxo", with_arg="aEILnsPd", attached="iel",
-                   long_flags=frozenset({"null", "no-run-if-empty", "verbose", "interactive",
-                                         "exit", "open-tty", "show-limits", "replace", "eof",
-                                         "max-lines"}),
-                   long_arg=frozenset({"arg-file", "delimiter", "max-args", "max-procs",
-                                       "max-chars", "process-slot-var"}), default="echo"),
-}
 _FIND_EXEC = frozenset({"-exec", "-execdir", "-ok", "-okdir"})
 
 
-def _refuse(message: str) -> CommandRefused:
-    return CommandRefused("@cmd: " + " ".join(message.split()))
+_refuse = refused
 
 
 @dataclass
@@ -108,11 +75,12 @@ class _Parser:
     """One pass over a command line; appends executables to ``out``."""
 
     def __init__(self, text: str, allow: frozenset[str], allow_sub: bool, out: list[str],
-                 depth: int = 0) -> None:
+                 depth: int = 0, dirs: frozenset[str] = frozenset()) -> None:
         if depth > _MAX_DEPTH:
             raise _refuse("nesting is too deep to check")
         self.s, self.i, self.n = text, 0, len(text)
         self.allow, self.allow_sub, self.out, self.depth = allow, allow_sub, out, depth
+        self.dirs = dirs   # directories a path-qualified executable may be in
         self.heredocs: list[tuple[str, bool, bool]] = []
 
     # ------------------------------------------------------------------ lexer
@@ -275,7 +243,8 @@ class _Parser:
             c = s[self.i]
             if c == "`":
                 self.i += 1
-                _Parser("".join(body), self.allow, True, self.out, self.depth + 1)._parse_list()
+                _Parser("".join(body), self.allow, True, self.out, self.depth + 1,
+                        self.dirs)._parse_list()
                 return s[start:self.i]
             if c == "\\" and s[self.i + 1:self.i + 2] in escapable and self.i + 1 < n:
                 body.append(s[self.i + 1])
@@ -364,7 +333,7 @@ class _Parser:
                 end = n
             if not quoted:   # the body undergoes $-expansion and command substitution
                 body = _Parser(s[start:end], self.allow, self.allow_sub, self.out,
-                               self.depth + 1)
+                               self.depth + 1, self.dirs)
                 body._dquote(None)
 
     # ----------------------------------------------------------------- parser
@@ -396,6 +365,9 @@ class _Parser:
                         self._for_header()
                         continue
                 if not words and _ASSIGN_RE.match(tok.raw):
+                    why = risky_assignment(tok.raw)
+                    if why:
+                        raise _refuse(why)
                     started = True
                     continue
                 words.append(tok)
@@ -475,6 +447,9 @@ class _Parser:
             if base == "eval":
                 self._check_string(args, "eval")
                 return
+            why = refusal(base, [a.value if not a.dynamic else a.raw for a in args])
+            if why:
+                raise _refuse(why)
             if base == "find":
                 self._check_find(args)
                 return
@@ -504,14 +479,33 @@ class _Parser:
             raise _refuse(f"empty executable name {word.raw!r}")
         if name not in self.allow and base not in self.allow:
             raise _refuse(f"{name!r} is not on the allowlist{_RISKY.get(base, '')}; {_HOW}")
+        if "/" in name:
+            self._check_dir(name)
         self.out.append(name)
         return base
+
+    def _check_dir(self, name: str) -> None:
+        """A path-qualified executable must lie in a configured directory.
+
+        The allowlist names programs, but ``./ls`` or ``b/cat`` may be any file
+        copied there (``cp /bin/rm ./ls``): only the directories of
+        ``obdask.cmd.executable-dirs`` are trusted to hold what their names say.
+        """
+        if ".." in name.split("/"):
+            raise _refuse(f"executable {name!r} goes through '..'; {_HOW_DIRS}")
+        folder = os.path.dirname(os.path.normpath(name)) or "."
+        if folder not in self.dirs:
+            raise _refuse(f"executable {name!r} is not in a directory of "
+                          f"obdask.cmd.executable-dirs (a file of any name can be copied "
+                          f"into {folder!r}); write the bare name to run it from PATH, or "
+                          f"{_HOW_DIRS}")
 
     def _check_string(self, args: list[_Word], what: str) -> None:
         if any(a.dynamic for a in args):
             raise _refuse(f"{what} of a non-literal string cannot be checked")
         text = " ".join(a.value for a in args)
-        _Parser(text, self.allow, self.allow_sub, self.out, self.depth + 1)._parse_list()
+        _Parser(text, self.allow, self.allow_sub, self.out, self.depth + 1,
+                self.dirs)._parse_list()
 
     def _check_shell_args(self, base: str, args: list[_Word]) -> None:
         """``sh -c STRING``: check STRING too; ``sh FILE`` runs a script (not checked)."""
@@ -549,46 +543,8 @@ class _Parser:
             i += 1
 
 
-def _command_index(base: str, opts: _Opts, args: list[_Word]) -> int | None:
-    """Index in ``args`` of the command a wrapper runs (== len(args): none); None: it runs none."""
-    i = 0
-    while i < len(args):
-        a = args[i]
-        if a.dynamic:
-            raise _refuse(f"cannot check the command run by {base}: {a.raw!r} is not literal")
-        v = a.value
-        if v == "--":
-            i += 1
-            break
-        if v.startswith("--"):
-            name, eq, _ = v[2:].partition("=")
-            if name in opts.long_arg and not eq:
-                i += 1
-            elif name not in opts.long_arg and name not in opts.long_flags:
-                raise _refuse(f"cannot check option {v!r} of {base}")
-        elif v.startswith("-") and len(v) > 1 and not (base == "env" and v == "-"):
-            for k, ch in enumerate(v[1:], 1):
-                if ch in opts.no_exec:
-                    return None
-                if ch in opts.attached:
-                    break
-                if ch in opts.with_arg:
-                    i += k == len(v) - 1
-                    break
-                if ch not in opts.flags:
-                    raise _refuse(f"cannot check option {v!r} of {base}")
-        elif v == "-":
-            pass
-        else:
-            break
-        i += 1
-    i += opts.positional
-    while opts.assignments and i < len(args) and _ASSIGN_RE.match(args[i].raw):
-        i += 1
-    return min(i, len(args))
-
-
-def find_commands(command: str, allowlist: frozenset[str], allow_substitution: bool) -> list[str]:
+def find_commands(command: str, allowlist: frozenset[str], allow_substitution: bool,
+                  executable_dirs: frozenset[str] = frozenset()) -> list[str]:
     """Return the executable of every simple command in ``command``, checked.
 
     Parameters
@@ -599,6 +555,9 @@ def find_commands(command: str, allowlist: frozenset[str], allow_substitution: b
         Executable names that may run.
     allow_substitution : bool
         Whether ``$(...)``, backticks and ``<(...)`` may appear.
+    executable_dirs : frozenset of str
+        Normalised directories (absolute, or relative to the working directory)
+        a path-qualified executable (``/usr/bin/git``) may be in.
 
     Returns
     -------
@@ -613,7 +572,8 @@ def find_commands(command: str, allowlist: frozenset[str], allow_substitution: b
     if "\x00" in command:
         raise _refuse("the command contains a NUL byte")
     out: list[str] = []
-    parser = _Parser(command, allowlist, allow_substitution, out)
+    parser = _Parser(command, allowlist, allow_substitution, out,
+                     dirs=frozenset(os.path.normpath(d) for d in executable_dirs))
     try:
         parser._parse_list()
     except RecursionError:

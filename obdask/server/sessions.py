@@ -37,6 +37,7 @@ from typing import Any
 
 import dask
 
+from obdask.redact import redact_obj
 from obdask.session.events import TOPIC
 
 logger = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ class SessionsExtension:
         for event in events:
             entry["seq"] += 1
             msg = {**event, "session": entry["id"], "seq": entry["seq"], "time": time.time()}
-            self.scheduler.log_event(TOPIC, msg)
+            self.scheduler.log_event(TOPIC, redact_obj(msg))  # events outlive the session
 
     def _wake_up(self, session: str) -> None:
         event = self._wake.pop(session, None)

@@ -45,8 +45,11 @@ def iso(t: float) -> str:
 
 
 def dumps(data: Any) -> bytes:
-    """The record's JSON encoding (stable key order, readable)."""
-    return json.dumps(data, indent=1, sort_keys=True, default=str).encode()
+    """The record's JSON encoding (stable key order, readable, secrets masked)."""
+    from obdask.redact import redact_obj
+
+    # session records hold model replies and command results: no secret goes to storage
+    return json.dumps(redact_obj(data), indent=1, sort_keys=True, default=str).encode()
 
 
 def check_epoch(epoch: Any) -> int:

@@ -290,6 +290,7 @@ class OllamaTestServer(_EndpointsMixin):
         path = h.path.split("?", 1)[0]
         h.route = path
         self._tls.conn = h.connection
+        self.stats._authorization(h.headers.get("Authorization"))
         routes = self._routes()
         try:
             raw = h.read_body()

@@ -21,6 +21,8 @@ class ServerStats:
         ``(path, model)`` -> number of requests (model is None for paths without one).
     statuses : collections.Counter
         ``(path, status)`` -> number of responses (``-1`` for a mid-stream error).
+    authorizations : collections.Counter
+        ``Authorization`` header value (None when absent) -> number of requests.
     calls : list of dict
         One dict per finished generation/embedding with the counts the server
         reported: ``path, model, prompt_eval_count, eval_count, done_reason,
@@ -37,6 +39,8 @@ class ServerStats:
             self.requests: Counter = Counter()
             self.statuses: Counter = Counter()
             self.calls: list[dict[str, Any]] = []
+            # Authorization header values received (None: none), counted per value
+            self.authorizations: Counter = Counter()
             self._in_flight: Counter = Counter(getattr(self, "_in_flight", ()))  # kept
             self._running: Counter = Counter(getattr(self, "_running", ()))
             self._peak: Counter = Counter(self._in_flight)
@@ -89,6 +93,10 @@ class ServerStats:
     def _request(self, path: str, model: str | None) -> None:
         with self._lock:
             self.requests[(path, model)] += 1
+
+    def _authorization(self, value: str | None) -> None:
+        with self._lock:
+            self.authorizations[value] += 1
 
     def _status(self, path: str, status: int) -> None:
         with self._lock:

@@ -1,0 +1,154 @@
+"""Secret hygiene (issue 13, item 5): planted secrets appear in no output, file, record or log.
+
+Secrets are planted in the environment (the CLI's and its workers'), in config
+(``obdask.storage-options``) and in command lines / output (``password=``,
+``token=``, ``Authorization: Bearer``); a plan runs and every output is searched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import dask
+import pytest
+
+import obdask
+from obdask.redact import MASK, redact, redact_bytes, redact_obj
+
+TAG = uuid.uuid4().hex[:8]
+ENV_SECRETS = {
+    "AWS_SECRET_ACCESS_KEY": f"aws-secret-{TAG}",
+    "OLLAMA_API_KEY": f"ollama-key-{TAG}",
+    "MY_SERVICE_TOKEN": f"svc-token-{TAG}",
+    "DB_PASSWORD": f"db-pass-{TAG}",
+}
+CONFIG_SECRETS = {"key": f"s3-key-{TAG}", "secret": f"s3-secret-{TAG}"}
+LINE_SECRETS = [f"hunter2-{TAG}", f"tok-{TAG}", f"bearer-{TAG}"]
+ALL = [*ENV_SECRETS.values(), *CONFIG_SECRETS.values(), *LINE_SECRETS]
+
+PLAN = (
+    f"- [ ] id=echo lane=1 payload=@cmd:echo password={LINE_SECRETS[0]}\n"
+    f"- [ ] id=fails lane=1 payload=@cmd:echo token={LINE_SECRETS[1]} >&2; false\n"
+    f"- [ ] id=header lane=1 payload=@cmd:echo 'Authorization: Bearer {LINE_SECRETS[2]}'\n"
+    "- [ ] id=env lane=1 payload=@cmd:env\n"
+)
+
+
+def _leaks(text: str) -> list[str]:
+    return [s for s in ALL if s in text]
+
+
+def _scan_files(root: Path) -> dict[str, list[str]]:
+    found = {}
+    for path in root.rglob("*"):
+        if path.is_file() and path.name != "plan.md":
+            leaks = _leaks(path.read_bytes().decode("utf-8", "replace"))
+            if leaks:
+                found[str(path)] = leaks
+    return found
+
+
+def test_redact_values_and_patterns(monkeypatch):
+    monkeypatch.setenv("OLLAMA_API_KEY", ENV_SECRETS["OLLAMA_API_KEY"])
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    with dask.config.set({"obdask.storage-options": {"s3": dict(CONFIG_SECRETS)}}):
+        text = (f"key {ENV_SECRETS['OLLAMA_API_KEY']} s3 {CONFIG_SECRETS['secret']} "
+                "password=abc123 --token x9y8z7 url s3://me:pw0rd99@host/b "
+                "Authorization: Bearer eyJhbGciOi region us-east-1")
+        out = redact(text)
+        assert _leaks(out) == [] and "abc123" not in out and "pw0rd99" not in out
+        assert "eyJhbGciOi" not in out and "us-east-1" in out and "s3://me:***@host" in out
+        assert redact_bytes(b"password=abc123 \xff") == b"password=*** \xff"
+        assert redact_obj({"a": [f"x {CONFIG_SECRETS['key']}"], "n": 3}) == {
+            "a": [f"x {MASK}"], "n": 3}
+    assert redact("tokens=1024 eval_count: 5 ok") == "tokens=1024 eval_count: 5 ok"
+
+
+def test_log_records_of_obdask_loggers_are_redacted(caplog):
+    with caplog.at_level(logging.DEBUG, logger="obdask"):
+        logging.getLogger(f"obdask.made.later.{TAG}").warning(
+            "running %s", f"echo password={LINE_SECRETS[0]}")
+    assert caplog.records and not _leaks(caplog.text), caplog.text
+    assert "password=***" in caplog.text
+
+
+def _cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "obdask.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.slow
+def test_cli_run_leaks_no_secret_anywhere(tmp_path):
+    plan = tmp_path / "plan.md"
+    plan.write_text(PLAN)
+    env = {**os.environ, **ENV_SECRETS,
+           "DASK_OBDASK__STORAGE_OPTIONS": repr({"s3": CONFIG_SECRETS}),
+           "DASK_LOGGING__OBDASK": "debug"}
+    table = _cli(["run", str(plan), "--workers", "1"], tmp_path, env)
+    as_json = _cli(["run", str(plan), "--workers", "1", "--json"], tmp_path, env)
+    assert table.returncode == 1 and as_json.returncode == 1, (table.stderr, as_json.stderr)
+    jobs = {j["id"]: j for j in json.loads(as_json.stdout)["jobs"]}
+    assert jobs["echo"]["status"] == "done" and jobs["fails"]["status"] == "failed"
+    assert "token=***" in jobs["fails"]["error"], jobs["fails"]
+    for name, out in [("table", table.stdout + table.stderr),
+                      ("json", as_json.stdout + as_json.stderr)]:
+        assert not _leaks(out), (name, _leaks(out), out[-3000:])
+    assert not _scan_files(tmp_path), _scan_files(tmp_path)
+    records = list((tmp_path / ".obdask").rglob("records.jsonl"))
+    assert len(records) == 2 and "password=***" in "".join(
+        p.read_text() for p in (tmp_path / ".obdask" / "artifacts").rglob("*") if p.is_file())
+    listing = _cli(["runs", str(plan), "--json"], tmp_path, env)
+    logs = _cli(["logs", str(plan)], tmp_path, env)
+    assert not _leaks(listing.stdout + listing.stderr + logs.stdout + logs.stderr)
+
+
+@pytest.mark.slow
+def test_run_events_metrics_and_frame_leak_nothing(tmp_path, monkeypatch, caplog):
+    from distributed import Client, LocalCluster
+
+    from obdask import metrics
+    from obdask.execute import EVENT_TOPIC
+
+    for name, value in ENV_SECRETS.items():
+        monkeypatch.setenv(name, value)
+    plan = tmp_path / "plan.md"
+    plan.write_text(PLAN)
+    with dask.config.set({"obdask.storage-options": {"s3": dict(CONFIG_SECRETS)}}), \
+            caplog.at_level(logging.DEBUG, logger="obdask"), \
+            LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
+                         dashboard_address=":0", silence_logs=logging.CRITICAL) as cluster, \
+            Client(cluster) as client:
+        result = obdask.run(plan, client)
+        events = client.get_events(EVENT_TOPIC)
+        jobs_frame = metrics.jobs(client)
+        event_frame = metrics.events(client)
+    outputs = {
+        "frame": result.frame.to_json(), "json": json.dumps(result.to_json(), default=str),
+        "events": repr(events), "metrics": jobs_frame.to_json(),
+        "metric-events": event_frame.to_json(), "log": caplog.text,
+    }
+    assert result.frame.loc["fails", "status"] == "failed"
+    # the job's environment is scrubbed: `env` printed none of the worker's secrets
+    env_out = result.frame.loc["env"]
+    assert env_out["status"] == "done"
+    for name, text in outputs.items():
+        assert not _leaks(text), (name, _leaks(text))
+    assert not _scan_files(tmp_path), _scan_files(tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_job_environment_is_scrubbed(tmp_path, mode):
+    """Neither the sandbox nor the rlimit-only mode passes the worker's secrets to a job."""
+    from obdask.payloads.cmd import run_command
+
+    with dask.config.set({"obdask.cmd.sandbox.mode": mode}):
+        res = run_command("env", tmp_path, env={**os.environ, **ENV_SECRETS}, timeout=60)
+    assert res.ok and b"PATH=" in res.stdout, res
+    names = [n for n in ENV_SECRETS if n.encode() in res.stdout]
+    assert not names and not _leaks(res.stdout.decode()), names
