@@ -1,10 +1,14 @@
-"""``obdask stats``: the cluster's obdask metrics as tables (:mod:`obdask.metrics`)."""
+"""``obdask stats`` (the cluster's obdask metrics as tables, :mod:`obdask.metrics`) and
+``obdask why`` (why a job or session is not running yet)."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import click
+
+from obdask.cli_common import EXIT_USAGE
 
 BY = ("model", "endpoint", "plan", "session", "worker", "job", "time")
 
@@ -74,3 +78,36 @@ def _stats(scheduler: str, by: str, freq: str) -> None:
         click.echo(_workers_table(workers).to_string() if not workers.empty else "  none")
         click.echo(f"\ntokens by {by}:")
         click.echo(tokens.to_string() if not tokens.empty else "  no model calls yet")
+
+
+@click.command()
+@click.argument("key")
+@click.option("--scheduler", required=True, envvar="DASK_SCHEDULER_ADDRESS",
+              help="Scheduler address or scheduler-file .json (or DASK_SCHEDULER_ADDRESS).")
+@click.option("--json", "as_json", is_flag=True, help="Print the scheduler's answer as JSON.")
+def why(key: str, scheduler: str, as_json: bool) -> None:
+    """Say why the job KEY (plan::step) or session KEY is not running yet."""
+    from obdask.cli_common import _guard
+
+    _guard(_why)(key, scheduler, as_json)
+
+
+def _why(key: str, scheduler: str, as_json: bool) -> None:
+    import json
+
+    from obdask import metrics
+    from obdask.cluster import connect
+
+    with connect(scheduler) as client:
+        from obdask.server import install
+
+        install(client)
+        answer = metrics.why(client, key)
+    if as_json:
+        click.echo(json.dumps(answer, indent=2, default=str))
+        return
+    click.echo(f"{answer['what']} {answer['key']}: {answer.get('state') or '-'}")
+    for reason in answer["reasons"]:
+        click.echo(f"  {reason['cause']}: {reason['message']}")
+    if answer["what"] == "unknown":
+        sys.exit(EXIT_USAGE)

@@ -11,6 +11,7 @@ samples; these functions fetch them::
     metrics.workers(client)              # CPU, RAM, disk, GPUs, VRAM per worker
     metrics.budgets(client)              # token budgets: limit, used, available
     metrics.events(client)               # obdask events (failed jobs, tokens, ...)
+    metrics.why(client, "plan::step")    # why a job or session is not running (a dict)
 
 Each is awaitable with an asynchronous client.  pandas is needed here only,
 never on the scheduler.
@@ -144,3 +145,16 @@ def events(client: Any, since: float | None = None, limit: int | None = 1000) ->
     return _call(client, "obdask_metrics_events",
                  lambda r: _frame(r, ["ts", "topic", "event", "key", "worker"]),
                  since=since, limit=limit)
+
+
+def why(client: Any, key: str) -> Any:
+    """Why the job ``key`` (``plan::step``) or session ``key`` is not running yet.
+
+    Returns the scheduler's answer (:mod:`obdask.server.waiting`): a dict with
+    ``key``, ``what`` (``job``, ``session`` or ``unknown``), ``state`` and
+    ``reasons``, a list of dicts each with a ``cause`` (``dependencies``,
+    ``no-worker``, ``queued``, ``budget``, ``slots``, ``lease``, ``human``,
+    ``warm-worker-busy``, ``worker-busy``, ``running``, ...), a one-line
+    ``message`` and that cause's details.
+    """
+    return _call(client, "obdask_why_get", lambda r: r, key=key)

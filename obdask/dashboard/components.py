@@ -205,3 +205,26 @@ class RecentEvents(DashboardComponent):
             "text": [json.dumps({k: v for k, v in e.items() if k not in ("ts", "topic")},
                                 default=str)[:300] for e in events],
         })
+
+
+class Waiting(DashboardComponent):
+    """What is not running yet and why (:mod:`obdask.server.waiting`, as ``obdask why``)."""
+
+    @log_errors
+    def __init__(self, scheduler: Any, limit: int = 50, **kwargs: Any) -> None:
+        self.scheduler = scheduler
+        self.limit = limit
+        self.source = ColumnDataSource({"what": [], "key": [], "cause": [], "message": []})
+        kwargs.pop("sizing_mode", None)
+        self.root = _table(self.source, [("what", "what"), ("key", "key"), ("cause", "cause"),
+                                         ("message", "why")], "obdask_waiting",
+                           sizing_mode="stretch_width", **kwargs)
+
+    @log_errors
+    def update(self) -> None:
+        from obdask.server import extension
+
+        ext = extension(self.scheduler, "waiting")
+        rows = ext.waiting(self.limit) if ext is not None else []
+        update(self.source, {k: [str(r.get(k, "")) for r in rows]
+                             for k in ("what", "key", "cause", "message")})

@@ -35,6 +35,7 @@ from obdask.server.locality import LocalityExtension
 from obdask.server.metrics import MetricsExtension
 from obdask.server.runs import RunsExtension
 from obdask.server.sessions import SessionsExtension
+from obdask.server.waiting import WaitingExtension
 from obdask.server.worker import NAME as WORKER_PLUGIN_NAME
 from obdask.server.worker import ObdaskWorkerPlugin
 
@@ -50,6 +51,7 @@ EXTENSIONS: dict[str, Callable[[Any], Any]] = {
     "budgets": BudgetExtension,
     "sessions": SessionsExtension,
     "metrics": MetricsExtension,
+    "waiting": WaitingExtension,
 }
 
 _HOOKS = ("transition", "update_graph", "add_worker", "remove_worker", "remove_client")
