@@ -35,6 +35,10 @@ def note(kind: str, value: dict[str, Any] | None) -> bool:
     worker, key = _current()
     if worker is None or key is None:
         return False
+    # Only where obdask's scheduler plugin installed its worker plugin: a stream op the
+    # scheduler does not know would close the worker's stream.
+    if "obdask-worker" not in (getattr(worker, "plugins", None) or {}):
+        return False
     stream = getattr(worker, "batched_stream", None)
     if stream is None:
         return False
