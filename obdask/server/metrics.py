@@ -40,6 +40,7 @@ from typing import Any
 import dask
 
 from obdask.keys import SEPARATOR, job_id_of
+from obdask.server.pressure import Pressure
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,8 @@ class MetricsExtension:
         self._attempts: dict[str, int] = {}
         #: Task groups (one per plan) that held obdask jobs; pruned when Dask drops them.
         self._groups: dict[str, str] = {}
+        #: Pressure events at the configured fractions of limits.
+        self.pressure = Pressure(scheduler)
         _register_collector(scheduler)
 
     def configure(self) -> None:
@@ -142,6 +145,7 @@ class MetricsExtension:
             record.setdefault("worker", worker)
         if kind == "tokens":
             self._add_tokens(record)
+            self._pressure("on_tokens", record, time.time())
         elif kind == "job":
             job = record.get("job")
             if job is not None and "attempts" not in record:
@@ -153,8 +157,15 @@ class MetricsExtension:
             record.setdefault("ts", time.time())
             self.samples.append(record)
             self.latest[str(record.get("worker"))] = record
+            self._pressure("on_sample", str(record.get("worker")), record, self.latest)
         else:
             raise ValueError(f"unknown metrics record kind {kind!r}; use one of {KINDS}")
+
+    def _pressure(self, method: str, *args: Any) -> None:
+        try:
+            getattr(self.pressure, method)(*args)
+        except Exception:  # pressure is advice: never lose the record over it
+            logger.exception("obdask: pressure check %s failed", method)
 
     def _add_tokens(self, record: dict[str, Any]) -> None:
         self.tokens.append(record)
@@ -216,8 +227,9 @@ class MetricsExtension:
         return counts
 
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
-        """Forget the latest sample of a worker that left."""
+        """Forget the latest sample and the pressure levels of a worker that left."""
         self.latest.pop(worker, None)
+        self.pressure.forget(f"worker:{worker}")
 
     # -- handlers ---------------------------------------------------------------
     @staticmethod
