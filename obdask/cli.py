@@ -512,10 +512,11 @@ from obdask.judge_cli import attach as _attach_judge  # noqa: E402
 main.add_command(_session)
 _attach_judge(main, _guard, _announce)
 
-from obdask.cli_stats import stats, why  # noqa: E402
+from obdask.cli_stats import report, stats, why  # noqa: E402
 
 main.add_command(stats)
 main.add_command(why)
+main.add_command(report)
 
 if __name__ == "__main__":  # pragma: no cover
     main()
