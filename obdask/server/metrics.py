@@ -105,6 +105,7 @@ class MetricsExtension:
         #: Pressure events at the configured fractions of limits.
         self.pressure = Pressure(scheduler)
         _register_collector(scheduler)
+        self._start_snapshots()
 
     def configure(self) -> None:
         """(Re)read the buffer sizes from ``obdask.metrics``; keeps the newest records."""
@@ -113,6 +114,62 @@ class MetricsExtension:
         self.jobs = deque(self.jobs, maxlen=size)
         self.tokens = deque(self.tokens, maxlen=size)
         self.samples = deque(self.samples, maxlen=min(size, history))
+
+    # -- parquet snapshots (obdask.server.snapshots) -------------------------------------
+    def _start_snapshots(self) -> None:
+        """Load the last snapshot and snapshot every ``snapshot-interval`` (with a URL)."""
+        self.snapshot_url = dask.config.get("obdask.metrics.snapshot-url", None)
+        self._snapshotting = False
+        if not self.snapshot_url:
+            return
+        from dask.utils import parse_timedelta
+        from tornado.ioloop import PeriodicCallback
+
+        try:
+            self.load_snapshot()
+        except Exception:  # a damaged or unreadable snapshot must not stop the scheduler
+            logger.exception("obdask: could not load metrics snapshot from %s",
+                             self.snapshot_url)
+        interval = parse_timedelta(
+            dask.config.get("obdask.metrics.snapshot-interval", "60s"), default="s")
+        pc = PeriodicCallback(self.snapshot, max(0.05, float(interval)) * 1000)
+        # stopped with the scheduler's own periodic callbacks (distributed's extension way)
+        self.scheduler.periodic_callbacks["obdask-metrics-snapshot"] = pc
+        if self.scheduler.status.name == "running":
+            pc.start()
+
+    def load_snapshot(self) -> int:
+        """Read the tables at ``snapshot-url`` into the buffers and totals; records read."""
+        from obdask.server.snapshots import read_tables
+
+        tables = read_tables(self.snapshot_url)
+        for record in tables.get("tokens", []):
+            self._add_tokens(record)
+        for record in tables.get("jobs", []):
+            self.jobs.append(record)
+            status = str(record.get("status"))
+            self.job_totals[status] = self.job_totals.get(status, 0) + 1
+        n = sum(map(len, tables.values()))
+        logger.info("obdask: %d metrics records loaded from %s", n, self.snapshot_url)
+        return n
+
+    async def snapshot(self) -> None:
+        """Write the job and token tables to ``snapshot-url`` (in a thread; one at a time)."""
+        if self._snapshotting or not self.snapshot_url:
+            return
+        import asyncio
+
+        from obdask.server.snapshots import write_tables
+
+        self._snapshotting = True
+        try:
+            tables = {"jobs": list(self.jobs), "tokens": list(self.tokens)}
+            await asyncio.get_running_loop().run_in_executor(
+                None, write_tables, self.snapshot_url, tables)
+        except Exception:  # the store is down: the next tick tries again
+            logger.exception("obdask: metrics snapshot to %s failed", self.snapshot_url)
+        finally:
+            self._snapshotting = False
 
     @property
     def handlers(self) -> dict[str, Any]:
