@@ -116,3 +116,14 @@ def test_real_worker_samples_publish_on_the_event_bus():
     assert {("critical", "worker", "memory"), ("critical", "cluster", "memory"),
             ("critical", "worker", "disk")} <= levels
     assert "obdask.pressure" in set(frame["topic"])
+
+
+def test_metrics_enabled_false_leaves_the_extension_out():
+    def test(s, ext):
+        from obdask.server import extension
+
+        return ext, extension(s, "waiting") is not None, "obdask_metrics_jobs" in s.handlers
+
+    ext, waiting, handler = with_scheduler(test, enabled=False)
+    assert ext is None and not handler
+    assert waiting  # the other extensions still run

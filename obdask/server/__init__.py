@@ -25,6 +25,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import dask
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 from distributed.utils import log_errors
@@ -81,6 +82,8 @@ class ObdaskPlugin(SchedulerPlugin):
         """Start every extension, register its handlers, install the worker plugin."""
         self.scheduler = scheduler
         for name, factory in EXTENSIONS.items():
+            if name == "metrics" and not dask.config.get("obdask.metrics.enabled", True):
+                continue  # obdask.metrics.enabled: false (the benchmark's baseline)
             ext = self.extensions[name] = factory(scheduler)
             for op, handler in getattr(ext, "handlers", {}).items():
                 scheduler.handlers[op] = log_errors(handler)
