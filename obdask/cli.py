@@ -19,6 +19,7 @@ from obdask.cli_common import (
     EXIT_USAGE,
     _fail,
     _guard,
+    hold_dashboard,
 )
 from obdask.exceptions import SchedulerLost
 
@@ -144,10 +145,12 @@ def hash(path: str) -> None:  # noqa: A001
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object and nothing else.")
 @click.option("--tls", default=None, metavar="DIR", help="Mutual TLS with the certificates "
               "of `obdask certs init DIR` (config obdask.security.tls).")
+@click.option("--dashboard", is_flag=True, help="Print the /obdask page URL and keep the "
+              "embedded cluster up after the run until Ctrl-C.")
 @_guard
 def run(plan: str, scheduler: str | None, workers: int | None, workspace: str | None,
         resume: bool, wait_for_resources: str | None, as_json: bool,
-        tls: str | None = None) -> None:
+        tls: str | None = None, dashboard: bool = False) -> None:
     """Run PLAN on Dask; exits 1 if any job failed."""
     import dask
 
@@ -175,6 +178,12 @@ def run(plan: str, scheduler: str | None, workers: int | None, workspace: str | 
         with dask.config.set(overrides), connect(scheduler, workers, _announce) as client:
             result = run_plan(parsed, client, workspace=workspace, resume=resume,
                               progress=bar)
+            if dashboard:
+                if bar is not None:
+                    bar.close()
+                    bar = None
+                _report(result, as_json)
+                hold_dashboard(client, 0 if result.ok else EXIT_FAILED_JOBS)  # remote: returns
     except SchedulerLost as exc:
         if as_json and exc.result is not None:
             click.echo(json.dumps(exc.result.to_json(), default=str))
@@ -183,11 +192,16 @@ def run(plan: str, scheduler: str | None, workers: int | None, workspace: str | 
     finally:
         if bar is not None:
             bar.close()
+    if not dashboard:  # --dashboard reported before holding the cluster
+        _report(result, as_json)
+    sys.exit(0 if result.ok else EXIT_FAILED_JOBS)
+
+
+def _report(result: Any, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result.to_json(), default=str))
     else:
         _print_summary(result)
-    sys.exit(0 if result.ok else EXIT_FAILED_JOBS)
 
 
 @main.command()
@@ -498,9 +512,11 @@ from obdask.judge_cli import attach as _attach_judge  # noqa: E402
 main.add_command(_session)
 _attach_judge(main, _guard, _announce)
 
-from obdask.cli_stats import stats  # noqa: E402
+from obdask.cli_stats import report, stats, why  # noqa: E402
 
 main.add_command(stats)
+main.add_command(why)
+main.add_command(report)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -66,3 +66,28 @@ _STORAGE_PACKAGES = ("botocore", "aiobotocore", "s3fs", "fsspec", "gcsfs", "adlf
 
 def _is_storage_error(exc: BaseException) -> bool:
     return type(exc).__module__.split(".", 1)[0] in _STORAGE_PACKAGES
+
+
+def hold_dashboard(client: Any, status: int = 0) -> None:
+    """``--dashboard``: print the ``/obdask`` page URL and keep an embedded cluster up.
+
+    On stderr (stdout stays for ``--json``).  With an embedded cluster, waits
+    until Ctrl-C, then exits with ``status`` (the command's own result: Ctrl-C
+    is how one leaves the page here, not an interruption of the work); with a
+    remote scheduler, which outlives the command, only prints the URL.
+    """
+    import time
+
+    from obdask.dashboard import dashboard_url
+
+    url = dashboard_url(client) or "none (the scheduler serves no dashboard)"
+    if getattr(client, "cluster", None) is None:
+        click.echo(f"dashboard: {url}", err=True)
+        return
+    click.echo(f"dashboard: {url} (Ctrl-C to stop the cluster)", err=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        click.echo("dashboard closed", err=True)
+    sys.exit(status)

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from obdask.cli_common import _fail, _guard  # noqa: E402
+from obdask.cli_common import _fail, _guard, hold_dashboard  # noqa: E402
 
 SCHEDULER = click.option("--scheduler", default=None, metavar="ADDR",
                          help="Scheduler address or scheduler-file .json.")
@@ -61,32 +61,45 @@ def session() -> None:
 @click.option("--id", "session_id", default=None, help="Session id (default: time + random).")
 @click.option("--wait", is_flag=True, help="Wait for the end (an embedded cluster without "
               "--scheduler); exit 1 unless it finished.")
+@click.option("--dashboard", is_flag=True, help="Print the /obdask page URL and keep the "
+              "embedded cluster up until Ctrl-C (after the end with --wait).")
 @JSON
 @_guard
 def start(prompt: str, scheduler: str | None, store: str | None, workspace: str | None,
-          session_id: str | None, wait: bool, as_json: bool) -> None:
+          session_id: str | None, wait: bool, as_json: bool, dashboard: bool = False) -> None:
     """Start a session answering PROMPT; prints its id at once (unless --wait)."""
     from obdask.cluster import connect
     from obdask.session.api import Session
 
-    if scheduler is None and not wait:
+    if scheduler is None and not (wait or dashboard):
         _fail("start without --scheduler runs an embedded cluster that ends with this "
-              "command: pass --scheduler ADDR, or --wait")
+              "command: pass --scheduler ADDR, --wait or --dashboard")
     with connect(scheduler) as client:
         s = Session.start(client, prompt, session_id=session_id, store=store,
                           workspace=workspace)
         if not wait:
             _echo({"id": s.id, "state": "running"}) if as_json else click.echo(s.id)
+            if dashboard:
+                hold_dashboard(client)
             return
         final = s.wait()
         shown = s.show()
+        status = 0 if final["state"] == "done" else 1
+        if dashboard:
+            _show_final(shown, as_json)
+            hold_dashboard(client, status)
+    if not dashboard:
+        _show_final(shown, as_json)
+    if status:
+        raise SystemExit(status)
+
+
+def _show_final(shown: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _echo(shown)
     else:
         click.echo(f"{_line(shown)}  tokens {shown['tokens']['input']}+"
                    f"{shown['tokens']['output']}")
-    if final["state"] != "done":
-        raise SystemExit(1)
 
 
 @session.command()

@@ -1,10 +1,14 @@
-"""``obdask stats``: the cluster's obdask metrics as tables (:mod:`obdask.metrics`)."""
+"""``obdask stats`` (the cluster's obdask metrics as tables, :mod:`obdask.metrics`) and
+``obdask why`` (why a job or session is not running yet)."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import click
+
+from obdask.cli_common import EXIT_USAGE
 
 BY = ("model", "endpoint", "plan", "session", "worker", "job", "time")
 
@@ -74,3 +78,83 @@ def _stats(scheduler: str, by: str, freq: str) -> None:
         click.echo(_workers_table(workers).to_string() if not workers.empty else "  none")
         click.echo(f"\ntokens by {by}:")
         click.echo(tokens.to_string() if not tokens.empty else "  no model calls yet")
+
+
+@click.command()
+@click.argument("key")
+@click.option("--scheduler", required=True, envvar="DASK_SCHEDULER_ADDRESS",
+              help="Scheduler address or scheduler-file .json (or DASK_SCHEDULER_ADDRESS).")
+@click.option("--json", "as_json", is_flag=True, help="Print the scheduler's answer as JSON.")
+def why(key: str, scheduler: str, as_json: bool) -> None:
+    """Say why the job KEY (plan::step) or session KEY is not running yet."""
+    from obdask.cli_common import _guard
+
+    _guard(_why)(key, scheduler, as_json)
+
+
+def _why(key: str, scheduler: str, as_json: bool) -> None:
+    import json
+
+    from obdask import metrics
+    from obdask.cluster import connect
+
+    with connect(scheduler) as client:
+        from obdask.server import install
+
+        install(client)
+        answer = metrics.why(client, key)
+    if as_json:
+        click.echo(json.dumps(answer, indent=2, default=str))
+        return
+    click.echo(f"{answer['what']} {answer['key']}: {answer.get('state') or '-'}")
+    for reason in answer["reasons"]:
+        click.echo(f"  {reason['cause']}: {reason['message']}")
+    if answer["what"] == "unknown":
+        sys.exit(EXIT_USAGE)
+
+
+@click.command()
+@click.argument("run_or_session")
+@click.option("-o", "--output", default="report.html", show_default=True,
+              help="The HTML file to write.")
+@click.option("--run-id", default=None, help="Which run of the plan (default: the latest).")
+@click.option("--store", default=None, help="Session store URL (default: obdask.sessions.store).")
+@click.option("--workspace", default=None, help="Workspace of the session store's default.")
+def report(run_or_session: str, output: str, run_id: str | None, store: str | None,
+           workspace: str | None) -> None:
+    """Write a standalone HTML report of a finished run (a PLAN file) or a SESSION id."""
+    from obdask.cli_common import _guard
+
+    _guard(_report)(run_or_session, output, run_id, store, workspace)
+
+
+def _report(target: str, output: str, run_id: str | None, store: str | None,
+            workspace: str | None) -> None:
+    import os
+
+    from obdask import report as rep
+
+    if os.path.isfile(target):
+        from obdask import config
+        from obdask.plan import Plan
+        from obdask.records import read_run
+        from obdask.runner import _store_url
+
+        plan = Plan.from_file(target)
+        url = _store_url("records", None, plan)
+        records = read_run(url, plan.plan_id, run_id, config.storage_options(url))
+        if not records:
+            which = f"run {run_id}" if run_id else "run"
+            raise click.ClickException(f"no recorded {which} of plan {plan.plan_id!r} "
+                                       f"under {url}")
+        which = run_id or records[0].get("run_id") or "latest"
+        title = f"obdask run {plan.plan_id} {which}"
+        layout = rep.run_layout(records, title)
+    else:
+        from obdask.session.store import open_store
+
+        record = open_store(store, workspace).read(target)  # UnknownSession: one line
+        title = f"obdask session {record.id}"
+        layout = rep.session_layout(record)
+    rep.write(layout, output, f"{title} ({rep.stamp()})")
+    click.echo(output)

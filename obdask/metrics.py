@@ -11,6 +11,8 @@ samples; these functions fetch them::
     metrics.workers(client)              # CPU, RAM, disk, GPUs, VRAM per worker
     metrics.budgets(client)              # token budgets: limit, used, available
     metrics.events(client)               # obdask events (failed jobs, tokens, ...)
+    metrics.sessions(client)             # sessions: state, schedule, process, flow code, tokens
+    metrics.why(client, "plan::step")    # why a job or session is not running (a dict)
 
 Each is awaitable with an asynchronous client.  pandas is needed here only,
 never on the scheduler.
@@ -29,6 +31,11 @@ TOKEN_COLUMNS = ["ts", "model", "endpoint", "worker", "plan", "job", "session", 
 WORKER_COLUMNS = ["worker", "name", "ts", "cpu_percent", "memory_used", "memory_total",
                   "disk_used", "disk_total", "load_1m", "gpus", "gpu_utilization", "vram_used",
                   "vram_total", "dask_cpu", "dask_memory", "nthreads", "processing", "models"]
+SESSION_COLUMNS = ["session", "state", "schedule", "schedule_name", "process", "process_name",
+                   "position", "flow_code", "input_tokens", "output_tokens", "processes",
+                   "live", "holder", "epoch", "question", "updated"]
+#: The schedules of the 5x3 grid, by number (:class:`obdask.session.model.Schedule`).
+SCHEDULES = {1: "Knowledge", 2: "Plan", 3: "Implement", 4: "Scale", 5: "Production"}
 #: What :func:`tokens` can group by (``time``: buckets of ``freq``).
 BY = ("model", "endpoint", "plan", "session", "worker", "job", "time")
 
@@ -145,3 +152,51 @@ def events(client: Any, since: float | None = None, limit: int | None = 1000) ->
     return _call(client, "obdask_metrics_events",
                  lambda r: _frame(r, ["ts", "topic", "event", "key", "worker"]),
                  since=since, limit=limit)
+
+
+def why(client: Any, key: str) -> Any:
+    """Why the job ``key`` (``plan::step``) or session ``key`` is not running yet.
+
+    Returns the scheduler's answer (:mod:`obdask.server.waiting`): a dict with
+    ``key``, ``what`` (``job``, ``session`` or ``unknown``), ``state`` and
+    ``reasons``, a list of dicts each with a ``cause`` (``dependencies``,
+    ``no-worker``, ``queued``, ``budget``, ``slots``, ``lease``, ``human``,
+    ``warm-worker-busy``, ``worker-busy``, ``running``, ...), a one-line
+    ``message`` and that cause's details.
+    """
+    return _call(client, "obdask_why_get", lambda r: r, key=key)
+
+
+def session_row(entry: dict[str, Any]) -> dict[str, Any]:
+    """One row of :func:`sessions` from the sessions extension's shared state."""
+    import re
+
+    where = re.fullmatch(r"S(\d)P(\d)", str(entry.get("position") or ""))
+    schedule = int(where.group(1)) if where else None
+    tokens = entry.get("tokens") or {}
+    question = entry.get("question") or {}
+    return {"session": entry.get("id"), "state": entry.get("state"), "schedule": schedule,
+            "schedule_name": SCHEDULES.get(schedule or 0),
+            "process": int(where.group(2)) if where else None,
+            "process_name": entry.get("process"), "position": entry.get("position"),
+            "flow_code": entry.get("flow_code") or "",
+            "input_tokens": int(tokens.get("input") or 0),
+            "output_tokens": int(tokens.get("output") or 0),
+            "processes": entry.get("processes"), "live": bool(entry.get("live")),
+            "holder": entry.get("holder"), "epoch": entry.get("epoch"),
+            "question": question.get("question"), "updated": entry.get("updated")}
+
+
+def sessions(client: Any) -> Any:
+    """The sessions the scheduler tracks, one row each (oldest first), indexed by id.
+
+    Columns: ``state`` (``submitted``, ``running``, ``waiting``, ``done``,
+    ``interrupted``...), ``schedule`` (1-5) and ``schedule_name``, ``process``
+    (1-3) and ``process_name`` (``Research``...), ``position`` (``S2P1``,
+    ``start``, ``done``), ``flow_code``, ``input_tokens``, ``output_tokens``,
+    ``processes`` (run so far), ``live`` (a driver holds it), ``holder``,
+    ``epoch``, ``question`` (asked of a human, else None), ``updated``.
+    """
+    return _call(client, "obdask_session_list",
+                 lambda r: _frame([session_row(e) for e in r], SESSION_COLUMNS)
+                 .set_index("session", drop=False))

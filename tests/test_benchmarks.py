@@ -81,3 +81,9 @@ def test_bench_judge(tmp_path):
     (row,) = data["runs"]
     assert row["wall_s"] >= row["critical_path_s"] > 0
     assert set(row["phases"]) == {"prepare", "experts", "synthesis", "store"}
+
+
+def test_bench_metrics(tmp_path):
+    data = _run("bench_metrics.py", "--jobs", "20", tmp_path=tmp_path)
+    assert [(r["jobs"], r["metrics"]) for r in data["runs"]] == [(20, False), (20, True)]
+    assert all(r["scheduler_cpu_s"] > 0 for r in data["runs"]) and data["ratio"] > 0

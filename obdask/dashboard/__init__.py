@@ -34,6 +34,8 @@ INDIVIDUAL = {
     "/individual-obdask-jobs": "JobStatus",
     "/individual-obdask-workers": "WorkerResources",
     "/individual-obdask-events": "RecentEvents",
+    "/individual-obdask-waiting": "Waiting",
+    "/individual-obdask-sessions": "Sessions",
 }
 #: Milliseconds between updates of a page's components.
 INTERVAL = 1000
@@ -80,12 +82,15 @@ def obdask_doc(scheduler: Any, extra: dict[str, Any], doc: Any) -> None:
     jobs = c.JobStatus(scheduler)
     workers = c.WorkerResources(scheduler)
     events = c.RecentEvents(scheduler)
-    for comp in (tokens, jobs, workers, events):
+    waiting = c.Waiting(scheduler)
+    sessions = c.Sessions(scheduler)
+    for comp in (tokens, jobs, workers, sessions, waiting, events):
         comp.update()
         add_periodic_callback(doc, comp, INTERVAL)
     doc.title = "Dask: obdask"
     doc.add_root(column(row(tokens.root, jobs.root, sizing_mode="stretch_width"),
-                        workers.root, events.root, sizing_mode="stretch_width",
+                        workers.root, sessions.root, waiting.root, events.root,
+                        sizing_mode="stretch_width",
                         name="obdask"))
     doc.template = env.get_template("simple.html")
     doc.template_variables.update(extra)

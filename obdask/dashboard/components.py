@@ -205,3 +205,92 @@ class RecentEvents(DashboardComponent):
             "text": [json.dumps({k: v for k, v in e.items() if k not in ("ts", "topic")},
                                 default=str)[:300] for e in events],
         })
+
+
+class Waiting(DashboardComponent):
+    """What is not running yet and why (:mod:`obdask.server.waiting`, as ``obdask why``)."""
+
+    @log_errors
+    def __init__(self, scheduler: Any, limit: int = 50, **kwargs: Any) -> None:
+        self.scheduler = scheduler
+        self.limit = limit
+        self.source = ColumnDataSource({"what": [], "key": [], "cause": [], "message": []})
+        kwargs.pop("sizing_mode", None)
+        self.root = _table(self.source, [("what", "what"), ("key", "key"), ("cause", "cause"),
+                                         ("message", "why")], "obdask_waiting",
+                           sizing_mode="stretch_width", **kwargs)
+
+    @log_errors
+    def update(self) -> None:
+        from obdask.server import extension
+
+        ext = extension(self.scheduler, "waiting")
+        rows = ext.waiting(self.limit) if ext is not None else []
+        update(self.source, {k: [str(r.get(k, "")) for r in rows]
+                             for k in ("what", "key", "cause", "message")})
+
+
+class Sessions(DashboardComponent):
+    """Sessions on the 5x3 grid of schedules and processes, and their flow codes.
+
+    A cell is highlighted (and counts) where sessions are now; the table lists
+    the newest sessions with state, position, flow code and tokens.
+    """
+
+    @log_errors
+    def __init__(self, scheduler: Any, limit: int = 50, **kwargs: Any) -> None:
+        from obdask.metrics import SCHEDULES
+        from obdask.session.model import PROCESSES
+
+        self.scheduler = scheduler
+        self.limit = limit
+        cells = [(s, p) for s in range(1, 6) for p in range(1, 4)]
+        names = {(int(k[0]), int(k[1])): v.name for k, v in PROCESSES.items()}
+        self.grid = ColumnDataSource({
+            "schedule": [SCHEDULES[s] for s, _ in cells], "process": [f"P{p}" for _, p in cells],
+            "name": [names[c] for c in cells], "count": [0] * len(cells),
+            "color": ["#eeeeee"] * len(cells), "sessions": [""] * len(cells)})
+        self.source = ColumnDataSource({k: [] for k in (
+            "session", "state", "position", "process_name", "flow_code", "tokens")})
+        kwargs.pop("sizing_mode", None)
+        fig = figure(title="Sessions: schedule x process", name="obdask_sessions_grid",
+                     x_range=["P1", "P2", "P3"], y_range=list(reversed(SCHEDULES.values())),
+                     height=300, width=420, tools="", toolbar_location=None)
+        fig.rect("process", "schedule", 0.95, 0.9, source=self.grid, fill_color="color",
+                 line_color="#999999")
+        fig.text("process", "schedule", text="name", source=self.grid, text_align="center",
+                 text_baseline="middle", text_font_size="11px")
+        fig.add_tools(HoverTool(tooltips=[("process", "@name"), ("sessions here", "@count"),
+                                          ("", "@sessions")]))
+        table = _table(self.source, [("session", "session"), ("state", "state"),
+                                     ("position", "at"), ("process_name", "process"),
+                                     ("flow_code", "flow code"), ("tokens", "tokens")],
+                       "obdask_sessions", sizing_mode="stretch_width", **kwargs)
+        self.root = column(fig, table, sizing_mode="stretch_width")
+
+    @log_errors
+    def update(self) -> None:
+        from obdask.server import extension
+
+        ext = extension(self.scheduler, "sessions")
+        entries = list(getattr(ext, "sessions", {}).values())[-self.limit:]
+        here: dict[str, list[str]] = defaultdict(list)
+        rows = []
+        for entry in entries:
+            position = str(entry.get("position") or "")
+            if entry.get("state") not in ("done", "failed", "cancelled"):
+                here[position].append(str(entry["id"]))
+            tokens = entry.get("tokens") or {}
+            rows.append({"session": str(entry["id"]), "state": str(entry.get("state")),
+                         "position": position, "process_name": str(entry.get("process") or ""),
+                         "flow_code": str(entry.get("flow_code") or ""),
+                         "tokens": str(int(tokens.get("input") or 0)
+                                       + int(tokens.get("output") or 0))})
+        rows.reverse()
+        cells = [f"S{s}P{p}" for s in range(1, 6) for p in range(1, 4)]
+        update(self.grid, {**dict(self.grid.data),
+                           "count": [len(here[c]) for c in cells],
+                           "color": ["#f4a261" if here[c] else "#eeeeee" for c in cells],
+                           "sessions": [", ".join(here[c][:5]) for c in cells]})
+        update(self.source, {k: [r[k] for r in rows] for k in (
+            "session", "state", "position", "process_name", "flow_code", "tokens")})

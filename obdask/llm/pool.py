@@ -30,6 +30,7 @@ import dask
 from obdask import config
 from obdask.exceptions import ConfigError, ModelError
 from obdask.llm.urls import normalize_url
+from obdask.waiting import note
 
 logger = logging.getLogger(__name__)
 
@@ -127,11 +128,15 @@ class SlotLease:
         self._semaphore = semaphore
         self._gate = gate
         self._held = True
+        #: Whether the scheduler was told this task holds the slot (obdask why).
+        self.noted = False
 
     def release(self) -> None:
         """Give the slot back (idempotent)."""
         if self._held:
             self._held = False
+            if self.noted:
+                note("holds", None)
             for sem in (self._semaphore, self._gate):
                 if sem is None:
                     continue
@@ -380,6 +385,20 @@ class EndpointPool:
         """
         if not urls:
             raise ValueError("acquire_slot needs at least one endpoint")
+        # obdask why: the scheduler learns who waits for and who holds the slots
+        noted = note("waiting", {"cause": "slots", "model": model, "urls": list(urls)})
+        try:
+            lease = self._acquire_slot(urls, model, timeout)
+        except BaseException:
+            if noted:
+                note("waiting", None)
+            raise
+        if noted:
+            lease.noted = note("holds", {"model": model, "url": lease.url})
+        return lease
+
+    def _acquire_slot(self, urls: Sequence[str], model: str, timeout: float | None
+                      ) -> SlotLease:
         deadline = None if timeout is None else time.monotonic() + timeout
         sems = [(u, slot_semaphore(u, model)) for u in urls]
         if len(sems) > 1:

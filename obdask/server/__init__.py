@@ -25,6 +25,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import dask
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 from distributed.utils import log_errors
@@ -35,6 +36,7 @@ from obdask.server.locality import LocalityExtension
 from obdask.server.metrics import MetricsExtension
 from obdask.server.runs import RunsExtension
 from obdask.server.sessions import SessionsExtension
+from obdask.server.waiting import WaitingExtension
 from obdask.server.worker import NAME as WORKER_PLUGIN_NAME
 from obdask.server.worker import ObdaskWorkerPlugin
 
@@ -50,6 +52,7 @@ EXTENSIONS: dict[str, Callable[[Any], Any]] = {
     "budgets": BudgetExtension,
     "sessions": SessionsExtension,
     "metrics": MetricsExtension,
+    "waiting": WaitingExtension,
 }
 
 _HOOKS = ("transition", "update_graph", "add_worker", "remove_worker", "remove_client")
@@ -79,6 +82,8 @@ class ObdaskPlugin(SchedulerPlugin):
         """Start every extension, register its handlers, install the worker plugin."""
         self.scheduler = scheduler
         for name, factory in EXTENSIONS.items():
+            if name == "metrics" and not dask.config.get("obdask.metrics.enabled", True):
+                continue  # obdask.metrics.enabled: false (the benchmark's baseline)
             ext = self.extensions[name] = factory(scheduler)
             for op, handler in getattr(ext, "handlers", {}).items():
                 scheduler.handlers[op] = log_errors(handler)

@@ -48,6 +48,9 @@ class BudgetExtension:
         self.ledger = Ledger(configured_budgets())
         self._changed = asyncio.Event()
         self._by_key: dict[Any, set[str]] = defaultdict(set)
+        #: ``{task key: blocked answer}`` of reservations waiting for room now
+        #: (read by ``obdask why``, :mod:`obdask.server.waiting`).
+        self.blocked: dict[Any, dict[str, Any]] = {}
 
     @property
     def handlers(self) -> dict[str, Any]:
@@ -100,21 +103,33 @@ class BudgetExtension:
         key = _as_key(key)
         start = time.monotonic()
         owner = {"key": key, "worker": worker, "client": client}
+        try:
+            return await self._reserve(id, int(amount), timeout, key, owner, start, attrs)
+        finally:
+            if key is not None:
+                self.blocked.pop(key, None)
+
+    async def _reserve(self, rid: str, amount: int, timeout: float | None, key: Any,
+                       owner: dict[str, Any], start: float, attrs: dict[str, Any]
+                       ) -> dict[str, Any]:
+        worker, client = owner["worker"], owner["client"]
         while True:
             gone = self._owner_alive(key, worker, client)
             if gone:
                 return {"status": "cancelled", "message": gone}
             now = time.time()
-            result = self.ledger.try_reserve(id, int(amount), now, **owner, **attrs)
+            result = self.ledger.try_reserve(rid, amount, now, **owner, **attrs)
             if result["status"] == "ok":
                 if key is not None and result["budgets"]:
-                    self._by_key[key].add(id)
+                    self._by_key[key].add(rid)
                 return result
             if result["status"] != "blocked":
                 return result
             left = None if timeout is None else timeout - (time.monotonic() - start)
             if out_of_time(result, timeout, left):
                 return result
+            if key is not None:
+                self.blocked[key] = result
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout=wait_time(result, left, now))
             except asyncio.TimeoutError:

@@ -40,6 +40,7 @@ from typing import Any
 import dask
 
 from obdask.keys import SEPARATOR, job_id_of
+from obdask.server.pressure import Pressure
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,10 @@ class MetricsExtension:
         self._attempts: dict[str, int] = {}
         #: Task groups (one per plan) that held obdask jobs; pruned when Dask drops them.
         self._groups: dict[str, str] = {}
+        #: Pressure events at the configured fractions of limits.
+        self.pressure = Pressure(scheduler)
         _register_collector(scheduler)
+        self._start_snapshots()
 
     def configure(self) -> None:
         """(Re)read the buffer sizes from ``obdask.metrics``; keeps the newest records."""
@@ -110,6 +114,62 @@ class MetricsExtension:
         self.jobs = deque(self.jobs, maxlen=size)
         self.tokens = deque(self.tokens, maxlen=size)
         self.samples = deque(self.samples, maxlen=min(size, history))
+
+    # -- parquet snapshots (obdask.server.snapshots) -------------------------------------
+    def _start_snapshots(self) -> None:
+        """Load the last snapshot and snapshot every ``snapshot-interval`` (with a URL)."""
+        self.snapshot_url = dask.config.get("obdask.metrics.snapshot-url", None)
+        self._snapshotting = False
+        if not self.snapshot_url:
+            return
+        from dask.utils import parse_timedelta
+        from tornado.ioloop import PeriodicCallback
+
+        try:
+            self.load_snapshot()
+        except Exception:  # a damaged or unreadable snapshot must not stop the scheduler
+            logger.exception("obdask: could not load metrics snapshot from %s",
+                             self.snapshot_url)
+        interval = parse_timedelta(
+            dask.config.get("obdask.metrics.snapshot-interval", "60s"), default="s")
+        pc = PeriodicCallback(self.snapshot, max(0.05, float(interval)) * 1000)
+        # stopped with the scheduler's own periodic callbacks (distributed's extension way)
+        self.scheduler.periodic_callbacks["obdask-metrics-snapshot"] = pc
+        if self.scheduler.status.name == "running":
+            pc.start()
+
+    def load_snapshot(self) -> int:
+        """Read the tables at ``snapshot-url`` into the buffers and totals; records read."""
+        from obdask.server.snapshots import read_tables
+
+        tables = read_tables(self.snapshot_url)
+        for record in tables.get("tokens", []):
+            self._add_tokens(record)
+        for record in tables.get("jobs", []):
+            self.jobs.append(record)
+            status = str(record.get("status"))
+            self.job_totals[status] = self.job_totals.get(status, 0) + 1
+        n = sum(map(len, tables.values()))
+        logger.info("obdask: %d metrics records loaded from %s", n, self.snapshot_url)
+        return n
+
+    async def snapshot(self) -> None:
+        """Write the job and token tables to ``snapshot-url`` (in a thread; one at a time)."""
+        if self._snapshotting or not self.snapshot_url:
+            return
+        import asyncio
+
+        from obdask.server.snapshots import write_tables
+
+        self._snapshotting = True
+        try:
+            tables = {"jobs": list(self.jobs), "tokens": list(self.tokens)}
+            await asyncio.get_running_loop().run_in_executor(
+                None, write_tables, self.snapshot_url, tables)
+        except Exception:  # the store is down: the next tick tries again
+            logger.exception("obdask: metrics snapshot to %s failed", self.snapshot_url)
+        finally:
+            self._snapshotting = False
 
     @property
     def handlers(self) -> dict[str, Any]:
@@ -142,6 +202,7 @@ class MetricsExtension:
             record.setdefault("worker", worker)
         if kind == "tokens":
             self._add_tokens(record)
+            self._pressure("on_tokens", record, time.time())
         elif kind == "job":
             job = record.get("job")
             if job is not None and "attempts" not in record:
@@ -153,8 +214,15 @@ class MetricsExtension:
             record.setdefault("ts", time.time())
             self.samples.append(record)
             self.latest[str(record.get("worker"))] = record
+            self._pressure("on_sample", str(record.get("worker")), record, self.latest)
         else:
             raise ValueError(f"unknown metrics record kind {kind!r}; use one of {KINDS}")
+
+    def _pressure(self, method: str, *args: Any) -> None:
+        try:
+            getattr(self.pressure, method)(*args)
+        except Exception:  # pressure is advice: never lose the record over it
+            logger.exception("obdask: pressure check %s failed", method)
 
     def _add_tokens(self, record: dict[str, Any]) -> None:
         self.tokens.append(record)
@@ -216,8 +284,9 @@ class MetricsExtension:
         return counts
 
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
-        """Forget the latest sample of a worker that left."""
+        """Forget the latest sample and the pressure levels of a worker that left."""
         self.latest.pop(worker, None)
+        self.pressure.forget(f"worker:{worker}")
 
     # -- handlers ---------------------------------------------------------------
     @staticmethod
