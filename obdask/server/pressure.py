@@ -44,7 +44,7 @@ class Pressure:
         self.configure()
 
     def configure(self) -> None:
-        """(Re)read the thresholds (``obdask.metrics``) and the session limit (``obdask.sessions``)."""
+        """(Re)read the thresholds (``obdask.metrics``) and the session limit."""
         self.warning = float(dask.config.get("obdask.metrics.pressure-warning", 0.8))
         self.critical = float(dask.config.get("obdask.metrics.pressure-critical", 0.95))
         # the session budget of obdask.sessions (the driver stops a session there): warn before it
