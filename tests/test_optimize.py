@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import dask
 import pytest
 
@@ -164,3 +166,61 @@ def test_fewer_tasks_same_records(tmp_path, cluster_client, enabled):
     with dask.config.set({"obdask.optimize.fuse": enabled, "obdask.optimize.batch": enabled}):
         tasks = explain(Plan.from_file(tmp_path / "plan.md"), cluster_client)["optimize"]
     assert tasks["tasks"] == (3 + 4 if enabled else 25), tasks
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_fused_and_batched_tasks_rerun_after_worker_loss_apply_each_job_once(tmp_path):
+    """A worker SIGKILLed mid-chain: the fused/batched tasks it ran or held run again
+    elsewhere and replay from the ledger the jobs they had recorded (each line once)."""
+    import threading
+
+    from tests.test_cluster import NO_SANDBOX, ProcessCluster, _kill_mid_sleep, write_plan
+
+    lines_file = tmp_path / "lines.txt"
+    lines, ids = [], []
+    for c in range(20):  # 20 chains of 10: fused, one task each
+        for i in range(10):
+            sid = f"c{c:02d}l{i}"
+            ids.append(sid)
+            dep = f"deps=c{c:02d}l{i - 1} " if i else ""
+            lines.append(f"- [ ] id={sid} lane=1 {dep}payload=@cmd:sleep 0.05 && "
+                         f"echo {sid} >> {lines_file}")
+    for i in range(100):  # independent jobs: batches
+        sid = f"i{i:03d}"
+        ids.append(sid)
+        lines.append(f"- [ ] id={sid} lane=1 payload=@cmd:sleep 0.05 && echo {sid} >> "
+                     f"{lines_file}")
+    plan = write_plan(tmp_path / "plan", "fusedloss", lines)
+    assert explain(plan)["optimize"]["tasks"] < 60
+    with ProcessCluster(tmp_path / "cluster") as cluster:
+        for name in ("w1", "w2", "w3"):
+            cluster.add_worker(name, nanny=False, env=NO_SANDBOX)
+        cluster.wait_for("w1", "w2", "w3")
+        killed: dict = {}
+        errors: list[BaseException] = []
+
+        def killer() -> None:
+            try:
+                killed.update(_kill_mid_sleep(cluster, lines_file, after=60,
+                                              deadline=time.monotonic() + 120))
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                errors.append(exc)
+
+        thread = threading.Thread(target=killer, daemon=True)
+        thread.start()
+        result = obdask.run(plan, cluster.client)
+        thread.join(timeout=60)
+    assert not errors, errors
+    assert killed, "the worker was never killed"
+    frame = result.frame
+    assert result.ok and (frame.status == "done").all(), frame[frame.status != "done"]
+    assert len(frame) == 300
+    written = lines_file.read_text().split()
+    assert sorted(written) == sorted(ids), sorted(w for w in set(written)
+                                                  if written.count(w) > 1)
+    assert killed["address"] in result.summary["workers_lost"]
+    # Jobs recorded on the dead worker before it died were replayed, not run again.
+    on_dead = frame[frame.worker == killed["address"]]
+    assert len(on_dead) >= 1
+    assert on_dead.replayed.fillna(False).astype(bool).all(), on_dead
