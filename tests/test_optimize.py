@@ -98,15 +98,32 @@ def test_a_failing_link_stops_its_chain_and_skips_its_dependents(tmp_path, clust
                              "- [ ] id=b lane=1 deps=a payload=@cmd:false",
                              "- [ ] id=c lane=1 deps=b payload=@cmd:echo c",
                              "- [ ] id=d lane=1 deps=c payload=@cmd:echo d",
-                             "- [ ] id=e lane=1 deps=d resources=GPU:1 payload=@cmd:echo e"],
+                             "- [ ] id=e lane=1 deps=d resources=GPU:1 payload=@cmd:echo e",
+                             # a failure upstream of a chain skips all of it
+                             "- [ ] id=u lane=1 resources=GPU:1 payload=@cmd:false",
+                             "- [ ] id=v lane=1 deps=u payload=@cmd:echo v",
+                             "- [ ] id=w lane=1 deps=v payload=@cmd:echo w",
+                             # a link's own timeout applies inside the fused task
+                             "- [ ] id=s lane=1 payload=@cmd:echo s",
+                             "- [ ] id=t lane=1 deps=s timeout=1s payload=@cmd:sleep 20",
+                             "- [ ] id=z lane=1 deps=t payload=@cmd:echo z"],
                   cluster_client)
+    fused = explain(Plan.from_file(tmp_path / "plan.md"), cluster_client)["optimize"]["fused"]
+    assert sorted(fused) == [["chainfail::a", "chainfail::b", "chainfail::c", "chainfail::d"],
+                             ["chainfail::s", "chainfail::t", "chainfail::z"],
+                             ["chainfail::v", "chainfail::w"]]
     rec = {r["id"]: r for r in result.records}
     assert [rec[s]["status"] for s in "abcde"] == ["done", "failed", "skipped", "skipped",
                                                     "skipped"]
     assert rec["b"]["exit_code"] == 1 and rec["a"]["exit_code"] == 0
     assert rec["c"]["error"] == "dependency chainfail::b failed"
     assert rec["e"]["error"] == "dependency chainfail::b failed"
-    assert result.summary["counts"] == {"done": 1, "failed": 1, "skipped": 3}
+    assert [rec[s]["status"] for s in "uvw"] == ["failed", "skipped", "skipped"]
+    assert rec["w"]["error"] == "dependency chainfail::u failed"
+    assert [rec[s]["status"] for s in "stz"] == ["done", "failed", "skipped"]
+    assert "timed out" in rec["t"]["error"] or "timeout" in rec["t"]["error"], rec["t"]
+    assert rec["t"]["duration_s"] < 10
+    assert result.summary["counts"] == {"done": 2, "failed": 3, "skipped": 6}
     assert result.output("a") == "a\n"
 
 
