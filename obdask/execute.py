@@ -6,6 +6,10 @@ is returned and the payload is not applied again.  Otherwise it runs the
 payload, writes the ledger entry, and returns the job record.  A failing
 payload raises :class:`~obdask.exceptions.JobFailed`, so Dask's own retries
 and failure propagation (dependents never run) apply.
+
+A fused chain or a batch (:mod:`obdask.optimize`) is one task running
+:func:`run_unit`: each of its jobs goes through :func:`run_job` as above and
+is retried in place up to its own retries.
 """
 
 from __future__ import annotations
