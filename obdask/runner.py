@@ -673,11 +673,14 @@ async def _wait(client: Client, futures: dict[str, Future], progress: Progress |
     for future in futures.values():
         tasks.setdefault(future.key, []).append(future)
     if progress is None or not total:
-        await wait([same[0] for same in tasks.values()])
+        # distributed.wait waits through the *default* client: with another client
+        # current in this process (a notebook's, a test's), it blocked this loop.
+        with client.as_current():
+            await wait([same[0] for same in tasks.values()])
         return
     done = 0
     progress(0, total)
-    async for future in as_completed([same[0] for same in tasks.values()]):
+    async for future in as_completed([same[0] for same in tasks.values()], loop=client.loop):
         done += len(tasks[future.key])
         progress(done, total)
 
