@@ -107,8 +107,13 @@ def explain(plan: str, as_json: bool, scheduler: str | None) -> None:
                                                         "model", "locality", "dedupe")
                   if job[k]]
         deps = ",".join(job["deps"]) or "-"
+        if job.get("unit") in ("chain", "batch"):
+            extras.append(f"{job['unit']}={job['task']}")
         click.echo(f"  {job['key']}  lane={job['lane']}  deps={deps}  [{job['action']}]  "
                    f"{job['payload']}  {' '.join(extras)}".rstrip())
+    opt = out["optimize"]
+    click.echo(f"{opt['jobs']} jobs to run in {opt['tasks']} Dask tasks: "
+               f"{len(opt['fused'])} fused chains, {len(opt['batched'])} batches")
     for note in out["cluster_dependent"]:
         click.echo(f"cluster-dependent: {note}")
 

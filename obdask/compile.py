@@ -1,16 +1,19 @@
 """Compile a plan into Dask tasks with per-key annotations (no cluster needed).
 
-Every runnable step becomes one task whose key is the global job id
-``{plan_id}::{step_id}``; its Dask dependencies are the step's ``deps``.
+Every runnable step becomes one job whose key is the global job id
+``{plan_id}::{step_id}``; its dependencies are the step's ``deps``.  Each job
+is one Dask task unless :mod:`obdask.optimize` fuses it into a chain or a batch.
 Steps already done (``- [x]``), metadata payloads (``@doc:``, ``@url:``,
 ``@git:``, ``@gh:``), resumed and deduplicated steps complete here, at
 compile time: they never become tasks and their dependents do not wait.
 
 Annotations (resources, retries, priority, worker affinity) differ per key,
-while Dask applies annotations per submitted graph, so :func:`batches`
-groups tasks with identical annotations into as few graphs as possible,
-each submitted whole.  The scheduler therefore holds each key's restrictions
-directly; no graph optimisation can drop them.
+while Dask applies annotations per submitted graph, so
+:func:`obdask.optimize.unit_batches` groups tasks with identical annotations
+into as few graphs as possible, each submitted whole.  The scheduler
+therefore holds each key's restrictions directly; no graph optimisation can
+drop them.  Chain fusion and batching (:mod:`obdask.optimize`) only group jobs
+whose annotations are identical.
 """
 
 from __future__ import annotations
@@ -231,44 +234,6 @@ def compile_plan(
             job.resources = resources_for(step)
         jobs.append(job)
     return CompiledPlan(plan=plan, jobs=jobs)
-
-
-@dataclass
-class Batch:
-    """Tasks submitted together in one graph, sharing one set of annotations."""
-
-    annotations: dict[str, Any]
-    jobs: list[Job]
-
-
-def _signature(annotations: dict[str, Any]) -> str:
-    return json.dumps(annotations, sort_keys=True, default=str)
-
-
-def batches(
-    compiled: CompiledPlan,
-    annotations_for: Callable[[Job], dict[str, Any]],
-) -> list[Batch]:
-    """Group runnable jobs into graphs of identical annotations.
-
-    A job's batch depth is the largest depth of its dependencies, plus one
-    where a dependency's annotations differ; submitting batches by depth then
-    always submits a dependency before (or with) its dependents.
-    """
-    runnable = {j.key: j for j in compiled.runnable}
-    depth: dict[str, int] = {}
-    sigs: dict[str, str] = {}
-    groups: dict[tuple[int, str], Batch] = {}
-    for job in compiled.runnable:  # already in topological order
-        ann = annotations_for(job)
-        sig = sigs[job.key] = _signature(ann)
-        d = 0
-        for dep in job.spec.deps:
-            if dep in runnable:
-                d = max(d, depth[dep] + (sigs[dep] != sig))
-        depth[job.key] = d
-        groups.setdefault((d, sig), Batch(annotations=ann, jobs=[])).jobs.append(job)
-    return [groups[k] for k in sorted(groups, key=lambda k: k[0])]
 
 
 def annotations(job: Job, priority: int = 0, workers: list[str] | None = None,

@@ -76,6 +76,19 @@ class JobFailed(PayloadError):
         return (type(self), (str(self), self.record))
 
 
+class ChainFailed(JobFailed):
+    """A link of a fused chain failed: ``.record`` is its record, ``.done`` the
+    records of the links before it (see :mod:`obdask.optimize`)."""
+
+    def __init__(self, message: str, record: dict | None = None,
+                 done: list | None = None) -> None:
+        super().__init__(message, record)
+        self.done = list(done or [])
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.record, self.done))
+
+
 class InvalidTransition(ObdaskError, ValueError):
     """A session move breaks the navigation rules of the 5x3 state machine.
 

@@ -6,6 +6,10 @@ is returned and the payload is not applied again.  Otherwise it runs the
 payload, writes the ledger entry, and returns the job record.  A failing
 payload raises :class:`~obdask.exceptions.JobFailed`, so Dask's own retries
 and failure propagation (dependents never run) apply.
+
+A fused chain or a batch (:mod:`obdask.optimize`) is one task running
+:func:`run_unit`: each of its jobs goes through :func:`run_job` as above and
+is retried in place up to its own retries.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-from obdask.exceptions import JobFailed, ObdaskError
+from obdask.exceptions import ChainFailed, JobFailed, ObdaskError
 from obdask.payloads import execute
 from obdask.records import JobRecord
 from obdask.redact import redact, redact_obj
@@ -139,3 +143,68 @@ def _report_localities(spec: JobSpec) -> None:
     for key in spec.localities:
         if not key.startswith("model:"):
             report_warm("clone", key)
+
+
+class UnitRecord(JobRecord):
+    """The record a fused or batched task returns: its anchor job's record (what a
+    dependent reads), with the other jobs' records in ``members``."""
+
+    __slots__ = ("members",)
+
+    def __init__(self, record: dict[str, Any], members: list[dict[str, Any]]) -> None:
+        super().__init__(record)
+        self.members = members
+
+    def __reduce__(self):  # one pickle, members included
+        return (UnitRecord, (dict(self), self.members))
+
+
+def run_unit(kind: str, specs: tuple[JobSpec, ...], retries: tuple[int, ...],
+             ctx: RunContext, *deps: dict[str, Any]) -> UnitRecord:
+    """Run a fused chain or a batch of jobs on one worker (see :mod:`obdask.optimize`).
+
+    Each job goes through :func:`run_job` (ledger, timeout, record), retried in
+    place up to its own ``retries``.  In a ``chain`` each link gets the record of
+    the link before it; a failing link raises
+    :class:`~obdask.exceptions.ChainFailed`, so Dask skips the chain's dependents.
+    In a ``batch`` a failing job's record is kept and its batch-mates run on.
+    """
+    records: list[dict[str, Any]] = []
+    previous: tuple[dict[str, Any], ...] = deps
+    for spec, tries in zip(specs, retries, strict=True):
+        try:
+            record = _with_retries(spec, tries, ctx, previous)
+        except JobFailed as exc:
+            if kind == "chain":
+                raise ChainFailed(str(exc), exc.record, records) from None
+            record = exc.record
+        except Exception as exc:  # noqa: BLE001 - one job's bug must not sink its batch-mates
+            if kind == "chain":
+                raise
+            record = {"key": spec.key, "step": spec.step_id, "status": "failed",
+                      "fingerprint": spec.fingerprint,
+                      "error": f"job {spec.key}: {type(exc).__name__}: {exc}"}
+        records.append(record)
+        previous = (record,)
+    anchor = len(records) - 1 if kind == "chain" else 0
+    members = [r for i, r in enumerate(records) if i != anchor]
+    return UnitRecord(records[anchor], members)
+
+
+def _with_retries(spec: JobSpec, retries: int, ctx: RunContext,
+                  deps: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    """:func:`run_job`, again after a failure up to ``retries`` times; the record
+    carries ``tries_in_task`` and the reasons of the failed tries."""
+    reasons: list[str] = []
+    for attempt in range(1, retries + 2):
+        try:
+            record = dict(run_job(spec, ctx, *deps))
+        except JobFailed as exc:
+            reasons.append(f"attempt {attempt} failed on {exc.record.get('worker')}: {exc}")
+            if attempt > retries:
+                exc.record.update(tries_in_task=attempt, retries_in_task=reasons[:-1])
+                raise
+            continue
+        record.update(tries_in_task=attempt, retries_in_task=reasons)
+        return record
+    raise AssertionError("unreachable")  # pragma: no cover

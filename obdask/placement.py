@@ -565,6 +565,7 @@ class Placement:
 
     routes: dict[str, list[str]] = field(default_factory=dict)
     cluster_dependent: list[str] = field(default_factory=list)
+    threads: int | None = None  # worker threads of the cluster; None: no cluster seen
 
 
 def place(compiled: Any, view: ClusterView) -> Placement:
@@ -584,6 +585,8 @@ def place(compiled: Any, view: ClusterView) -> Placement:
     for job in jobs:
         job.resources = step_resources(job.step, view.lanes_active, served)
     placement = Placement()
+    if view.workers is not None:
+        placement.threads = sum(int(w.get("nthreads") or 1) for w in view.workers.values())
     if offline:
         if any(step_role(j.step) for j in jobs):
             placement.cluster_dependent.append(

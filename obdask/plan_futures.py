@@ -115,7 +115,7 @@ def submit(plan: Plan | str | os.PathLike[str], client: Client | None = None, *,
     wanted = _inputs(plan, inputs)
     running = client.sync(_start, client, plan, workspace=workspace, resume=resume,
                           artifacts=artifacts, records=records, priority=priority,
-                          inputs=wanted)
+                          inputs=wanted, optimized=False)  # one future per job
     jobs = {key.split("::", 1)[1]: f for key, f in running.futures.items()}
     loop = cast("AsyncIOLoop", client.loop)  # a running client's loop is tornado's asyncio one
     run = asyncio.run_coroutine_threadsafe(_finish(client, running, None), loop.asyncio_loop)

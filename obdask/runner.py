@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from obdask import config, settings
 from obdask.artifacts import ArtifactStore
-from obdask.compile import CompiledPlan, Job, annotations, batches, compile_plan
+from obdask.collect import collect
+from obdask.compile import CompiledPlan, Job, annotations, compile_plan
 from obdask.context import CommandPolicy, RunContext
-from obdask.exceptions import JobFailed, ObdaskError, PlacementError, PlanError, SchedulerLost
+from obdask.exceptions import ObdaskError, PlacementError, PlanError, SchedulerLost
+from obdask.optimize import Options, Unit, optimize, unit_annotations, unit_batches
 from obdask.placement import Placement
 from obdask.plan import Plan
 from obdask.records import RunStore, new_run_id
@@ -314,12 +316,17 @@ class _Running:
     events: dict[str, list[dict[str, Any]]]
     started: float
     lock: RunLock
+    units: dict[str, Unit] = field(default_factory=dict)  # job key -> its fused/batched task
 
 
 async def _start(client: Client, plan: Plan, *, workspace: str | None, resume: bool,
                  artifacts: str | None, records: str | None, priority: int,
-                 inputs: dict[str, list[Future]] | None = None) -> _Running:
-    """Prepare, place and submit: the job futures of a run that goes on without us."""
+                 inputs: dict[str, list[Future]] | None = None, optimized: bool = True
+                 ) -> _Running:
+    """Prepare, place and submit: the job futures of a run that goes on without us.
+
+    ``optimized=False`` keeps one task per job (``obdask.submit``: one future per job).
+    """
     started = time.time()
     await _install_plugins(client, plan)
     # Stores are read and written through fsspec, which blocks: never on the event loop.
@@ -333,6 +340,7 @@ async def _start(client: Client, plan: Plan, *, workspace: str | None, resume: b
             records=records, run_id=ctx.run_id)
     try:
         placement = await place_on(client, compiled)
+        units = await units_on(client, compiled, placement, priority, inputs, optimized)
         owner = await _claim_plan_id(client, plan, ctx)
     except BaseException:
         await asyncio.to_thread(lock.release)
@@ -346,13 +354,14 @@ async def _start(client: Client, plan: Plan, *, workspace: str | None, resume: b
         await asyncio.to_thread(lock.release)
         raise
     try:
-        futures, span_id = _submit(client, compiled, ctx, priority, placement.routes, inputs)
+        futures, span_id = _submit(client, units, ctx, priority, placement.routes, inputs)
     except BaseException:
         _unsubscribe_events(client, ctx.run_id)
         await _release_plan_id(client, plan, owner)
         await asyncio.to_thread(lock.release)
         raise
-    return _Running(plan, compiled, ctx, futures, span_id, owner, events, started, lock)
+    return _Running(plan, compiled, ctx, futures, span_id, owner, events, started, lock,
+                    {j.key: u for u in units if u.kind != "job" for j in u.jobs})
 
 
 async def _finish(client: Client, running: _Running, progress: Progress | None) -> RunResult:
@@ -361,8 +370,8 @@ async def _finish(client: Client, running: _Running, progress: Progress | None) 
     try:
         try:
             await _wait(client, running.futures, progress)
-            outcomes = await _collect(client, running.compiled, running.futures, ctx,
-                                      running.events)
+            outcomes = await collect(client, running.compiled, running.futures, ctx,
+                                     running.events, running.units)
             running.futures = {}
         except Exception as exc:
             if not _scheduler_lost(client, exc):
@@ -518,72 +527,133 @@ def explain(plan: Plan, client: Client | None = None, priority: int = 0) -> dict
         compiled = compile_plan(plan, default_retries=config.get_int("run.retries"),
                                 default_timeout=config.get_seconds("run.timeout"),
                                 localities_for=_localities_policy(plan))
-        return _explained(compiled, place(compiled, ClusterView()), priority)
+        placement = place(compiled, ClusterView())
+
+        def annotate(job: Job) -> dict[str, Any]:
+            return job_annotations(job, placement.routes, priority)
+
+        units = optimize(compiled, annotate)
+        return _explained(compiled, placement, priority, units)
     return client.sync(_explain_on, client, plan, priority)
 
 
 async def _explain_on(client: Client, plan: Plan, priority: int) -> dict[str, Any]:
     await _install_plugins(client, plan)
     compiled, _ = await asyncio.to_thread(prepare, plan)
-    return _explained(compiled, await place_on(client, compiled), priority)
+    placement = await place_on(client, compiled)
+    units = await units_on(client, compiled, placement, priority)
+    return _explained(compiled, placement, priority, units)
 
 
-def _explained(compiled: CompiledPlan, placement: Placement, priority: int) -> dict[str, Any]:
+def _explained(compiled: CompiledPlan, placement: Placement, priority: int,
+               units: list[Unit]) -> dict[str, Any]:
+    """Each job's row, with ``task`` (the job id whose Dask key runs it) and ``unit``
+    (``job``, ``chain`` or ``batch``); ``optimize`` lists the chains and batches."""
+    from obdask.optimize import describe
+
+    def annotate(job: Job) -> dict[str, Any]:
+        return job_annotations(job, placement.routes, priority)
+
+    unit_of = {j.key: u for u in units for j in u.jobs}
     jobs = compiled.explain()
     for row, job in zip(jobs, compiled.jobs, strict=True):
+        unit = unit_of.get(job.key)
         row["resources"] = job.resources
         row["dask_key"] = list(job.spec.dask_key)
-        row["annotations"] = (job_annotations(job, placement.routes, priority)
-                              if job.runnable else None)
-    return {"plan": compiled.plan.plan_id, "jobs": jobs,
+        row["annotations"] = unit_annotations(unit, annotate) if unit else None
+        row["task"] = unit.key if unit else None
+        row["unit"] = unit.kind if unit else None
+    return {"plan": compiled.plan.plan_id, "jobs": jobs, "optimize": describe(units),
             "cluster_dependent": placement.cluster_dependent}
 
 
-def _submit(client: Client, compiled: CompiledPlan, ctx: RunContext, priority: int,
+def _submit(client: Client, units: list[Unit], ctx: RunContext, priority: int,
             routes: dict[str, list[str]] | None = None,
             inputs: dict[str, list[Future]] | None = None,
             ) -> tuple[dict[str, Future], str | None]:
-    """Submit the runnable jobs, one ``client.get`` per annotation batch.
+    """Submit the units (jobs, fused chains, batches), one ``client.get`` per annotation batch.
 
     All of a run's tasks share one Dask span ``("obdask", plan_id)``, so the
     dashboard's fine performance metrics and the scheduler's ``spans``
     extension can show a run's compute, transfer and wait time as one line.
-    Returns the futures by key and the span id (None when nothing ran).
-    ``inputs`` maps a step id to the user's futures that step waits for; each
-    reaches the job as one more dependency record (:func:`input_record`).
+    Returns the futures by job key (a unit's jobs share its future) and the span
+    id (None when nothing ran).  ``inputs`` maps a step id to the user's futures
+    that step waits for; each reaches the job as one more dependency record
+    (:func:`input_record`).
     """
     from dask._task_spec import Task, TaskRef
     from distributed import span
 
-    from obdask.execute import run_job
+    from obdask.execute import run_job, run_unit
     from obdask.keys import dask_key_of
 
-    runnable = {j.key for j in compiled.runnable}
+    runnable = {j.key for u in units for j in u.jobs}
     futures: dict[str, Future] = {}
     routes = routes or {}
 
     def annotate(job: Job) -> dict[str, Any]:
         return job_annotations(job, routes, priority)
 
-    def extra(job: Job) -> list[Any]:
-        return [Task(f"obdask-input-{job.key}-{i}", input_record, str(f.key), f)
-                for i, f in enumerate((inputs or {}).get(job.spec.step_id, ()))]
+    def task(unit: Unit) -> Task:
+        head = unit.head
+        deps = [TaskRef(dask_key_of(d)) for d in head.spec.deps if d in runnable]
+        deps += [Task(f"obdask-input-{head.key}-{i}", input_record, str(f.key), f)
+                 for i, f in enumerate((inputs or {}).get(head.spec.step_id, ()))]
+        key = unit.anchor.spec.dask_key
+        if unit.kind == "job":
+            return Task(key, run_job, head.spec, ctx, *deps)
+        return Task(key, run_unit, unit.kind, tuple(j.spec for j in unit.jobs),
+                    tuple(j.retries for j in unit.jobs), ctx, *deps)
 
     if not runnable:
         return futures, None
     # No await in here: the span annotation (global dask config) covers exactly these graphs.
     with span("obdask", ctx.plan_id) as span_id:
-        for batch in batches(compiled, annotate):
-            dsk = {
-                job.spec.dask_key: Task(
-                    job.spec.dask_key, run_job, job.spec, ctx,
-                    *[TaskRef(dask_key_of(d)) for d in job.spec.deps if d in runnable],
-                    *extra(job))
-                for job in batch.jobs
-            }
-            submitted = client.get(dsk, list(dsk), sync=False, **batch.annotations)
-            futures.update((f.key[1], f) for f in submitted)
+        for batch in unit_batches(units, annotate):
+            dsk = {u.anchor.spec.dask_key: task(u) for u in batch.units}
+            submitted = dict(zip(dsk, client.get(dsk, list(dsk), sync=False,
+                                                 **batch.annotations), strict=True))
+            for unit in batch.units:
+                future = submitted[unit.anchor.spec.dask_key]
+                futures.update((j.key, future) for j in unit.jobs)
     return futures, span_id
+
+
+async def units_on(client: Client, compiled: CompiledPlan, placement: Placement,
+                   priority: int = 0, inputs: dict[str, list[Future]] | None = None,
+                   optimized: bool = True) -> list[Unit]:
+    """The optimisation pass (:mod:`obdask.optimize`) as ``run`` does it on ``client``'s cluster.
+
+    A job's expected duration, which bounds batches, is the last duration of its
+    step in the scheduler's metrics (an earlier run), else the plan's median.
+    """
+    options = Options.from_config(optimized)
+
+    def annotate(job: Job) -> dict[str, Any]:
+        return job_annotations(job, placement.routes, priority)
+
+    estimate = None
+    if options.batch and len(compiled.runnable) > 1:
+        estimate = await _estimates(client, compiled.plan.plan_id)
+    excluded = {compiled.plan.key(step) for step in inputs or {}}
+    return optimize(compiled, annotate, options, threads=placement.threads,
+                    estimate=estimate, excluded=excluded)
+
+
+async def _estimates(client: Client, plan_id: str) -> Callable[[Job], float | None] | None:
+    import statistics
+
+    try:
+        rows = await client.scheduler.obdask_metrics_jobs(limit=5000)
+    except Exception as exc:  # noqa: BLE001 - no metrics: batches bounded by size only
+        logger.debug("no job durations from the scheduler: %s", exc)
+        return None
+    by_step = {r["step"]: float(r["duration_s"]) for r in rows
+               if r.get("plan") == plan_id and r.get("duration_s") is not None}
+    if not by_step:
+        return None
+    median = statistics.median(by_step.values())
+    return lambda job: by_step.get(job.spec.step_id, median)
 
 
 def input_record(key: str, value: Any) -> dict[str, Any]:
@@ -597,78 +667,24 @@ def input_record(key: str, value: Any) -> dict[str, Any]:
 
 
 async def _wait(client: Client, futures: dict[str, Future], progress: Progress | None) -> None:
+    """Wait for every task; ``progress`` counts jobs (a fused or batched task holds several)."""
     from distributed import as_completed, wait
 
     total = len(futures)
+    tasks: dict[Any, list[Future]] = {}
+    for future in futures.values():
+        tasks.setdefault(future.key, []).append(future)
     if progress is None or not total:
-        await wait(list(futures.values()))
+        # distributed.wait waits through the *default* client: with another client
+        # current in this process (a notebook's, a test's), it blocked this loop.
+        with client.as_current():
+            await wait([same[0] for same in tasks.values()])
         return
     done = 0
     progress(0, total)
-    async for _ in as_completed(list(futures.values())):
-        done += 1
+    async for future in as_completed([same[0] for same in tasks.values()], loop=client.loop):
+        done += len(tasks[future.key])
         progress(done, total)
-
-
-async def _collect(client: Client, compiled: CompiledPlan, futures: dict[str, Future],
-                   ctx: RunContext,
-                   received: dict[str, list[dict[str, Any]]] | None = None,
-                   ) -> list[dict[str, Any]]:
-    finished = [k for k, f in futures.items() if f.status == "finished"]
-    results = dict(zip(finished, await client.gather([futures[k] for k in finished]),
-                       strict=True))
-    # Events received while the run went on; the scheduler's own log of the topic
-    # keeps only the last distributed.admin.low-level-log-length (1000) events.
-    events = {**await _events(client, ctx.run_id), **(received or {})}
-    tries = await client.scheduler.obdask_attempts_query(keys=list(futures)) if futures else {}
-    outcomes = []
-    for job in compiled.jobs:
-        if not job.runnable:
-            record = {"key": job.key, "step": job.spec.step_id, "status": job.status,
-                      "fingerprint": job.spec.fingerprint, **job.record}
-        elif job.key in results:
-            record = dict(results[job.key])
-        else:
-            record = await _failure_record(job, futures[job.key])
-        record.update(id=job.spec.step_id, run_id=ctx.run_id, plan=ctx.plan_id)
-        _attempts(record, tries.get(job.key, []), events.get(job.key, []))
-        outcomes.append(redact_obj(record))  # the frame, the CLI and the records files
-    return outcomes
-
-
-async def _failure_record(job: Job, future: Future) -> dict[str, Any]:
-    from distributed import KilledWorker
-
-    from obdask.keys import job_id_of
-
-    base = {"key": job.key, "step": job.spec.step_id, "fingerprint": job.spec.fingerprint}
-    if future.status == "cancelled":
-        return {**base, "status": "failed", "error": f"job {job.key}: cancelled"}
-    exc = await future.exception()
-    if isinstance(exc, JobFailed):
-        culprit = exc.record.get("key")
-        if culprit and culprit != job.key:
-            return {**base, "status": "skipped", "error": f"dependency {culprit} failed"}
-        return {**exc.record, **base, "status": "failed"}
-    if isinstance(exc, KilledWorker):
-        culprit = getattr(exc, "task", None)
-        culprit = job_id_of(culprit) or culprit
-        if culprit and culprit != job.key:
-            return {**base, "status": "skipped", "error": f"dependency {culprit} failed"}
-        return {**base, "status": "failed",
-                "worker": getattr(getattr(exc, "last_worker", None), "address", None),
-                "error": f"job {job.key}: its worker died on every attempt ({exc})"}
-    return {**base, "status": "failed", "error": f"job {job.key}: {type(exc).__name__}: {exc}"}
-
-
-async def _events(client: Client, run_id: str) -> dict[str, list[dict[str, Any]]]:
-    from obdask.execute import EVENT_TOPIC
-
-    by_key: dict[str, list[dict[str, Any]]] = {}
-    for _, event in await client.get_events(EVENT_TOPIC):
-        if isinstance(event, dict) and event.get("run") == run_id:
-            by_key.setdefault(event["key"], []).append(event)
-    return by_key
 
 
 def _subscribe_events(client: Client, run_id: str) -> dict[str, list[dict[str, Any]]]:
@@ -749,22 +765,6 @@ async def _record_interrupted(client: Client, plan: Plan, compiled: CompiledPlan
         "restart the cluster and run again with --resume to finish the plan", result) from None
 
 
-def _attempts(record: dict[str, Any], tries: list[list[Any]],
-              events: list[dict[str, Any]]) -> None:
-    """Attempts (from the scheduler) and retry reasons (with the workers' errors)."""
-    record["attempts"] = len(tries)
-    errors = {e["worker"]: e.get("error") for e in events if e["event"] == "failed"}
-    reasons = describe(tries, errors)
-    lost = sorted({w for w, outcome in tries[:-1]
-                   if outcome not in ("erred", "waiting") and w not in errors and w})
-    if lost:
-        record["workers_lost"] = lost
-    if any(e["event"] == "replayed" for e in events):
-        reasons.append("re-run after worker loss: result replayed from the ledger")
-    if reasons:
-        record["retries"] = reasons
-
-
 def _summary(plan: Plan, ctx: RunContext, outcomes: list[dict[str, Any]],
              duration: float) -> dict[str, Any]:
     counts: dict[str, int] = {}
@@ -784,19 +784,3 @@ def _summary(plan: Plan, ctx: RunContext, outcomes: list[dict[str, Any]],
         "duration_s": duration, "workspace": ctx.workspace,
         "warm_hit_rate": (sum(warm) / len(warm)) if warm else None, "tokens": tokens,
         "artifacts": ctx.artifacts.url}
-
-
-def describe(tries: list[list[Any]], errors: dict[str, str]) -> list[str]:
-    """Human reasons for every attempt but the last; ``errors`` maps worker -> error.
-
-    Dask moves an erred task with retries left through ``released`` as it moves a
-    lost worker's task, so an attempt whose worker reported the job's failure is
-    a failure, whatever state it left ``processing`` for.
-    """
-    reasons = []
-    for i, (worker, outcome) in enumerate(tries[:-1], start=1):
-        if outcome in ("erred", "waiting") or worker in errors:
-            reasons.append(f"attempt {i} failed on {worker}: {errors.get(worker, 'error')}")
-        else:
-            reasons.append(f"attempt {i}: worker {worker} lost")
-    return reasons

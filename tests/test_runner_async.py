@@ -60,5 +60,6 @@ async def test_a_run_is_one_dask_span(c, s, a):
     groups = {tg.name for sp in span.traverse_spans() for tg in sp.groups}
     assert groups == {"spanned"}  # one task group per plan (obdask.keys)
     sizes = [sum(tg.states.values()) for sp in span.traverse_spans() for tg in sp.groups]
-    assert sizes == [2]  # a and b; the @doc step cost no task
+    assert sizes == [1]  # a and b fused into one task (obdask.optimize); @doc costs none
+    assert [r["status"] for r in result.records] == ["done", "done", "done-at-compile"]
     assert span in spans.spans_search_by_name["obdask", "spanned"]
