@@ -14,6 +14,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from obdask.exceptions import ChainFailed, JobFailed
+from obdask.redact import redact_obj
 
 if TYPE_CHECKING:
     from distributed import Client, Future

@@ -27,7 +27,6 @@ from obdask.optimize import Options, Unit, optimize, unit_annotations, unit_batc
 from obdask.placement import Placement
 from obdask.plan import Plan
 from obdask.records import RunStore, new_run_id
-from obdask.redact import redact_obj
 from obdask.runlock import RunLock
 
 if TYPE_CHECKING:
