@@ -647,7 +647,8 @@ async def _estimates(client: Client, plan_id: str) -> Callable[[Job], float | No
     except Exception as exc:  # noqa: BLE001 - no metrics: batches bounded by size only
         logger.debug("no job durations from the scheduler: %s", exc)
         return None
-    by_step = {r["step"]: float(r["duration_s"]) for r in rows
+    # None: the scheduler runs without the metrics extension (obdask.metrics.enabled)
+    by_step = {r["step"]: float(r["duration_s"]) for r in rows or ()
                if r.get("plan") == plan_id and r.get("duration_s") is not None}
     if not by_step:
         return None
