@@ -9,6 +9,7 @@ opens offline).
 
 from __future__ import annotations
 
+import html
 import logging
 import time
 from collections import defaultdict
@@ -60,7 +61,8 @@ def run_layout(records: list[dict[str, Any]], title: str) -> Any:
         counts[str(r.get("status"))] += 1
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     return column(
-        Div(text=f"<h1>{title}</h1><p id='obdask-summary'>{len(jobs)} jobs: {summary}</p>"),
+        Div(text=f"<h1>{html.escape(title)}</h1><p id='obdask-summary'>{len(jobs)} jobs: "
+                 f"{html.escape(summary)}</p>"),
         _bars("Duration per job (s)", names,
               {"seconds": [float(r.get("duration_s") or 0) for r in jobs]}, "report_durations"),
         _bars("Tokens per job", names,
@@ -71,8 +73,13 @@ def run_layout(records: list[dict[str, Any]], title: str) -> Any:
         sizing_mode="stretch_width")
 
 
+def _seconds(started: Any, ended: Any) -> float:
+    return max(0.0, float(ended) - float(started)) if started and ended else 0.0
+
+
 def session_layout(record: Any) -> Any:
-    """Plots of one session's record: tokens per process, its processes, flow code."""
+    """Plots of one session's record: tokens and durations per process, its processes
+    (role, model, tokens), the consultations and the notes (errors, default moves)."""
     from bokeh.layouts import column
     from bokeh.models.widgets import Div
 
@@ -82,19 +89,44 @@ def session_layout(record: Any) -> Any:
         per[where][0] += float(t.get("input_tokens") or 0)
         per[where][1] += float(t.get("output_tokens") or 0)
     positions = list(per)
-    snaps = [{"index": s.index, "position": s.position,
-              "process": getattr(s, "name", None) or getattr(s, "process", None)}
-             for s in record.snapshots]
+    snaps = []
+    for s in record.snapshots:
+        payload = s.payload if isinstance(s.payload, dict) else {}
+        used = payload.get("tokens")
+        used = used if isinstance(used, dict) else {}
+        snaps.append({"index": s.index, "position": s.position, "process": s.name,
+                      "role": payload.get("role"), "model": payload.get("model"),
+                      "seconds": round(_seconds(s.started, s.ended), 3),
+                      "input": used.get("input"), "output": used.get("output")})
     flow = record.state.flow_code if record.state is not None else ""
-    return column(
-        Div(text=f"<h1>Session {record.id}</h1><p id='obdask-summary'>status "
-                 f"{record.stored_status}, flow code <code>{flow}</code>, "
-                 f"{len(record.snapshots)} processes</p>"),
+    total = record.tokens_total()
+    respent = f" ({total['respent']} re-spent)" if total["respent"] else ""
+    # the prompt is the user's text: escaped, a Div renders HTML
+    prompt = html.escape(record.prompt or "")
+    parts = [
+        Div(text=f"<h1>Session {html.escape(record.id)}</h1><p id='obdask-summary'>status "
+                 f"{html.escape(str(record.stored_status))}, flow code "
+                 f"<code>{html.escape(flow)}</code>, {len(record.snapshots)} processes, "
+                 f"tokens {total['input']} in, {total['output']} out{respent}, "
+                 f"{len(record.consultations)} consultations</p>"
+                 f"<p id='obdask-prompt'>Prompt: {prompt}</p>", sizing_mode="stretch_width"),
         _bars("Tokens per process", positions,
               {"input": [per[p][0] for p in positions],
                "output": [per[p][1] for p in positions]}, "report_tokens"),
-        _table(snaps, ["index", "position", "process"], "report_processes"),
-        sizing_mode="stretch_width")
+        _bars("Duration per process (s)", [r["position"] for r in snaps],
+              {"seconds": [r["seconds"] for r in snaps]}, "report_durations"),
+        _table(snaps, ["index", "position", "process", "role", "model", "seconds", "input",
+                       "output"], "report_processes"),
+    ]
+    if record.consultations:
+        parts.append(Div(text="<h2>Consultations</h2>"))
+        parts.append(_table([c.to_dict() for c in record.consultations],
+                            ["position", "question", "answer", "source", "timed_out"],
+                            "report_consultations"))
+    if record.notes:
+        parts.append(Div(text="<h2>Notes</h2>"))
+        parts.append(_table(record.notes, ["index", "kind", "source", "text"], "report_notes"))
+    return column(*parts, sizing_mode="stretch_width")
 
 
 def write(layout: Any, path: str, title: str) -> str:
@@ -102,9 +134,9 @@ def write(layout: Any, path: str, title: str) -> str:
     from bokeh.embed import file_html
     from bokeh.resources import INLINE
 
-    html = file_html(layout, INLINE, title=title)
+    page = file_html(layout, INLINE, title=title)
     with open(path, "w", encoding="utf-8") as f:
-        f.write(html)
+        f.write(page)
     logger.info("obdask report written to %s", path)
     return path
 

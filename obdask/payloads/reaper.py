@@ -15,6 +15,7 @@ where PDEATHSIG covered only the shell.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import subprocess
@@ -59,6 +60,7 @@ class Watchdog:
         self._pid = -1  # process that owns the pipe (a fork gets its own watchdog)
         self._fd = -1
         self._proc: subprocess.Popen[bytes] | None = None
+        self._at_exit = False
 
     def _start(self) -> None:
         read_end, write_end = os.pipe()  # both non-inheritable by default
@@ -71,6 +73,11 @@ class Watchdog:
         finally:
             os.close(read_end)
         self._fd, self._pid = write_end, os.getpid()
+        if not self._at_exit:
+            # Left to Popen.__del__ at shutdown, a watchdog still reading its pipe is
+            # "ResourceWarning: subprocess N is still running"; closed here, it is waited.
+            atexit.register(self.close)
+            self._at_exit = True
 
     def _send(self, line: bytes) -> bool:
         with self._lock:
@@ -88,6 +95,26 @@ class Watchdog:
                     os.close(self._fd)
                     self._fd = -1
             return False
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Close the pipe and wait for the watchdog (registered to run at exit).
+
+        The watchdog reads end-of-file: it kills the groups still registered, exactly
+        as if this process had died, and exits.  A later :meth:`watch` starts a new one.
+        """
+        with self._lock:
+            if self._pid != os.getpid():  # a fork's copy: the watchdog is the parent's
+                return
+            proc, self._proc = self._proc, None
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            if proc is not None:
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:  # it exits on its own once it reads EOF
+                    logger.warning("@cmd: the watchdog %d did not exit within %gs",
+                                   proc.pid, timeout)
 
     def watch(self, pgid: int) -> bool:
         """Kill process group ``pgid`` if this process dies; False if unprotected."""
