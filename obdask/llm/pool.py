@@ -265,6 +265,7 @@ class EndpointPool:
         self.tags_ttl = config.get_seconds("llm.tags-ttl", tags_ttl)
         self.states = {u: EndpointState(u) for u in self.urls}
         self._lock = threading.Lock()
+        self._fetching = {u: threading.Lock() for u in self.urls}
 
     def __repr__(self) -> str:
         now = time.monotonic()
@@ -305,6 +306,21 @@ class EndpointPool:
             return state.tags
         if not state.healthy(now) and not refresh:
             return state.tags
+        # One asker per endpoint: the threads of a worker starting calls together
+        # would otherwise each ask every endpoint (threads x endpoints requests).
+        # Others reuse a stale list while it is refreshed, or wait for the first list.
+        fetching = self._fetching[url]
+        if not fetching.acquire(blocking=state.tags is None or refresh):
+            return state.tags
+        try:
+            if not refresh and (state.tags_at > now or not state.healthy()):
+                return state.tags  # asked (or found down) while this thread waited
+            return self._fetch_tags(url)
+        finally:
+            fetching.release()
+
+    def _fetch_tags(self, url: str) -> frozenset[str] | None:
+        state = self.states[url]
         try:
             from obdask.llm.auth import ollama_client
 
