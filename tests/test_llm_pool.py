@@ -394,3 +394,22 @@ def test_many_endpoints_run_every_slot_at_once():
     finally:
         for s in servers:
             s.stop()
+
+
+def test_free_slots_answered_by_the_scheduler_in_one_call(llm_cluster):
+    from distributed import Semaphore
+
+    from obdask.llm.pool import _free_slots
+    from obdask.server import install
+
+    client = llm_cluster
+    install(client)
+    sem = Semaphore(max_leases=3, name="obdask-test-free-slots")
+    assert sem.acquire(timeout=5)
+    try:
+        assert _free_slots([sem.name, "obdask-never-registered"]) == [2, None]
+    finally:
+        sem.release()
+    assert _free_slots([sem.name]) == [3]
+    assert "obdask-never-registered" not in client.run_on_scheduler(
+        lambda dask_scheduler: list(dask_scheduler.extensions["semaphores"].leases))
