@@ -70,6 +70,12 @@ def _call(i: int, endpoints: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def _import_llm() -> None:
+    import ollama  # noqa: F401
+
+    import obdask.llm.client  # noqa: F401
+
+
 def fleet(quick: bool, latency: float = 1.0, slots: int = 2) -> dict[str, Any]:
     """Model-call throughput and scheduler CPU per call as the fleet grows."""
     from benchmarks.bench_llm import MODEL
@@ -87,6 +93,7 @@ def fleet(quick: bool, latency: float = 1.0, slots: int = 2) -> dict[str, Any]:
                 local_cluster(2, threads) as client:
             proc = psutil.Process()  # the LocalCluster's scheduler runs in this process
             client.gather([client.submit(_call, -1, [servers[0].url], pure=False)])  # warm-up
+            client.run(_import_llm)  # a cold worker's first imports are not throughput
             for k in ks:
                 urls = [s.url for s in servers[:k]]
                 calls = 2 * k * slots

@@ -308,3 +308,108 @@ def test_backoff_has_jitter_within_bounds():
     delays = [backoff_delay(1.0, 10.0) for _ in range(200)]
     assert all(0.5 <= d <= 1.0 for d in delays) and len(set(delays)) > 100
     assert all(2.5 <= backoff_delay(8.0, 5.0) <= 5.0 for _ in range(50))
+
+
+# -- many endpoints (issue 14: throughput fell as endpoints were added) --------------
+
+
+def test_model_lists_asked_once_per_endpoint_by_concurrent_calls():
+    servers = [OllamaTestServer(models=["m1"]).start() for _ in range(6)]
+    urls = [s.url for s in servers]
+    try:
+        barrier = threading.Barrier(12)
+
+        def call(i):
+            barrier.wait()
+            call_model("m1", f"q{i}", endpoints=urls)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        # 12 threads starting together ask each endpoint for its model list once, not
+        # 12 times (each asking built an HTTP client: threads x endpoints of them).
+        assert [s.stats.total("/api/tags") for s in servers] == [1] * 6
+        assert sum(len(s.stats.calls) for s in servers) == 12
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def test_model_endpoint_clients_share_one_tls_context():
+    from obdask.llm.auth import ollama_client
+
+    def context(client):  # ollama.Client -> httpx.Client -> transport -> httpcore pool
+        return client._client._transport._pool._ssl_context
+
+    a, b = ollama_client("http://127.0.0.1:1", 5.0), ollama_client("http://127.0.0.1:2", 9.0)
+    # Building one costs tens of ms of CPU; one per thread and endpoint was most of
+    # a many-endpoint fleet's time.
+    assert context(a) is context(b)
+
+
+def _busy_spans(servers):
+    """Highest number of generations running at once over all ``servers``."""
+    edges = []
+    for s in servers:
+        for c in s.stats.calls:
+            edges += [(c["ts"] - c["total_duration"] / 1e9, 1), (c["ts"], -1)]
+    running = peak = 0
+    for _, step in sorted(edges):
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def _import_llm():
+    import ollama  # noqa: F401
+
+    import obdask.llm.client  # noqa: F401
+
+
+@pytest.mark.slow
+def test_many_endpoints_run_every_slot_at_once():
+    """N endpoints x P slots, N*P calls of latency L: all N*P run at the same time."""
+    n, p, latency = 16, 2, 3.0
+    servers = [OllamaTestServer(models=["m1"], num_parallel=p, first_token_latency=latency,
+                                reply_tokens=(2, 2)).start() for _ in range(n)]
+    urls = [s.url for s in servers]
+    try:
+        with (
+            dask.config.set({**FAST, "obdask.llm.slots": p}),
+            LocalCluster(n_workers=2, threads_per_worker=n * p // 2, processes=True,
+                         dashboard_address=":0", silence_logs=logging.CRITICAL) as cluster,
+            Client(cluster) as client,
+        ):
+            from obdask.server import install
+
+            install(client)
+            client.run(_import_llm)
+            futs = [client.submit(_call_dask, urls, "m1", i, pure=False) for i in range(n * p)]
+            results = client.gather(futs)
+        assert len(results) == n * p
+        assert [s.stats.peak_running("m1") for s in servers] == [p] * n
+        assert _busy_spans(servers) == n * p
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def test_free_slots_answered_by_the_scheduler_in_one_call(llm_cluster):
+    from distributed import Semaphore
+
+    from obdask.llm.pool import _free_slots
+    from obdask.server import install
+
+    client = llm_cluster
+    install(client)
+    sem = Semaphore(max_leases=3, name="obdask-test-free-slots")
+    assert sem.acquire(timeout=5)
+    try:
+        assert _free_slots([sem.name, "obdask-never-registered"]) == [2, None]
+    finally:
+        sem.release()
+    assert _free_slots([sem.name]) == [3]
+    assert "obdask-never-registered" not in client.run_on_scheduler(
+        lambda dask_scheduler: list(dask_scheduler.extensions["semaphores"].leases))

@@ -82,9 +82,30 @@ def ollama_client(url: str, timeout: Any) -> Any:
     import ollama
 
     key = api_key_for(url)
+    verify = _ssl_context()
     if key is not None:
-        return ollama.Client(host=url, timeout=timeout,
+        return ollama.Client(host=url, timeout=timeout, verify=verify,
                              headers={"Authorization": f"Bearer {key}"})
     # ollama.Client adds the key from the environment by itself: remove it per request
-    return ollama.Client(host=url, timeout=timeout,
+    return ollama.Client(host=url, timeout=timeout, verify=verify,
                          event_hooks={"request": [_strip_authorization]})
+
+
+def _ssl_context() -> Any:
+    """The process's TLS context for model endpoints, built once per CA setting.
+
+    ``httpx.Client()`` builds a fresh context (loading the CA bundle, ~20-60 ms of
+    CPU) per client; with one client per thread and endpoint, a worker of 30 threads
+    facing 30 endpoints spent a minute of CPU on contexts alone and model-call
+    throughput fell as endpoints were added.  A context is safe to share across
+    clients and threads.  Keyed on ``SSL_CERT_FILE``/``SSL_CERT_DIR``, which
+    httpx reads (``trust_env``), so changing them is still seen.
+    """
+    return _ssl_context_for(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+
+
+@lru_cache(maxsize=8)
+def _ssl_context_for(cert_file: str | None, cert_dir: str | None) -> Any:
+    import httpx
+
+    return httpx.create_ssl_context(trust_env=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -36,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
 _POLL = 0.25  # seconds between scans of all candidate endpoints for a free slot
+_NO_TABLE_BACKOFF = 5.0  # seconds before asking a scheduler without obdask_slots_free again
+_TAGS_THREADS = 16  # endpoints asked for their model lists at once
 
 
 def canonical_model(name: str) -> str:
@@ -265,6 +268,8 @@ class EndpointPool:
         self.tags_ttl = config.get_seconds("llm.tags-ttl", tags_ttl)
         self.states = {u: EndpointState(u) for u in self.urls}
         self._lock = threading.Lock()
+        self._fetching = {u: threading.Lock() for u in self.urls}
+        self._asking = threading.Lock()
 
     def __repr__(self) -> str:
         now = time.monotonic()
@@ -305,6 +310,21 @@ class EndpointPool:
             return state.tags
         if not state.healthy(now) and not refresh:
             return state.tags
+        # One asker per endpoint: the threads of a worker starting calls together
+        # would otherwise each ask every endpoint (threads x endpoints requests).
+        # Others reuse a stale list while it is refreshed, or wait for the first list.
+        fetching = self._fetching[url]
+        if not fetching.acquire(blocking=state.tags is None or refresh):
+            return state.tags
+        try:
+            if not refresh and (state.tags_at > now or not state.healthy()):
+                return state.tags  # asked (or found down) while this thread waited
+            return self._fetch_tags(url)
+        finally:
+            fetching.release()
+
+    def _fetch_tags(self, url: str) -> frozenset[str] | None:
+        state = self.states[url]
         try:
             from obdask.llm.auth import ollama_client
 
@@ -317,6 +337,35 @@ class EndpointPool:
         with self._lock:
             state.tags, state.tags_at = names, time.monotonic()
         return names
+
+    def _ask_tags(self, urls: list[str]) -> None:
+        """Ask the endpoints whose model list is unknown or old, all at once.
+
+        One after the other, a first call facing 100 endpoints would wait for 100
+        answers (and a slow or dead one for its time-out) before taking a slot.
+        """
+        old = self._old_tags(urls)
+        if len(old) < 2:
+            return
+        # One thread asks; the others wait for it only when they know no list at all.
+        if not self._asking.acquire(blocking=any(self.states[u].tags is None for u in old)):
+            return
+        try:
+            old = self._old_tags(urls)  # another thread may have asked meanwhile
+            if len(old) < 2:
+                return
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(_TAGS_THREADS, len(old)),
+                                    thread_name_prefix="obdask-tags") as ex:
+                list(ex.map(self.tags, old))
+        finally:
+            self._asking.release()
+
+    def _old_tags(self, urls: list[str]) -> list[str]:
+        now = time.monotonic()
+        return [u for u in urls if self.states[u].tags is None
+                or now - self.states[u].tags_at >= self.tags_ttl]
 
     def forget_tags(self, url: str) -> None:
         """Drop the cached model list of ``url`` (after it answered 404 for a listed model)."""
@@ -343,6 +392,7 @@ class EndpointPool:
         model = canonical_model(model)
         skip = set(exclude)
         healthy = [u for u in self.urls if u not in skip and self.healthy(u)]
+        self._ask_tags(healthy)
         found = [u for u in healthy if model in (self.tags(u) or ())]
         if found:
             return found
@@ -439,11 +489,62 @@ class EndpointPool:
                 f"no free slot for model {model!r} on {', '.join(urls)} within {timeout}s; "
                 "raise obdask.llm.slots or obdask.llm.slot-timeout"
             )
-        for url, sem in sems:
+        for url, sem in _roomiest_first(sems):
             if _acquire(sem, url, model, 0):
                 return SlotLease(url, model, sem, gate)
         gate.release()
         return None
+
+
+def _roomiest_first(sems: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """``sems`` in the order to try them: the preferred one if it has room, then most room.
+
+    The free counts come from the scheduler in one round trip
+    (:class:`obdask.server.slots.SlotsExtension`); without them (process-local
+    slots, a scheduler without obdask's plugin) the preference order is kept.
+    Endpoints with no room by the count come last: a count may be stale.
+    """
+    free = _free_slots([getattr(sem, "name", None) for _, sem in sems])
+    if free is None:
+        return sems
+    room = [n is None or n > 0 for n in free]
+    first = [0] if room[0] else []
+    # Callers let in together see the same counts: a random order among equals keeps
+    # them from all trying the same endpoint first (and then the next, and the next).
+    rest = [i for i in range(1, len(sems)) if room[i]]
+    random.shuffle(rest)
+    rest.sort(key=lambda i: -(free[i] if free[i] is not None else 1 << 30))
+    full = [i for i in range(len(sems)) if not room[i]]
+    return [sems[i] for i in first + rest + full]
+
+
+_no_slot_table_until = 0.0  # monotonic time before which the scheduler is not asked again
+
+
+def _free_slots(names: list[str | None]) -> list[int | None] | None:
+    """Free leases per Dask semaphore name (None: unknown), or None if not askable."""
+    global _no_slot_table_until
+    if any(n is None for n in names) or time.monotonic() < _no_slot_table_until:
+        return None
+    kind, ctx = dask_context()
+    try:
+        if kind == "worker":
+            from distributed.utils import sync
+
+            answer = sync(ctx.loop, ctx.scheduler.obdask_slots_free, names=names)
+        elif kind == "client":
+            answer = ctx.sync(ctx.scheduler.obdask_slots_free, names=names)
+        else:
+            return None
+    except Exception:  # the counts only order the tries: never fail a call for them
+        logger.debug("obdask: could not ask the scheduler for free slots", exc_info=True)
+        answer = None
+    if not isinstance(answer, (list, tuple)) or len(answer) != len(names):
+        # A scheduler without obdask's plugin answers None (and logs "no handler"): the
+        # budget reservation of this very call installs it; ask again a little later.
+        _no_slot_table_until = time.monotonic() + _NO_TABLE_BACKOFF
+        return None
+    return list(answer)
 
 
 _pools: dict[tuple[tuple[str, ...], float, float], EndpointPool] = {}

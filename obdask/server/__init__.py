@@ -36,6 +36,7 @@ from obdask.server.locality import LocalityExtension
 from obdask.server.metrics import MetricsExtension
 from obdask.server.runs import RunsExtension
 from obdask.server.sessions import SessionsExtension
+from obdask.server.slots import SlotsExtension
 from obdask.server.waiting import WaitingExtension
 from obdask.server.worker import NAME as WORKER_PLUGIN_NAME
 from obdask.server.worker import ObdaskWorkerPlugin
@@ -53,6 +54,7 @@ EXTENSIONS: dict[str, Callable[[Any], Any]] = {
     "sessions": SessionsExtension,
     "metrics": MetricsExtension,
     "waiting": WaitingExtension,
+    "slots": SlotsExtension,
 }
 
 _HOOKS = ("transition", "update_graph", "add_worker", "remove_worker", "remove_client")
