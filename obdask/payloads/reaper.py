@@ -107,7 +107,10 @@ class Watchdog:
                 return
             proc, self._proc = self._proc, None
             if self._fd >= 0:
-                os.close(self._fd)
+                try:
+                    os.close(self._fd)
+                except OSError:  # already closed (by code that closes fds at exit): nothing to do
+                    pass
                 self._fd = -1
             if proc is not None:
                 try:

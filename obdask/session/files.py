@@ -163,7 +163,11 @@ class RecordFiles:
             if self._local:
                 return sorted(n for n in os.listdir(path) if not n.endswith(".tmp"))
             self.fs.invalidate_cache(path)
-            names = self.fs.ls(path, detail=False)
+            if self._memory:  # fsspec's memory store lists its dict: not while a write adds
+                with _MEMORY_LOCK:
+                    names = self.fs.ls(path, detail=False)
+            else:
+                names = self.fs.ls(path, detail=False)
         except (FileNotFoundError, NotADirectoryError):
             return []
         except Exception as exc:  # noqa: BLE001  (botocore errors are not OSErrors)
