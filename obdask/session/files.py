@@ -84,13 +84,7 @@ class RecordFiles:
         try:
             self._makedirs(path)
             if self._local:
-                tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    if durable:
-                        f.flush()
-                        os.fsync(f.fileno())
-                os.replace(tmp, path)
+                os.replace(_local_tmp(path, data, durable), path)
             elif self._memory:
                 with _MEMORY_LOCK:
                     self.fs.pipe_file(path, data)
@@ -104,11 +98,7 @@ class RecordFiles:
         try:
             self._makedirs(path)
             if self._local:
-                tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
+                tmp = _local_tmp(path, data, durable=True)
                 try:
                     os.link(tmp, path)  # fails if path exists: exclusive and never partial
                 except FileExistsError:
@@ -181,3 +171,14 @@ class RecordFiles:
     def _require(self, session_id: str) -> None:
         if not self._exists(session_id):
             raise UnknownSession(f"no session {session_id!r} in {self.url}")
+
+
+def _local_tmp(path: str, data: bytes, durable: bool) -> str:
+    """``data`` in a fresh temporary file beside ``path`` (fsynced when ``durable``)."""
+    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    return tmp
