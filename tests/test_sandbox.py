@@ -480,6 +480,25 @@ def test_fork_bomb_is_contained(ws, mode):
     assert run("echo alive", ws).stdout == b"alive\n"  # this process can still fork
 
 
+def test_a_reused_job_cgroup_takes_the_current_pids_max(ws):
+    """Job cgroups are pooled and reused; each job gets the pids-max set when it runs."""
+    from obdask.payloads import cgroup
+
+    if cgroup._parent() is None:
+        pytest.skip("no writable pids cgroup")
+
+    def limit_of_pooled_group() -> str:
+        return (Path(cgroup._pool[-1].path) / "pids.max").read_text().strip()
+
+    for limit in (1024, 7, 7, 1024):
+        with dask.config.set({"obdask.cmd.pids-max": limit}):
+            assert run("true", ws, mode="off").ok
+        assert limit_of_pooled_group() == str(limit)
+    with dask.config.set({"obdask.cmd.pids-max": 7}):  # and the limit holds
+        res = run(" & ".join(["sleep 1"] * 12) + "; wait", ws, mode="off")
+    assert res.exit_code != 0, res
+
+
 def test_memory_limit_fails_the_job_clearly_and_the_worker_lives(ws):
     res = run(py("x = bytearray(800 * 1024 * 1024); print('ALLOCATED')"), ws,
               limits={"address-space": "300MiB"})

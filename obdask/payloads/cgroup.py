@@ -42,8 +42,12 @@ _pool_lock = threading.Lock()
 class JobGroup:
     """One job's cgroup: ``add`` the held child, ``kill`` everything in it, ``remove``."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, limit: int | None = None) -> None:
         self.path = path
+        #: The ``pids.max`` last written (a pooled group skips rewriting the same value).
+        self.limit = limit
+        #: Whether the group has ``cgroup.kill`` (cgroup v2, Linux 5.14+); looked up once.
+        self.atomic_kill: bool | None = None
 
     def add(self, pid: int) -> None:
         """Move ``pid`` (still held before running anything) into the cgroup."""
@@ -60,7 +64,9 @@ class JobGroup:
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal every process in the cgroup; SIGKILL repeats until it is empty (fork bombs)."""
         kill_file = os.path.join(self.path, "cgroup.kill")
-        if sig == signal.SIGKILL and os.path.exists(kill_file):  # cgroup v2: atomic
+        if self.atomic_kill is None:
+            self.atomic_kill = os.path.exists(kill_file)
+        if sig == signal.SIGKILL and self.atomic_kill:  # cgroup v2: atomic
             try:
                 with open(kill_file, "w") as f:
                     f.write("1")
@@ -80,8 +86,11 @@ class JobGroup:
 
     def release(self) -> None:
         """Kill what is left; keep the empty cgroup for the next job, or remove it."""
-        self.kill()
-        if not self.pids():
+        left = self.pids()  # usually none: the shell's exit already killed the group
+        if left:
+            self.kill()
+            left = self.pids()
+        if not left:
             with _pool_lock:
                 if len(_pool) < _POOL_SIZE and _pool_owner[0] == os.getpid():
                     _pool.append(self)
@@ -117,8 +126,10 @@ def create() -> JobGroup | None:
         group = _pool.pop() if _pool else None
     if group is not None:
         try:
-            with open(os.path.join(group.path, "pids.max"), "w") as f:
-                f.write(str(limit))
+            if group.limit != limit:
+                with open(os.path.join(group.path, "pids.max"), "w") as f:
+                    f.write(str(limit))
+                group.limit = limit
             return group
         except OSError:
             group.remove()
@@ -134,7 +145,7 @@ def create() -> JobGroup | None:
         except OSError:
             pass
         return None
-    return JobGroup(path)
+    return JobGroup(path, int(limit))
 
 
 _pool_owner = [os.getpid()]

@@ -405,7 +405,15 @@ def _safe_path(path: str, cwd: str | os.PathLike[str]) -> str:
     A bare ``ls`` must not find a file the job (or an earlier step) put in its
     workspace: the allowlist names programs, and those live outside it.
     """
-    root = os.path.realpath(cwd)
+    return _safe_path_in(path, os.path.realpath(cwd))
+
+
+@lru_cache(maxsize=64)
+def _safe_path_in(path: str, root: str) -> str:
+    # Cached per (PATH, real workspace): resolving a dozen PATH entries is ~1 ms a job.
+    # What this guards against is configuration (a PATH entry that is or resolves into
+    # the workspace); a job able to re-point a PATH entry into its workspace can write
+    # a program into that entry directly, so a fresh resolution would not stop it.
     keep = []
     for entry in path.split(os.pathsep):
         if not os.path.isabs(entry):
