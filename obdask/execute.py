@@ -9,11 +9,13 @@ and failure propagation (dependents never run) apply.
 
 A fused chain or a batch (:mod:`obdask.optimize`) is one task running
 :func:`run_unit`: each of its jobs goes through :func:`run_job` as above and
-is retried in place up to its own retries.
+is retried in place up to its own retries; on local disk the task's jobs share
+one append-only ledger file (:class:`~obdask.records.UnitLedger`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import socket
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from obdask.exceptions import ChainFailed, JobFailed, ObdaskError
 from obdask.payloads import execute
-from obdask.records import JobRecord
+from obdask.records import JobRecord, UnitLedger
 from obdask.redact import redact, redact_obj
 from obdask.workspace import job_workspace
 
@@ -49,11 +51,19 @@ def _emit(worker, event: dict[str, Any]) -> None:
         worker.log_event(EVENT_TOPIC, event)
 
 
-def run_job(spec: JobSpec, ctx: RunContext, *deps: dict[str, Any]) -> JobRecord:
-    """Run one job on a worker and return its record (see module docstring)."""
+def run_job(spec: JobSpec, ctx: RunContext, *deps: dict[str, Any],
+            ledger: UnitLedger | None = None) -> JobRecord:
+    """Run one job on a worker and return its record (see module docstring).
+
+    ``ledger``: the ledger of the fused or batched task running this job
+    (:meth:`~obdask.records.RunStore.unit_ledger`); default: the job's own file.
+    """
     worker = _worker()
     where = worker.address if worker is not None else socket.gethostname()
-    previous = ctx.records.ledger_get(spec.step_id)
+    if ledger is not None:
+        previous = ledger.get(spec.step_id)
+    else:
+        previous = ctx.records.ledger_get(spec.step_id, units=False)
     if previous is not None and previous.get("status") == "done":
         _emit(worker, {"key": spec.key, "run": ctx.run_id, "event": "replayed", "worker": where})
         return JobRecord(previous, replayed=True)
@@ -90,7 +100,10 @@ def run_job(spec: JobSpec, ctx: RunContext, *deps: dict[str, Any]) -> JobRecord:
     record.update(result)
     record.update(status="done", finished=finished, duration_s=finished - started)
     record = redact_obj(record)
-    ctx.records.ledger_put(spec.step_id, record)
+    if ledger is not None:
+        ledger.put(spec.step_id, record)
+    else:
+        ctx.records.ledger_put(spec.step_id, record)
     if spec.dedupe:
         ctx.artifacts.put_result(spec.dedupe, record)
     _publish(worker, spec, record)
@@ -169,11 +182,21 @@ def run_unit(kind: str, specs: tuple[JobSpec, ...], retries: tuple[int, ...],
     :class:`~obdask.exceptions.ChainFailed`, so Dask skips the chain's dependents.
     In a ``batch`` a failing job's record is kept and its batch-mates run on.
     """
+    with contextlib.ExitStack() as stack:
+        ledger = ctx.records.unit_ledger(specs[0].step_id)
+        if ledger is not None:
+            stack.enter_context(ledger)
+        return _run_jobs(kind, specs, retries, ctx, deps, ledger)
+
+
+def _run_jobs(kind: str, specs: tuple[JobSpec, ...], retries: tuple[int, ...],
+              ctx: RunContext, deps: tuple[dict[str, Any], ...],
+              ledger: UnitLedger | None) -> UnitRecord:
     records: list[dict[str, Any]] = []
     previous: tuple[dict[str, Any], ...] = deps
     for spec, tries in zip(specs, retries, strict=True):
         try:
-            record = _with_retries(spec, tries, ctx, previous)
+            record = _with_retries(spec, tries, ctx, previous, ledger)
         except JobFailed as exc:
             if kind == "chain":
                 raise ChainFailed(str(exc), exc.record, records) from None
@@ -192,13 +215,14 @@ def run_unit(kind: str, specs: tuple[JobSpec, ...], retries: tuple[int, ...],
 
 
 def _with_retries(spec: JobSpec, retries: int, ctx: RunContext,
-                  deps: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+                  deps: tuple[dict[str, Any], ...],
+                  ledger: UnitLedger | None = None) -> dict[str, Any]:
     """:func:`run_job`, again after a failure up to ``retries`` times; the record
     carries ``tries_in_task`` and the reasons of the failed tries."""
     reasons: list[str] = []
     for attempt in range(1, retries + 2):
         try:
-            record = dict(run_job(spec, ctx, *deps))
+            record = dict(run_job(spec, ctx, *deps, ledger=ledger))
         except JobFailed as exc:
             reasons.append(f"attempt {attempt} failed on {exc.record.get('worker')}: {exc}")
             if attempt > retries:

@@ -158,7 +158,8 @@ def follow(url: str, plan_id: str, storage_options: dict[str, Any] | None = None
     Yields
     ------
     dict
-        Each job record once (``jobs/<step>.json`` as workers write it, then
+        Each job record once (``jobs/<step>.json`` and the lines of
+        ``jobs/*.unit.jsonl`` as workers write them, then
         the records of ``records.jsonl`` not yet yielded), and last the run's
         summary with ``"summary": True``.  A run whose client process on this
         host is gone without a summary ends with ``{"summary": True, "ok": None}``.
@@ -189,6 +190,11 @@ def follow(url: str, plan_id: str, storage_options: dict[str, Any] | None = None
             except FileNotFoundError:
                 continue
             if record is not None:
+                seen.add(step)
+                yield {"id": step, **record}
+        for record, _ in store._unit_entries(store.root):  # fused and batched tasks' jobs
+            step = record.get("step")
+            if isinstance(step, str) and step not in seen:
                 seen.add(step)
                 yield {"id": step, **record}
         if summary is not None:

@@ -72,6 +72,45 @@ def test_damaged_line_with_an_intact_ledger_uses_the_ledger(tmp_path):
     assert {r["step"]: r["status"] for r in records} == {"a": "done", "b": "done"}
 
 
+def test_unit_ledger_is_read_back_by_a_rerun_and_by_the_run_store(tmp_path):
+    """A fused or batched task's jobs share one append-only ledger file."""
+    store = RunStore(str(tmp_path), "p", "r1")
+    with store.unit_ledger("a") as ledger:
+        ledger.put("a", _record("a"))
+        ledger.put("b", _record("b"))
+    again = store.unit_ledger("a")  # the task re-run after its worker died
+    assert again.get("a")["status"] == again.get("b")["status"] == "done"
+    assert again.get("c") is None
+    assert store.ledger_get("b")["step"] == "b"  # the client's view (worker loss, lost scheduler)
+    assert store.ledger_get("b", units=False) is None  # a one-job task looks at its own file
+    assert {r["step"] for r in read_run(str(tmp_path), "p", "r1")} == {"a", "b"}
+    assert set(RunStore(str(tmp_path), "p", "r2").completed_before()) == {"a", "b"}
+
+
+def test_unit_ledger_line_cut_by_a_crash_is_not_done_and_not_glued(tmp_path, caplog):
+    store = RunStore(str(tmp_path), "p", "r1")
+    with store.unit_ledger("a") as ledger:
+        ledger.put("a", _record("a"))
+        ledger.put("b", _record("b"))
+    path = next((tmp_path / "p" / "r1" / "jobs").glob("*.unit.jsonl"))
+    path.write_bytes(path.read_bytes()[:-20])  # the worker died while writing b's line
+    assert {r["step"] for r in read_run(str(tmp_path), "p", "r1")} == {"a"}
+    with caplog.at_level(logging.WARNING, logger="obdask.records"):
+        rerun = store.unit_ledger("a")
+    assert rerun.get("a") is not None and rerun.get("b") is None  # b runs again
+    assert f"{path}:2" in caplog.text
+    with rerun:
+        rerun.put("b", _record("b"))
+    assert store.unit_ledger("a").get("b")["status"] == "done"
+    assert {r["step"]: r["status"] for r in read_run(str(tmp_path), "p", "r1")} == {
+        "a": "done", "b": "done"}
+
+
+def test_object_stores_keep_one_ledger_file_per_job(s3_bucket):
+    bucket, _ = s3_bucket
+    assert RunStore(f"s3://{bucket}/runs", "p", "r1").unit_ledger("a") is None
+
+
 def test_damaged_summary_is_incomplete_not_fatal(tmp_path, caplog):
     from obdask.records import run_summaries
 
