@@ -275,9 +275,9 @@ def _announce(line: str) -> None:
 
 def _records_url(parsed) -> tuple[str, dict]:
     from obdask import config
-    from obdask.runner import _store_url
+    from obdask.prepare import store_url
 
-    url = _store_url("records", None, parsed)
+    url = store_url("records", None, parsed)
     return url, config.storage_options(url)
 
 
@@ -359,9 +359,9 @@ def show(plan: str, run_id: str | None, job: str | None, stream: str | None,
 def _artifact_store(parsed):
     from obdask import config
     from obdask.artifacts import ArtifactStore
-    from obdask.runner import _store_url
+    from obdask.prepare import store_url
 
-    url = _store_url("artifacts", None, parsed)
+    url = store_url("artifacts", None, parsed)
     return ArtifactStore(url, config.storage_options(url))
 
 

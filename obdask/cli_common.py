@@ -52,20 +52,14 @@ def _guard(func: Callable[..., Any]) -> Callable[..., Any]:
         except (OSError, TimeoutError) as exc:
             _fail(f"{type(exc).__name__}: {exc}")
         except Exception as exc:
-            if not _is_storage_error(exc):
+            from obdask.stores import is_storage_error  # fsspec: only when something failed
+
+            if not is_storage_error(exc):
                 raise  # a bug: keep the traceback
             _fail(f"storage: {type(exc).__name__}: {exc} (check the URL, credentials and "
                   "obdask.storage-options)")
 
     return wrapper
-
-
-#: Packages whose exceptions mean "the store is unreachable or refuses", not an obdask bug.
-_STORAGE_PACKAGES = ("botocore", "aiobotocore", "s3fs", "fsspec", "gcsfs", "adlfs", "aiohttp")
-
-
-def _is_storage_error(exc: BaseException) -> bool:
-    return type(exc).__module__.split(".", 1)[0] in _STORAGE_PACKAGES
 
 
 def hold_dashboard(client: Any, status: int = 0) -> None:

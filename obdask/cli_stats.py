@@ -137,11 +137,11 @@ def _report(target: str, output: str, run_id: str | None, store: str | None,
     if os.path.isfile(target):
         from obdask import config
         from obdask.plan import Plan
+        from obdask.prepare import store_url
         from obdask.records import read_run
-        from obdask.runner import _store_url
 
         plan = Plan.from_file(target)
-        url = _store_url("records", None, plan)
+        url = store_url("records", None, plan)
         records = read_run(url, plan.plan_id, run_id, config.storage_options(url))
         if not records:
             which = f"run {run_id}" if run_id else "run"

@@ -163,6 +163,7 @@ def run_demo(keep: bool = False, echo: Callable[[str], None] | None = None,
     import click
 
     from obdask.cluster import connect
+    from obdask.dashboard import dashboard_url
     from obdask.judge import describe, judge
     from obdask.runner import run as run_plan
 
@@ -196,7 +197,8 @@ def run_demo(keep: bool = False, echo: Callable[[str], None] | None = None,
                 echo("judge: the same panel reviews the session")
                 for line in describe(judge(client, session_id)):
                     echo(line)
-            echo(f"dashboard: {client.dashboard_link}")
+            # obdask's page (tokens, jobs, sessions), the URL hold_dashboard prints too
+            echo(f"dashboard: {dashboard_url(client) or 'none (the scheduler serves none)'}")
             echo(f"{SIMULATION.split(':')[0]} done in {time.perf_counter() - t0:.1f}s")
             if keep:
                 echo("--keep: the cluster stays up; Ctrl-C to stop it")

@@ -35,7 +35,6 @@ import os
 import posixpath
 import re
 import secrets
-import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -343,20 +342,41 @@ def write_atomic(fs: Any, path: str, data: bytes, local: bool | None = None,
     if not local:
         fs.pipe_file(path, data)
         return
-    tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
+    tmp = write_temp(path, data, sync)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def write_temp(path: str, data: bytes, sync: bool = False) -> str:
+    """``data`` in a fresh temporary file beside ``path`` on local disk; its name.
+
+    The name (``<path>.<pid>.<random>.tmp``) is unique to this write, so writers in
+    other threads, processes or hosts sharing the folder never share one; listings
+    skip ``.tmp`` names.  :func:`write_atomic` renames it over ``path``; the session
+    store also links it to ``path`` to create a file exclusively.  On failure the
+    temporary file is removed and the error raised.
+    """
+    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             if sync:
                 f.flush()
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _unlink_quietly(tmp)
         raise
+    return tmp
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _placeholder_record(data: bytes | str, where: str) -> dict[str, Any]:

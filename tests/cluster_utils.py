@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from obdask.plan import Plan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -236,3 +240,96 @@ def wait_gone(pid: int, within: float = 5.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+# ------------------------------------------------------------ plans, worker loss
+
+#: Worker environment for tests that need host pids or write outside the workspace:
+#: the bubblewrap sandbox (docs/security.md) hides both.
+NO_SANDBOX = {"DASK_OBDASK__CMD__SANDBOX__MODE": "off"}
+
+
+def write_plan(folder: Path, name: str, lines: list[str]) -> Plan:
+    """Write ``lines`` as plan ``name`` (its plan_id too) and parse it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.md"
+    path.write_text(f"# Plan: {name}\nplan_id={name}\n\n" + "\n".join(lines) + "\n")
+    return Plan.from_file(path)
+
+
+def kill_mid_sleep(cluster: ProcessCluster, lines: Path, after: int,
+                    deadline: float) -> dict[str, Any]:
+    """Wait for ``after`` lines, then SIGKILL a worker while a job of it sleeps.
+
+    The victim is a worker that already holds results in memory (so the
+    scheduler must re-run those tasks) and is running ``sleep`` in a job's
+    shell.  The shell is SIGSTOPped first, and the worker killed only if its
+    ``sleep`` is still alive: the ``echo`` after it cannot have run, so that
+    job's line is not written by the attempt that dies.  The stopped shell
+    can then only go away through ``PR_SET_PDEATHSIG`` (obdask.payloads.cmd).
+    """
+    import psutil
+
+    while time.monotonic() < deadline:
+        if lines.exists() and len(lines.read_text().splitlines()) >= after:
+            break
+        time.sleep(0.01)
+    pids = cluster.worker_pids()
+    while time.monotonic() < deadline:
+        holding = cluster.client.run_on_scheduler(
+            lambda dask_scheduler: {a: len(ws.has_what)
+                                    for a, ws in dask_scheduler.workers.items()})
+        for address, pid in pids.items():
+            if not holding.get(address):
+                continue
+            try:
+                shells = psutil.Process(pid).children()
+            except psutil.NoSuchProcess:
+                continue
+            for shell in shells:
+                try:
+                    match = re.search(r"echo (\S+) >>", " ".join(shell.cmdline()))
+                    if not match:
+                        continue
+                    shell.suspend()
+                    sleeping = [c for c in shell.children() if c.name() == "sleep"
+                                and c.status() != psutil.STATUS_ZOMBIE]
+                    if not sleeping:
+                        shell.resume()
+                        continue
+                    os.kill(pid, signal.SIGKILL)
+                    return {"address": address, "pid": pid, "step": match.group(1),
+                            "family": [shell, *sleeping], "killed_at": time.monotonic()}
+                except psutil.NoSuchProcess:
+                    continue
+        time.sleep(0.002)
+    raise AssertionError("found no worker in the middle of a job's sleep")
+
+
+def run_killing_a_worker(cluster: ProcessCluster, plan: Plan, lines: Path, after: int,
+                         within: float = 120.0) -> tuple[Any, dict[str, Any]]:
+    """``obdask.run(plan)`` on ``cluster`` while a thread kills a worker mid-job.
+
+    The thread runs :func:`kill_mid_sleep` (``lines``: the file the plan's jobs append
+    their ids to); returns the run's result and what was killed (``address``, ``pid``,
+    ``step``, ``family``, ``killed_at``), after asserting a worker was killed.
+    """
+    import obdask
+
+    killed: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def killer() -> None:
+        try:
+            killed.update(kill_mid_sleep(cluster, lines, after=after,
+                                         deadline=time.monotonic() + within))
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    result = obdask.run(plan, cluster.client)
+    thread.join(timeout=60)
+    assert not errors, errors
+    assert killed, "the worker was never killed"
+    return result, killed

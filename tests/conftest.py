@@ -35,6 +35,19 @@ def cluster_client():
             yield client
 
 
+@pytest.fixture
+def fresh_llm_state():
+    """No endpoint pools and an empty local token ledger, before and after the test."""
+    from obdask.llm import budget
+    from obdask.llm.pool import reset_pools
+
+    reset_pools()
+    budget.reset_local_ledger()
+    yield
+    reset_pools()
+    budget.reset_local_ledger()
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 API server on loopback; yields fsspec storage options for s3://."""

@@ -20,20 +20,13 @@ from fsspec.implementations.memory import MemoryFileSystem  # noqa: E402
 from obdask.exceptions import BudgetExceeded, ModelError  # noqa: E402
 from obdask.llm import budget as B  # noqa: E402
 from obdask.llm.client import call_model  # noqa: E402
-from obdask.llm.pool import reset_pools  # noqa: E402
 from obdask.plan import Plan  # noqa: E402
 from obdask.testing import OllamaTestServer  # noqa: E402
 
 FAST = {"obdask.llm.backoff": "10ms", "obdask.llm.budget-timeout": "5s"}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_state():
-    reset_pools()
-    B.reset_local_ledger()
-    yield
-    reset_pools()
-    B.reset_local_ledger()
+pytestmark = pytest.mark.usefixtures("fresh_llm_state")
 
 
 def _call(url: str, plan: str = "p") -> int:

@@ -8,13 +8,9 @@ The clusters come from :class:`tests.cluster_utils.ProcessCluster`.
 from __future__ import annotations
 
 import os
-import re
-import signal
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import dask
@@ -23,9 +19,15 @@ import pytest
 
 import obdask
 from obdask.exceptions import PlacementError
-from obdask.plan import Plan
 from obdask.runner import RunResult
-from tests.cluster_utils import ProcessCluster, dask_env, git_repository
+from tests.cluster_utils import (
+    NO_SANDBOX,
+    ProcessCluster,
+    dask_env,
+    git_repository,
+    run_killing_a_worker,
+    write_plan,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -33,19 +35,6 @@ pytestmark = pytest.mark.slow
 PYTHON = os.path.join(os.path.dirname(sys.executable), "python")
 if not os.path.exists(PYTHON):
     PYTHON = "python"
-
-
-#: Worker environment for tests that need host pids or write outside the workspace:
-#: the bubblewrap sandbox (docs/security.md) hides both.
-NO_SANDBOX = {"DASK_OBDASK__CMD__SANDBOX__MODE": "off"}
-
-
-def write_plan(folder: Path, name: str, lines: list[str]) -> Plan:
-    """Write ``lines`` as plan ``name`` (its plan_id too) and parse it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.md"
-    path.write_text(f"# Plan: {name}\nplan_id={name}\n\n" + "\n".join(lines) + "\n")
-    return Plan.from_file(path)
 
 
 def by_id(result: RunResult) -> dict[str, dict[str, Any]]:
@@ -215,53 +204,6 @@ def test_warm_clone_affinity(tmp_path):
 # --------------------------------------------------------------- recovery
 
 
-def _kill_mid_sleep(cluster: ProcessCluster, lines: Path, after: int,
-                    deadline: float) -> dict[str, Any]:
-    """Wait for ``after`` lines, then SIGKILL a worker while a job of it sleeps.
-
-    The victim is a worker that already holds results in memory (so the
-    scheduler must re-run those tasks) and is running ``sleep`` in a job's
-    shell.  The shell is SIGSTOPped first, and the worker killed only if its
-    ``sleep`` is still alive: the ``echo`` after it cannot have run, so that
-    job's line is not written by the attempt that dies.  The stopped shell
-    can then only go away through ``PR_SET_PDEATHSIG`` (obdask.payloads.cmd).
-    """
-    while time.monotonic() < deadline:
-        if lines.exists() and len(lines.read_text().splitlines()) >= after:
-            break
-        time.sleep(0.01)
-    pids = cluster.worker_pids()
-    while time.monotonic() < deadline:
-        holding = cluster.client.run_on_scheduler(
-            lambda dask_scheduler: {a: len(ws.has_what)
-                                    for a, ws in dask_scheduler.workers.items()})
-        for address, pid in pids.items():
-            if not holding.get(address):
-                continue
-            try:
-                shells = psutil.Process(pid).children()
-            except psutil.NoSuchProcess:
-                continue
-            for shell in shells:
-                try:
-                    match = re.search(r"echo (\S+) >>", " ".join(shell.cmdline()))
-                    if not match:
-                        continue
-                    shell.suspend()
-                    sleeping = [c for c in shell.children() if c.name() == "sleep"
-                                and c.status() != psutil.STATUS_ZOMBIE]
-                    if not sleeping:
-                        shell.resume()
-                        continue
-                    os.kill(pid, signal.SIGKILL)
-                    return {"address": address, "pid": pid, "step": match.group(1),
-                            "family": [shell, *sleeping], "killed_at": time.monotonic()}
-                except psutil.NoSuchProcess:
-                    continue
-        time.sleep(0.002)
-    raise AssertionError("found no worker in the middle of a job's sleep")
-
-
 def _gone(proc: psutil.Process) -> bool:
     try:  # an orphan reaped by init is gone; one not reaped yet is a zombie
         return proc.status() == psutil.STATUS_ZOMBIE
@@ -286,22 +228,7 @@ def test_worker_loss_recovery_applies_each_job_once(tmp_path):
         pids = cluster.worker_pids()
         assert {pids[a] for a in addr.values()} == {p.pid for p in cluster.procs.values()}
 
-        killed: dict[str, Any] = {}
-        errors: list[BaseException] = []
-
-        def killer() -> None:
-            try:
-                killed.update(_kill_mid_sleep(cluster, lines_file, after=60,
-                                              deadline=time.monotonic() + 120))
-            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-                errors.append(exc)
-
-        thread = threading.Thread(target=killer, daemon=True)
-        thread.start()
-        result = obdask.run(plan, cluster.client)
-        thread.join(timeout=60)
-        assert not errors, errors
-        assert killed, "the worker was never killed"
+        result, killed = run_killing_a_worker(cluster, plan, lines_file, after=60)
         dead = killed["address"]
         assert cluster.procs[next(n for n, a in addr.items() if a == dead)].wait(10) == -9
         assert dead not in cluster.workers().values()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import dask
 import pytest
 
@@ -190,9 +188,7 @@ def test_fewer_tasks_same_records(tmp_path, cluster_client, enabled):
 def test_fused_and_batched_tasks_rerun_after_worker_loss_apply_each_job_once(tmp_path):
     """A worker SIGKILLed mid-chain: the fused/batched tasks it ran or held run again
     elsewhere and replay from the ledger the jobs they had recorded (each line once)."""
-    import threading
-
-    from tests.test_cluster import NO_SANDBOX, ProcessCluster, _kill_mid_sleep, write_plan
+    from tests.cluster_utils import NO_SANDBOX, ProcessCluster, run_killing_a_worker, write_plan
 
     lines_file = tmp_path / "lines.txt"
     lines, ids = [], []
@@ -214,22 +210,7 @@ def test_fused_and_batched_tasks_rerun_after_worker_loss_apply_each_job_once(tmp
         for name in ("w1", "w2", "w3"):
             cluster.add_worker(name, nanny=False, env=NO_SANDBOX)
         cluster.wait_for("w1", "w2", "w3")
-        killed: dict = {}
-        errors: list[BaseException] = []
-
-        def killer() -> None:
-            try:
-                killed.update(_kill_mid_sleep(cluster, lines_file, after=60,
-                                              deadline=time.monotonic() + 120))
-            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-                errors.append(exc)
-
-        thread = threading.Thread(target=killer, daemon=True)
-        thread.start()
-        result = obdask.run(plan, cluster.client)
-        thread.join(timeout=60)
-    assert not errors, errors
-    assert killed, "the worker was never killed"
+        result, killed = run_killing_a_worker(cluster, plan, lines_file, after=60)
     frame = result.frame
     assert result.ok and (frame.status == "done").all(), frame[frame.status != "done"]
     assert len(frame) == 300

@@ -2,9 +2,10 @@
 
 :class:`RecordFiles` is the base of :class:`~obdask.session.store.SessionStore`: it
 turns a session id into its folder under the store URL, replaces files atomically where
-the filesystem allows (a temporary file then a rename), creates files exclusively
-(``os.link`` on local disk, a lock in memory, ``If-None-Match`` on S3) and turns every
-filesystem error into a :class:`~obdask.exceptions.SessionError` naming the file.
+the filesystem allows (:func:`obdask.records.write_atomic`, as the run records do),
+creates files exclusively (``os.link`` of a :func:`~obdask.records.write_temp` file on
+local disk, a lock in memory, ``If-None-Match`` on S3) and turns every filesystem error
+into a :class:`~obdask.exceptions.SessionError` naming the file.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import json
 import logging
 import os
 import posixpath
-import secrets
 import threading
 from typing import Any
 
@@ -22,6 +22,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 from obdask.exceptions import SessionError, UnknownSession
+from obdask.records import write_atomic, write_temp
 from obdask.session.record import ID_RE
 
 logger = logging.getLogger(__name__)
@@ -83,13 +84,11 @@ class RecordFiles:
         """
         try:
             self._makedirs(path)
-            if self._local:
-                os.replace(_local_tmp(path, data, durable), path)
-            elif self._memory:
+            if self._memory:  # under the lock listings take (fsspec's memory store is a dict)
                 with _MEMORY_LOCK:
                     self.fs.pipe_file(path, data)
             else:
-                self.fs.pipe_file(path, data)
+                write_atomic(self.fs, path, data, local=self._local, sync=durable)
         except Exception as exc:  # noqa: BLE001  (botocore errors are not OSErrors)
             raise SessionError(f"cannot write {self._where(path)}: {exc}") from exc
 
@@ -98,7 +97,7 @@ class RecordFiles:
         try:
             self._makedirs(path)
             if self._local:
-                tmp = _local_tmp(path, data, durable=True)
+                tmp = write_temp(path, data, sync=True)
                 try:
                     os.link(tmp, path)  # fails if path exists: exclusive and never partial
                 except FileExistsError:
@@ -172,13 +171,3 @@ class RecordFiles:
         if not self._exists(session_id):
             raise UnknownSession(f"no session {session_id!r} in {self.url}")
 
-
-def _local_tmp(path: str, data: bytes, durable: bool) -> str:
-    """``data`` in a fresh temporary file beside ``path`` (fsynced when ``durable``)."""
-    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    return tmp

@@ -340,6 +340,17 @@ def test_local_writes_leave_no_temp_files(tmp_path):
     assert pickle.loads(pickle.dumps(store)).read("s").flow_code == "S1P12"
 
 
+def test_a_failed_local_write_leaves_no_temp_file(tmp_path):
+    store = SessionStore(str(tmp_path))
+    store.create("s", "p")
+    path = store._path("s", "busy.json")
+    os.makedirs(os.path.join(path, "inside"))  # a folder in the way: the rename fails
+    with pytest.raises(SessionError, match="cannot write .*busy.json"):
+        store._write(path, b"{}")
+    leftovers = [f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".tmp")]
+    assert leftovers == []
+
+
 def test_unreachable_store_is_a_clear_error():
     with pytest.raises(SessionError, match="session store 'nosuchproto://x'"):
         SessionStore("nosuchproto://x")
