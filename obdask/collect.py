@@ -121,7 +121,8 @@ async def _unit_failure(unit: Unit, future: Future, ctx: RunContext) -> list[dic
     if single["status"] == "skipped":  # a dependency outside the unit failed
         return [{**_base(j), "status": "skipped", "error": single["error"]} for j in unit.jobs]
     done = await asyncio.to_thread(
-        lambda: {j.key: ctx.records.ledger_get(j.spec.step_id) for j in unit.jobs})
+        lambda: dict(zip(keys, ctx.records.ledger_many(j.spec.step_id for j in unit.jobs)
+                         .values(), strict=True)))
     known = {k: {**r, "key": k} for k, r in done.items()
              if r is not None and r.get("status") == "done"}
     error = single.get("error", "").replace(f"job {unit.anchor.key}", "its task")

@@ -98,6 +98,7 @@ async def record_interrupted(client: Client, plan: Plan, compiled: CompiledPlan,
     """
     def known() -> list[dict[str, Any]]:
         outcomes = []
+        ledger = ctx.records.ledger_many(j.spec.step_id for j in compiled.jobs if j.runnable)
         for job in compiled.jobs:
             base = {"key": job.key, "id": job.spec.step_id, "step": job.spec.step_id,
                     "run_id": ctx.run_id, "plan": ctx.plan_id,
@@ -105,7 +106,7 @@ async def record_interrupted(client: Client, plan: Plan, compiled: CompiledPlan,
             if not job.runnable:
                 outcomes.append({**base, "status": job.status, **job.record})
                 continue
-            done = ctx.records.ledger_get(job.spec.step_id)
+            done = ledger[job.spec.step_id]
             outcomes.append({**done, **base} if done else {
                 **base, "status": "interrupted",
                 "error": f"job {job.key}: not known to have finished (the scheduler was lost)"})

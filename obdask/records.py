@@ -122,11 +122,16 @@ class RunStore:
             else:
                 data = self.fs.cat_file(path)
         except FileNotFoundError:
-            if not (units and self._local):
-                return None
-            found = [r for r, _ in self._unit_entries(self.root) if r.get("step") == step_id]
-            return found[-1] if found else None
+            return self.ledger_many([step_id])[step_id] if units else None
         return load_record(data, path)
+
+    def ledger_many(self, step_ids: Iterable[str]) -> dict[str, dict[str, Any] | None]:
+        """:meth:`ledger_get` of many steps, the unit ledgers read once."""
+        in_units: dict[Any, dict[str, Any]] = {}
+        if self._local:
+            for record, _ in self._unit_entries(self.root):
+                in_units[record.get("step")] = record  # the last line of a step wins
+        return {s: self.ledger_get(s, units=False) or in_units.get(s) for s in step_ids}
 
     def unit_ledger(self, first_step: str) -> UnitLedger | None:
         """The append-only ledger of a fused or batched task, on local disk; else None.
