@@ -96,6 +96,16 @@ def per_job(client: Any, quick: bool, repeat: int) -> dict[str, Any]:
                         client, p, {**NO_SANDBOX, **OPTIMIZE_OFF})
                 if kind == "cmd-true":
                     runs["floor"] = lambda n=n: floor(n)
+                    # the same shape a tenth the size: the slope between the two sizes is
+                    # the marginal cost per job, without the per-run fixed costs
+                    small = max(50, n // 10 // 50 * 50)
+                    small_deps = shape_edges(shape, small)
+                    small_path = write_plan(folder, f"{kind}-{shape}-small",
+                                            plan_text(payload, small_deps))
+                    runs["obdask-small"] = lambda p=small_path: run_obdask(
+                        client, p, {**NO_SANDBOX, **OPTIMIZE_ON})
+                    runs["raw-small"] = lambda f=func, d=small_deps: run_raw(client, f, d)
+                    runs["floor-small"] = lambda small=small: floor(small)
                 if kind == "cmd-true" and shape == "independent" and not quick:
                     runs["obdask-sandbox"] = lambda p=path: run_obdask(
                         client, p, {"obdask.cmd.sandbox.mode": "auto", **OPTIMIZE_ON})
@@ -108,6 +118,12 @@ def per_job(client: Any, quick: bool, repeat: int) -> dict[str, Any]:
                 if "floor" in times:
                     ratios[f"obdask/floor {name}"] = ratio(times["obdask"], times["floor"])
                     ratios[f"raw/floor {name}"] = ratio(times["raw"], times["floor"])
+                    slopes = {side: marginal(times[side], times[f"{side}-small"], n, small)
+                              for side in ("obdask", "raw", "floor")}
+                    row["marginal_ms_per_job"] = {k: 1e3 * v for k, v in slopes.items()}
+                    ratios[f"obdask/floor marginal {name}"] = ratio(slopes["obdask"],
+                                                                    slopes["floor"])
+                    ratios[f"raw/floor marginal {name}"] = ratio(slopes["raw"], slopes["floor"])
                 if "obdask-sandbox" in times:
                     ratios[f"sandbox/no-sandbox {name}"] = ratio(times["obdask-sandbox"],
                                                                  times["obdask"])
@@ -119,9 +135,19 @@ def per_job(client: Any, quick: bool, repeat: int) -> dict[str, Any]:
     return {"rows": rows, "ratios": ratios}
 
 
+def marginal(big: dict[str, Any], small: dict[str, Any], n_big: int, n_small: int) -> float:
+    """Seconds per job between two plan sizes: ``(T(n_big) - T(n_small)) / (n_big - n_small)``
+    of the medians (the fixed cost of a run cancels out)."""
+    return (big["median"] - small["median"]) / (n_big - n_small)
+
+
 def _print_row(row: dict[str, Any]) -> None:
-    cols = [k for k in row if isinstance(row[k], dict)]
+    cols = [k for k in row if isinstance(row[k], dict) and "median" in row[k]
+            and not k.endswith("-small")]
     parts = "  ".join(f"{k} {1000 * row[k]['median'] / row['jobs']:.2f}" for k in cols)
+    if "marginal_ms_per_job" in row:
+        parts += "  | marginal " + "  ".join(
+            f"{k} {v:.2f}" for k, v in row["marginal_ms_per_job"].items())
     print(f"  {row['case']:<24} {row['jobs']:>6} jobs  ms/job: {parts}", flush=True)
 
 
