@@ -69,6 +69,22 @@ def test_cluster_wide_is_the_sum_of_the_workers_and_thresholds_come_from_config(
         ("warning", "cluster", "memory")]
 
 
+def test_a_worker_that_left_leaves_the_cluster_sums():
+    def test(s, ext):
+        push = ext.stream_handlers["obdask_metrics_record"]
+        sample(push, W1, 10)
+        sample(push, W2, 70)  # cluster 80 of 200: below the warning
+        sample(push, W2, 60)  # replaces W2's 70: 70 of 200
+        sums = list(ext.pressure.totals[:2])
+        ext.remove_worker(s, W1)
+        sample(push, W2, 85)  # W2 alone now: 85 of 100 warns for the cluster too
+        return sums, pressure(ext)
+
+    sums, events = with_scheduler(test)
+    assert sums == [70.0, 200.0]
+    assert events == [("warning", f"worker:{W2}", "memory"), ("warning", "cluster", "memory")]
+
+
 def test_token_budget_and_session_limits():
     def test(s, ext):
         from obdask.server import extension

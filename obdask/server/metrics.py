@@ -32,6 +32,7 @@ scheduler's ``/metrics`` under the OpenTelemetry GenAI names.
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import time
 from collections import deque
@@ -214,7 +215,7 @@ class MetricsExtension:
             record.setdefault("ts", time.time())
             self.samples.append(record)
             self.latest[str(record.get("worker"))] = record
-            self._pressure("on_sample", str(record.get("worker")), record, self.latest)
+            self._pressure("on_sample", str(record.get("worker")), record)
         else:
             raise ValueError(f"unknown metrics record kind {kind!r}; use one of {KINDS}")
 
@@ -292,11 +293,15 @@ class MetricsExtension:
     @staticmethod
     def _recent(rows: deque[dict[str, Any]], since: float | None, limit: int | None,
                 field: str) -> list[dict[str, Any]]:
+        if since is None and limit is not None:  # the newest only: no copy of the buffer
+            newest = list(itertools.islice(reversed(rows), max(0, int(limit))))
+            newest.reverse()
+            return newest
         out = list(rows)
         if since is not None:
             out = [r for r in out if (r.get(field) or 0) >= since]
         if limit is not None:
-            out = out[-int(limit):]
+            out = out[-int(limit):] if int(limit) > 0 else []
         return out
 
     def get_jobs(self, since: float | None = None, limit: int | None = None
@@ -320,6 +325,7 @@ class MetricsExtension:
         for address, sample in list(self.latest.items()):
             if address not in workers and (sample.get("ts") or 0) < stale:
                 del self.latest[address]  # a sample that arrived after its worker left
+                self.pressure.forget(f"worker:{address}")
         addresses = list(workers) + [a for a in self.latest if a not in workers]
         return [worker_row(a, self.latest.get(a) or {}, workers.get(a)) for a in addresses]
 

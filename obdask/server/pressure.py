@@ -4,7 +4,7 @@
 which calls it when records arrive (no timer of its own):
 
 * a worker sample: that worker's memory and disk against its host's totals, and the
-  cluster's (the sums over the latest samples of every worker);
+  cluster's (running sums over the latest sample of every worker, kept here);
 * a token record: every token budget's use (spent in its window + reserved) against
   its tokens, and the tokens of the record's session (summed from its token records)
   against ``obdask.sessions.max-tokens``.
@@ -31,6 +31,9 @@ TOPIC = "obdask.pressure"
 LEVELS = ("ok", "warning", "critical")
 #: ``(scope, resource)`` pairs whose level is remembered at most.
 MAX_TRACKED = 10_000
+#: Host resources of a worker sample, each with ``<resource>_used`` and ``_total``.
+RESOURCES = ("memory", "disk")
+PAIR = ("used", "total")
 
 
 class Pressure:
@@ -41,6 +44,9 @@ class Pressure:
         self.levels: OrderedDict[tuple[str, str], int] = OrderedDict()
         #: Tokens per session seen in token records (bounded, oldest dropped).
         self.session_used: OrderedDict[str, int] = OrderedDict()
+        #: Latest (memory used, total, disk used, total) per worker, and their sums.
+        self.hosts: dict[str, tuple[float, ...]] = {}
+        self.totals = [0.0] * (2 * len(RESOURCES))
         self.configure()
 
     def configure(self) -> None:
@@ -86,17 +92,32 @@ class Pressure:
         """Drop the levels of a scope that went away (a worker, a session)."""
         for pair in [p for p in self.levels if p[0] == scope]:
             del self.levels[pair]
+        if scope.startswith("worker:"):
+            self._drop_host(scope[len("worker:"):])
 
     # -- what the metrics extension calls -----------------------------------------------
-    def on_sample(self, worker: str, sample: dict[str, Any],
-                  latest: dict[str, dict[str, Any]]) -> None:
-        """Memory and disk of ``worker`` and of the whole cluster."""
-        for resource in ("memory", "disk"):
+    def on_sample(self, worker: str, sample: dict[str, Any]) -> None:
+        """Memory and disk of ``worker`` and of the whole cluster.
+
+        The cluster's figures are running sums over the latest sample of every
+        worker (this sample's values replace the worker's previous ones), so a
+        sample costs the same with 1000 workers as with 2.
+        """
+        new = tuple(float(sample.get(f"{r}_{k}") or 0) for r in RESOURCES for k in PAIR)
+        old = self.hosts.pop(worker, None)
+        self.hosts[worker] = new
+        for i, value in enumerate(new):
+            self.totals[i] += value - (old[i] if old else 0.0)
+        for j, resource in enumerate(RESOURCES):
             self.check(f"worker:{worker}", resource, sample.get(f"{resource}_used"),
                        sample.get(f"{resource}_total"), worker=worker)
-            used = sum(float(s.get(f"{resource}_used") or 0) for s in latest.values())
-            total = sum(float(s.get(f"{resource}_total") or 0) for s in latest.values())
-            self.check("cluster", resource, used, total)
+            self.check("cluster", resource, self.totals[2 * j], self.totals[2 * j + 1])
+
+    def _drop_host(self, worker: str) -> None:
+        old = self.hosts.pop(worker, None)
+        if old is not None:
+            for i, value in enumerate(old):
+                self.totals[i] -= value
 
     def on_tokens(self, record: dict[str, Any], now: float) -> None:
         """Token budgets, and the session of ``record`` against its limit."""

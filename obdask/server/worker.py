@@ -154,14 +154,19 @@ class ObdaskWorkerPlugin(WorkerPlugin):
         worker.loop.add_callback(self.sample)
 
     def sample(self) -> None:
-        """Send one resource sample (host CPU/RAM/disk, every GPU) to the scheduler."""
+        """Queue one resource sample (host CPU/RAM/disk, every GPU) for the scheduler.
+
+        It leaves with the next flush of the job and token records (at most
+        :data:`FLUSH` s later): one message on the stream, not one more per sample,
+        since reading a message costs the scheduler more than storing its records.
+        """
         if self.worker is None or self._sampler is None:
             return
         record = self._sampler.sample()
-        models = state_of(self.worker).models
-        if models is not None:
-            record["models"] = models
-        send(self.worker, {"op": METRICS_OP, "kind": "sample", "record": record})
+        state = state_of(self.worker)
+        if state.models is not None:
+            record["models"] = state.models
+        state.outbox.append(["sample", record])
 
     async def teardown(self, worker: Any) -> None:
         """Stop sampling and polling and close the HTTP client."""
