@@ -94,8 +94,11 @@ def test_bench_metrics(tmp_path):
         cpu = row[column]
         assert cpu["with"]["median"] > 0 and cpu["without"]["median"] > 0
         assert cpu["with"]["median"] != cpu["without"]["median"]  # not clock ticks any more
-    assert set(data["ratios"]) == {"metrics on/off scheduler CPU",
-                                   "metrics on/off scheduler CPU sessions"}
+    assert set(data["ratios"]) == {
+        "metrics on/off scheduler CPU", "metrics on/off scheduler CPU sessions",
+        "metrics on/off scheduler CPU above idle",
+        "metrics on/off scheduler CPU above idle sessions", "metrics on/off idle scheduler CPU"}
+    assert all(r > 0 for r in data["ratios"].values())
 
 
 def test_scheduler_cpu_is_read_in_nanoseconds(cluster_client):

@@ -36,6 +36,7 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import dask
@@ -291,7 +292,7 @@ class MetricsExtension:
 
     # -- handlers ---------------------------------------------------------------
     @staticmethod
-    def _recent(rows: deque[dict[str, Any]], since: float | None, limit: int | None,
+    def _recent(rows: Sequence[dict[str, Any]], since: float | None, limit: int | None,
                 field: str) -> list[dict[str, Any]]:
         if since is None and limit is not None:  # the newest only: no copy of the buffer
             newest = list(itertools.islice(reversed(rows), max(0, int(limit))))
@@ -304,10 +305,23 @@ class MetricsExtension:
             out = out[-int(limit):] if int(limit) > 0 else []
         return out
 
-    def get_jobs(self, since: float | None = None, limit: int | None = None
+    def get_jobs(self, since: float | None = None, limit: int | None = None,
+                 plan: str | None = None, columns: list[str] | None = None
                  ) -> list[dict[str, Any]]:
-        """Handler ``obdask_metrics_jobs``: job records, oldest first."""
-        return self._recent(self.jobs, since, limit, "finished")
+        """Handler ``obdask_metrics_jobs``: job records, oldest first.
+
+        ``plan``: only that plan's records (``limit`` counts those); ``columns``: only
+        these fields of each.  Both cut what is serialized, which is most of the
+        handler's cost (some 4 us per full record): a runner sizing batches needs one
+        plan's steps and durations, not the last 5000 records of every plan.
+        """
+        rows: Any = self.jobs
+        if plan is not None:
+            rows = [r for r in rows if r.get("plan") == plan]
+        out = self._recent(rows, since, limit, "finished")
+        if columns is not None:
+            out = [{c: r.get(c) for c in columns} for r in out]
+        return out
 
     def get_tokens(self, since: float | None = None, limit: int | None = None
                    ) -> list[dict[str, Any]]:
