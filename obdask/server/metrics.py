@@ -10,9 +10,11 @@ handler ``obdask_metrics_record(worker, kind, record)``:
   and output tokens, durations, re-spent flag), sent by
   :func:`obdask.llm.client.call_model`;
 * ``sample``: the worker's resources every ``obdask.metrics.interval``
-  (host CPU/RAM/disk from psutil, every GPU's utilization and VRAM from NVML).
+  (host CPU/RAM/disk from psutil, every GPU's utilization and VRAM from NVML);
+* ``elapsed``: a running job past the warning fraction of its timeout (for
+  :mod:`obdask.server.pressure` only; not stored).
 
-Job and token records are queued on the worker and sent every half second as
+Records are queued on the worker and sent every half second as
 one ``batch`` message (``records``: ``[[kind, record], ...]``), so a busy worker
 adds at most two messages a second, not one per job.
 
@@ -47,7 +49,7 @@ from obdask.server.pressure import Pressure
 logger = logging.getLogger(__name__)
 
 RECORD_OP = "obdask_metrics_record"
-KINDS = ("job", "tokens", "sample")
+KINDS = ("job", "tokens", "sample", "elapsed")
 #: OpenTelemetry GenAI advisory bucket bounds: token usage and operation duration (s).
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
                  16777216, 67108864)
@@ -108,6 +110,7 @@ class MetricsExtension:
         self.pressure = Pressure(scheduler)
         _register_collector(scheduler)
         self._start_snapshots()
+        self._start_clock()
 
     def configure(self) -> None:
         """(Re)read the buffer sizes from ``obdask.metrics``; keeps the newest records."""
@@ -116,6 +119,22 @@ class MetricsExtension:
         self.jobs = deque(self.jobs, maxlen=size)
         self.tokens = deque(self.tokens, maxlen=size)
         self.samples = deque(self.samples, maxlen=min(size, history))
+
+    def _start_clock(self) -> None:
+        """Session wall times against their limit every ``pressure-interval`` (pressure.py)."""
+        from dask.utils import parse_timedelta
+        from tornado.ioloop import PeriodicCallback
+
+        interval = parse_timedelta(
+            dask.config.get("obdask.metrics.pressure-interval", "1s"), default="s")
+        if not interval or interval <= 0:
+            return
+        pc = PeriodicCallback(lambda: self._pressure("tick", time.time()),
+                              max(0.05, float(interval)) * 1000)
+        # stopped with the scheduler's own periodic callbacks (distributed's extension way)
+        self.scheduler.periodic_callbacks["obdask-metrics-pressure"] = pc
+        if self.scheduler.status.name == "running":
+            pc.start()
 
     # -- parquet snapshots (obdask.server.snapshots) -------------------------------------
     def _start_snapshots(self) -> None:
@@ -209,6 +228,8 @@ class MetricsExtension:
             job = record.get("job")
             if job is not None and "attempts" not in record:
                 record["attempts"] = self._attempts.get(job, 1)
+            if job is not None and self.pressure.levels:
+                self.pressure.job_ended(str(job))
             self.jobs.append(record)
             status = str(record.get("status"))
             self.job_totals[status] = self.job_totals.get(status, 0) + 1
@@ -217,6 +238,8 @@ class MetricsExtension:
             self.samples.append(record)
             self.latest[str(record.get("worker"))] = record
             self._pressure("on_sample", str(record.get("worker")), record)
+        elif kind == "elapsed":  # a running job near its timeout: pressure only, not stored
+            self._pressure("on_elapsed", record)
         else:
             raise ValueError(f"unknown metrics record kind {kind!r}; use one of {KINDS}")
 
