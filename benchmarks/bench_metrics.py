@@ -7,8 +7,10 @@ process, ``--workers`` worker processes x ``--threads`` threads), both with obda
 scheduler preload; the ``without`` one loads ``benchmarks/nometrics.py`` first, which
 leaves the metrics extension out (as ``obdask.metrics.enabled: false`` does; a preload,
 because one environment cannot set the switch differently for two clusters).  Workers
-sample every 0.5 s where the extension is, so it sees job and token records, samples and
-pressure checks as in production.  The runs alternate, ``repeat`` rounds of ``with``
+sample their host every ``--interval`` where the extension is (default: obdask's
+default, ``obdask.metrics.interval``, 5 s; ``0.5s`` is ten times the sample traffic),
+so it sees job and token records, samples and pressure checks as in production.  The
+runs alternate, ``repeat`` rounds of ``with``
 then ``without``, so the machine's load hits both alike; the ratio is of medians.
 
 Two halves, on the same two clusters:
@@ -183,7 +185,8 @@ def sessions_half(clients: dict[str, Any], n: int, repeat: int) -> dict[str, Any
 
 
 def measure(jobs: int, sessions: int, repeat: int, workers: int = 2, threads: int = 4,
-            latency: float = 0.05, parallel: int = 8) -> dict[str, Any]:
+            latency: float = 0.05, parallel: int = 8, interval: str | None = None
+            ) -> dict[str, Any]:
     """Both halves (a half with 0 jobs or sessions is left out); rows and ratios."""
     import dask
 
@@ -201,11 +204,12 @@ def measure(jobs: int, sessions: int, repeat: int, workers: int = 2, threads: in
                     "obdask.llm.slots": parallel,
                     "obdask.sessions.store": os.path.join(folder, "sessions"),
                     "obdask.sessions.consultation-timeout": "0s"}
-        env = {"DASK_OBDASK__METRICS__INTERVAL": "500ms",
-               "DASK_DISTRIBUTED__LOGGING__DISTRIBUTED": "error",
+        env = {"DASK_DISTRIBUTED__LOGGING__DISTRIBUTED": "error",
                # the workers import benchmarks.* by name (cloudpickle by reference)
                "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH"))
                                              if p)}
+        if interval is not None:
+            env["DASK_OBDASK__METRICS__INTERVAL"] = interval
         with dask.config.set(settings), clusters(workers, threads, env) as clients:
             for client in clients.values():
                 client.run(dask.config.set, settings)
@@ -237,10 +241,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sessions", type=int, default=20, help="sessions at once (0: skip)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of both sides")
     parser.add_argument("--latency", type=float, default=0.05)
+    parser.add_argument("--interval", default=None,
+                        help="workers' sampling interval (default: obdask.metrics.interval)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    out = measure(args.jobs, args.sessions, args.repeat, latency=args.latency)
+    out = measure(args.jobs, args.sessions, args.repeat, latency=args.latency,
+                  interval=args.interval)
+    out["interval"] = args.interval
     out["load_before"] = load
     out["load_after"] = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"load average before {load}, after {out['load_after']}")
