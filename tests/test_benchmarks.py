@@ -91,9 +91,10 @@ def test_bench_metrics(tmp_path):
         "jobs", 20, "sessions", 1)
     for row, column in ((jobs, "scheduler_cpu_ns_per_job"),
                         (sessions, "scheduler_cpu_ns_per_session")):
-        cpu = row[column]
-        assert cpu["with"]["median"] > 0 and cpu["without"]["median"] > 0
-        assert cpu["with"]["median"] != cpu["without"]["median"]  # not clock ticks any more
+        with_, without = row[column]["with"], row[column]["without"]
+        assert with_["cpu"]["median"] > 0 and without["cpu"]["median"] > 0
+        assert with_["cpu"]["median"] != without["cpu"]["median"]  # not clock ticks any more
+        assert with_["idle"]["median"] > 0 and with_["wall"]["median"] > 0
     assert set(data["ratios"]) == {
         "metrics on/off scheduler CPU", "metrics on/off scheduler CPU sessions",
         "metrics on/off scheduler CPU above idle",
