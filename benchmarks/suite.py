@@ -6,8 +6,8 @@
 * ``client``: client CPU and memory of a run vs plan size (:func:`client_scale`);
 * ``llm``: model calls/s vs K*P/L with the test server (:func:`llm`);
 * ``sessions``: one session's wall time vs its critical path (:func:`sessions`);
-* ``metrics``: scheduler CPU per job with and without the metrics extension
-  (:func:`metrics_overhead`).
+* ``metrics``: scheduler CPU per job and per session with and without the metrics
+  extension (:func:`metrics_overhead`).
 
 Medians of ``repeat`` runs with min-max; ratios are of medians measured side by side.
 """
@@ -259,56 +259,13 @@ def sessions(quick: bool) -> dict[str, Any]:
 
 
 def metrics_overhead(quick: bool, repeat: int) -> dict[str, Any]:
-    """Scheduler CPU per job with and without the metrics extension, side by side.
+    """Scheduler CPU with and without the metrics extension, side by side (``bench_metrics``).
 
-    There is no config switch for the extension; the suite starts one of two
-    subprocess schedulers with a preload that drops it from
-    ``obdask.server.EXTENSIONS`` (the documented extension point) before the
-    obdask scheduler preload installs the plugin.  Both clusters are up at once
-    and the runs alternate.
+    Full mode: the issue's 5000-job plan and 20 sessions at once.  Quick mode (the CI
+    guard): 600 jobs, no sessions; the scheduler's CPU is read in nanoseconds, so 600
+    jobs (some 0.2 s of scheduler CPU) are far above its resolution.
     """
-    from distributed import Client
-    from distributed.deploy.subprocess import SubprocessCluster
+    from benchmarks import bench_metrics
 
-    n = 150 if quick else 1000
-    preload = [os.path.join(HERE, "nometrics.py"), "obdask.preload.scheduler"]
-    with tempfile.TemporaryDirectory(prefix="obdask-bench-") as folder:
-        path = write_plan(folder, "metrics", plan_text("@cmd:true",
-                                                       shape_edges("independent", n)))
-        clusters = {}
-        try:
-            for name, loads in (("with", preload[1:]), ("without", preload)):
-                cluster = SubprocessCluster(n_workers=1, threads_per_worker=1,
-                                            dashboard_address=None,
-                                            scheduler_kwargs={"preload": loads})
-                # A default client: obdask.run's wait needs one (distributed.wait).
-                client = Client(cluster)
-                client.wait_for_workers(1, timeout=120)  # SubprocessCluster does not wait
-                pid = client.run_on_scheduler(os.getpid)
-                exts = client.run_on_scheduler(_extensions)
-                clusters[name] = (cluster, client, psutil.Process(pid), exts)
-
-            def one(name: str) -> float:
-                _, client, sched, _ = clusters[name]
-                before = sum(sched.cpu_times()[:2])
-                run_obdask(client, path, {**NO_SANDBOX, **OPTIMIZE_ON})
-                return (sum(sched.cpu_times()[:2]) - before) / n
-
-            for name in clusters:
-                one(name)  # warm-up
-            cpu = interleave({name: (lambda name=name: one(name)) for name in clusters}, repeat)
-            extensions = {name: c[3] for name, c in clusters.items()}
-        finally:
-            for cluster, client, _, _ in clusters.values():
-                client.close()
-                cluster.close()
-    row = {"jobs": n, "scheduler_cpu_s_per_job": cpu, "extensions": extensions}
-    print(f"  metrics: scheduler CPU/job with {1e6 * cpu['with']['median']:.0f} us, without "
-          f"{1e6 * cpu['without']['median']:.0f} us", flush=True)
-    return {"rows": [row], "ratios": {"metrics on/off scheduler CPU":
-                                      ratio(cpu["with"], cpu["without"])}}
-
-
-def _extensions(dask_scheduler: Any) -> list[str]:
-    host = dask_scheduler.extensions.get("obdask")
-    return sorted(host.extensions) if host is not None else []
+    jobs, sessions = (600, 0) if quick else (5000, 20)
+    return bench_metrics.measure(jobs, sessions, repeat)

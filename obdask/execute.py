@@ -72,6 +72,7 @@ def run_job(spec: JobSpec, ctx: RunContext, *deps: dict[str, Any],
         "key": spec.key, "step": spec.step_id, "plan": spec.plan_id, "run_id": ctx.run_id,
         "fingerprint": spec.fingerprint, "worker": where, "started": started,
     }
+    running = _track(worker, spec, started)
     try:
         workspace, clone_warm = job_workspace(spec, ctx.workspace)
         record["warm"] = _warmth(spec, worker, clone_warm)
@@ -83,6 +84,9 @@ def run_job(spec: JobSpec, ctx: RunContext, *deps: dict[str, Any],
         failure: ObdaskError | None = exc
     else:
         failure = None
+    finally:
+        if running is not None:
+            running.pop(spec.key, None)
     if failure is not None:
         # Raised outside the except block: no chained context to pickle back.
         message = redact(str(failure))  # a command line or stderr may hold a password
@@ -108,6 +112,19 @@ def run_job(spec: JobSpec, ctx: RunContext, *deps: dict[str, Any],
         ctx.artifacts.put_result(spec.dedupe, record)
     _publish(worker, spec, record)
     return JobRecord(record)
+
+
+def _track(worker, spec: JobSpec, started: float) -> dict | None:  # noqa: ANN001
+    """Note a job with a timeout as running, for time pressure (obdask.server.pressure)."""
+    if worker is None or not spec.timeout:
+        return None
+    from obdask.server.worker import track_running
+
+    try:
+        return track_running(spec.key, started, spec.timeout, worker)
+    except Exception:  # metrics must never fail a job
+        logger.debug("could not track %s", spec.key, exc_info=True)
+        return None
 
 
 #: Fields of a job record the scheduler's metrics extension keeps.

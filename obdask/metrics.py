@@ -63,17 +63,19 @@ def _frame(rows: list[dict[str, Any]], columns: list[str]) -> Any:
     return frame[columns + extra]
 
 
-def jobs(client: Any, since: float | None = None, limit: int | None = None) -> Any:
+def jobs(client: Any, since: float | None = None, limit: int | None = None,
+         plan: str | None = None) -> Any:
     """Job records, oldest first: one row per job run (a retried job has one, with attempts).
 
     Columns: ``job`` (``plan::step``), ``plan``, ``step``, ``run_id``, ``kind``
     (``cmd``, ``file``, ``model``...), ``lane``, ``model``, ``worker``,
     ``status`` (``done``/``failed``), ``exit_code``, ``attempts``, ``warm``
     (warm-worker hit; None without locality), ``started``, ``finished``,
-    ``duration_s``, ``error``.  ``since``: finished at or after this epoch time.
+    ``duration_s``, ``error``.  ``since``: finished at or after this epoch time;
+    ``plan``: that plan's jobs only (``limit`` counts those).
     """
     return _call(client, "obdask_metrics_jobs", lambda r: _frame(r, JOB_COLUMNS),
-                 since=since, limit=limit)
+                 since=since, limit=limit, plan=plan)
 
 
 def tokens(client: Any, by: str | list[str] | None = None, since: float | None = None,

@@ -3,7 +3,9 @@
 Bokeh pages build their content after the page loads (models arrive over a
 websocket, tables live in shadow DOM), so ``--screenshot``/``--dump-dom``
 capture an empty page; :func:`render` waits until the page's text (shadow
-roots included) holds what the test expects, then takes the screenshot.
+roots included) holds what the test expects, then takes the screenshot.  A needle
+still missing at the deadline fails the test (after the screenshot is saved, so
+the page can be looked at).
 Flags: ``--headless --no-sandbox --disable-gpu --disable-background-networking``.
 """
 
@@ -36,7 +38,14 @@ def chromium() -> str | None:
 
 def render(url: str, folder: Path, needles: list[str], screenshot: Path,
            timeout: float = 60.0, size: str = "1400,1000") -> str:
-    """Open ``url``, wait until every needle is in its text, save a PNG; return the text."""
+    """Open ``url``, wait until every needle is in its text, save a PNG; return the text.
+
+    Raises
+    ------
+    AssertionError
+        When a needle is not in the page's text by ``timeout`` s: the message names
+        the missing needles, the URL and the screenshot (saved first).
+    """
     profile = folder / "chromium-profile"
     proc = subprocess.Popen(
         [chromium(), "--headless", "--no-sandbox", "--disable-gpu",
@@ -53,10 +62,13 @@ def render(url: str, folder: Path, needles: list[str], screenshot: Path,
         port = int(port_file.read_text().split()[0])
         text, png = asyncio.run(_drive(port, needles, deadline))
         screenshot.write_bytes(png)
-        return text
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    missing = [n for n in needles if n not in text]
+    assert not missing, (f"{url}: not in the page after {timeout:g} s: {missing} "
+                         f"(screenshot {screenshot}; page text: {text[:500]!r})")
+    return text
 
 
 async def _drive(port: int, needles: list[str], deadline: float) -> tuple[str, bytes]:

@@ -84,6 +84,36 @@ def test_bench_judge(tmp_path):
 
 
 def test_bench_metrics(tmp_path):
-    data = _run("bench_metrics.py", "--jobs", "20", tmp_path=tmp_path)
-    assert [(r["jobs"], r["metrics"]) for r in data["runs"]] == [(20, False), (20, True)]
-    assert all(r["scheduler_cpu_s"] > 0 for r in data["runs"]) and data["ratio"] > 0
+    data = _run("bench_metrics.py", "--jobs", "20", "--sessions", "1", "--repeat", "1",
+                tmp_path=tmp_path)
+    jobs, sessions = data["rows"]
+    assert (jobs["part"], jobs["jobs"], sessions["part"], sessions["sessions"]) == (
+        "jobs", 20, "sessions", 1)
+    for row, column in ((jobs, "scheduler_cpu_ns_per_job"),
+                        (sessions, "scheduler_cpu_ns_per_session")):
+        with_, without = row[column]["with"], row[column]["without"]
+        assert with_["cpu"]["median"] > 0 and without["cpu"]["median"] > 0
+        assert with_["cpu"]["median"] != without["cpu"]["median"]  # not clock ticks any more
+        assert with_["idle"]["median"] > 0 and with_["wall"]["median"] > 0
+    assert set(data["ratios"]) == {
+        "metrics on/off scheduler CPU", "metrics on/off scheduler CPU sessions",
+        "metrics on/off scheduler CPU above idle",
+        "metrics on/off scheduler CPU above idle sessions", "metrics on/off idle scheduler CPU"}
+    assert all(r > 0 for r in data["ratios"].values())
+
+
+def test_scheduler_cpu_is_read_in_nanoseconds(cluster_client):
+    """2 ms of work on the scheduler shows as such (psutil's ticks read 0 or 10 ms)."""
+    from benchmarks.bench_metrics import scheduler_cpu_ns
+
+    def spin(dask_scheduler):
+        import time
+
+        end = time.process_time() + 0.002
+        while time.process_time() < end:
+            pass
+
+    before = scheduler_cpu_ns(cluster_client)
+    cluster_client.run_on_scheduler(spin)
+    spent = scheduler_cpu_ns(cluster_client) - before
+    assert spent >= 2_000_000 and spent % 1_000_000, spent  # a tick count is whole ms

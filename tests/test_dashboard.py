@@ -101,6 +101,29 @@ def test_workers_table_with_gpus_and_vram():
     with_scheduler(check)
 
 
+def test_budgets_use_against_limits():
+    def check(s, ext):
+        from obdask.server import extension
+
+        budgets = extension(s, "budgets")
+        budgets.set_budget({"name": "daily", "tokens": 1000, "window": "1h"})
+        budgets.set_budget({"name": "coder-cap", "tokens": 200, "scope": "model",
+                            "match": "qwen2.5-coder:7b"})
+        budgets.settle("r1", 850, model="qwen2.5-coder:7b")  # both budgets match the call
+        comp = components.Budgets(s)
+        comp.update()
+        rows = {name: i for i, name in enumerate(comp.source.data["name"])}
+        data = comp.source.data
+        daily, cap = rows["daily"], rows["coder-cap"]
+        assert data["use_text"][daily] == "850 / 1,000 (85 %)"
+        assert data["percent"][daily] == 85.0 and data["color"][daily] == "#ff7f0e"  # warning
+        assert data["window"][daily] == "3600 s" and data["frees"][daily].startswith("in 3")
+        assert data["covers"][cap] == "model qwen2.5-coder:7b" and data["window"][cap] == "all time"
+        assert data["percent"][cap] == 100.0 and data["color"][cap] == "#d62728"  # over its limit
+        assert list(comp.root.children[0].y_range.factors) == list(data["name"])
+    with_scheduler(check)
+
+
 def test_recent_events():
     def check(s, ext):
         s.log_event("obdask-jobs", {"key": "p::a", "event": "failed", "worker": W1})
@@ -180,6 +203,10 @@ def live_scheduler(tmp_path_factory):
                 OllamaTestServer(models=["llama3.2:3b"]) as server, \
                 dask.config.set({"obdask.llm.endpoints": [server.url]}):
             client.wait_for_workers(1, timeout=90)
+            from obdask.llm import budget
+
+            # charged by the model job below; on the page with its limit and window
+            budget.set_budget(client, "page-budget", 1_234_567, window="1h")
             (folder / "spec.md").write_text("Name three queueing disciplines.")
             (folder / "plan.md").write_text(
                 "- [ ] id=a lane=1 payload=@cmd:echo hi\n"
@@ -211,13 +238,19 @@ def test_page_in_headless_chromium(live_scheduler):
     with Client(address, timeout=30) as client:
         workers = list(client.scheduler_info()["workers"])
     shot = folder / "obdask-page.png"
-    text = render(base + dashboard.PAGE, folder, [workers[0], "obdask-jobs"], shot)
+    text = render(base + dashboard.PAGE, folder,
+                  [workers[0], "obdask-jobs", "page-budget", "1,234,567"], shot)
     assert shot.stat().st_size > 20_000, shot
     assert workers[0] in text  # the workers table
     assert "obdask-jobs" in text and "failed" in text  # the recent events
     assert "obdask-tokens" in text and "llama3.2:3b" in text
-    for header in ("plan", "lane", "done", "CPU %", "VRAM", "GPUs"):
+    for header in ("plan", "lane", "done", "CPU %", "VRAM", "GPUs", "oldest spending leaves"):
         assert header in text, header
+    import re
+
+    charged = re.search(r"(\d+) / 1,234,567 \(0 %\)", text)  # the budget's use and limit
+    assert charged and int(charged.group(1)) > 0, text  # the model job's tokens
+    assert "3600 s" in text  # its window
     print(f"screenshot: {shot}")
 
 

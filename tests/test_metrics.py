@@ -214,6 +214,32 @@ def test_memory_bound_holds_after_200k_records():
     asyncio.run(main())
 
 
+def test_jobs_handler_filters_by_plan_and_columns():
+    """The newest N records of one plan, only the fields asked for (what a runner needs)."""
+    from distributed import Scheduler
+
+    from obdask.server import ObdaskPlugin, extension
+
+    async def main():
+        async with Scheduler(dashboard_address=None, port=0) as s:
+            await s.register_scheduler_plugin(ObdaskPlugin(), idempotent=True)
+            ext = extension(s, "metrics")
+            feed = ext.stream_handlers["obdask_metrics_record"]
+            feed(worker="tcp://10.0.0.1:1", kind="batch", records=[
+                ["job", {"plan": "ab"[i % 2], "step": f"s{i}", "duration_s": i,
+                         "finished": float(i), "status": "done"}] for i in range(10)])
+            handler = s.handlers["obdask_metrics_jobs"]
+            return (handler(plan="a", limit=3, columns=["step", "duration_s"]),
+                    handler(limit=2), handler(limit=0), handler(plan="b", since=6.0))
+
+    only_a, newest, none, since = asyncio.run(main())
+    assert only_a == [{"step": "s4", "duration_s": 4}, {"step": "s6", "duration_s": 6},
+                      {"step": "s8", "duration_s": 8}]
+    assert [r["step"] for r in newest] == ["s8", "s9"] and newest[0]["worker"] == "tcp://10.0.0.1:1"
+    assert none == []
+    assert [r["step"] for r in since] == ["s7", "s9"]
+
+
 def test_prometheus_series_on_scheduler_metrics(tmp_path, cluster):
     pytest.importorskip("prometheus_client")
     lc, client = cluster

@@ -10,10 +10,12 @@ not pick up pages registered later.
 Pages:
 
 * ``/obdask``: everything on one page (tokens per minute, job status per plan
-  and lane, workers with GPU/VRAM/CPU/RAM, recent events);
-* ``/individual-obdask-tokens``, ``-jobs``, ``-workers``, ``-events``: one
-  component each; ``individual-`` pages are listed in the dashboard's "More"
-  menu and in ``/individual-plots.json`` (read by dask-labextension).
+  and lane, token budgets against their limits, workers with GPU/VRAM/CPU/RAM,
+  sessions, waiting reasons, recent events);
+* ``/individual-obdask-tokens``, ``-jobs``, ``-budgets``, ``-workers``, ``-events``,
+  ``-waiting``, ``-sessions``: one component each; ``individual-`` pages are listed in
+  the dashboard's "More" menu and in ``/individual-plots.json`` (read by
+  dask-labextension).
 
 The components are in :mod:`obdask.dashboard.components`; bokeh is needed
 (``obdask[dashboard]``), and without it :func:`register` does nothing.
@@ -32,6 +34,7 @@ PAGE = "/obdask"
 INDIVIDUAL = {
     "/individual-obdask-tokens": "TokensPerMinute",
     "/individual-obdask-jobs": "JobStatus",
+    "/individual-obdask-budgets": "Budgets",
     "/individual-obdask-workers": "WorkerResources",
     "/individual-obdask-events": "RecentEvents",
     "/individual-obdask-waiting": "Waiting",
@@ -80,16 +83,17 @@ def obdask_doc(scheduler: Any, extra: dict[str, Any], doc: Any) -> None:
 
     tokens = c.TokensPerMinute(scheduler, sizing_mode="stretch_width")
     jobs = c.JobStatus(scheduler)
+    budgets = c.Budgets(scheduler)
     workers = c.WorkerResources(scheduler)
     events = c.RecentEvents(scheduler)
     waiting = c.Waiting(scheduler)
     sessions = c.Sessions(scheduler)
-    for comp in (tokens, jobs, workers, sessions, waiting, events):
+    for comp in (tokens, jobs, budgets, workers, sessions, waiting, events):
         comp.update()
         add_periodic_callback(doc, comp, INTERVAL)
     doc.title = "Dask: obdask"
     doc.add_root(column(row(tokens.root, jobs.root, sizing_mode="stretch_width"),
-                        workers.root, sessions.root, waiting.root, events.root,
+                        budgets.root, workers.root, sessions.root, waiting.root, events.root,
                         sizing_mode="stretch_width",
                         name="obdask"))
     doc.template = env.get_template("simple.html")

@@ -181,6 +181,72 @@ class WorkerResources(DashboardComponent):
         })
 
 
+class Budgets(DashboardComponent):
+    """Token budgets: use (spent in the window + reserved) against each limit, and the window.
+
+    A bar per budget (percent of its tokens, coloured at the pressure levels) and a
+    table: name, what it covers, window, used, reserved, limit, use %, and when the
+    oldest spending leaves the window (a windowed budget frees tokens then).
+    """
+
+    COLUMNS = ("name", "covers", "window", "used", "reserved", "limit", "use_text", "percent",
+               "color", "frees")
+
+    @log_errors
+    def __init__(self, scheduler: Any, **kwargs: Any) -> None:
+        self.scheduler = scheduler
+        self.source = ColumnDataSource({k: [] for k in self.COLUMNS})
+        kwargs.pop("sizing_mode", None)
+        fig = figure(title="Token budgets: use of each limit (%)", y_range=[], tools="",
+                     x_range=(0, 100), height=180, name="obdask_budgets_use",
+                     sizing_mode="stretch_width", toolbar_location=None)
+        fig.hbar(y="name", right="percent", height=0.8, source=self.source, color="color")
+        fig.add_tools(HoverTool(tooltips=[("budget", "@name"), ("use", "@use_text"),
+                                          ("window", "@window"), ("frees", "@frees")]))
+        fig.xaxis.axis_label = "% of the budget's tokens (spent in its window + reserved)"
+        table = _table(self.source, [
+            ("name", "budget"), ("covers", "covers"), ("window", "window"), ("used", "used"),
+            ("reserved", "reserved"), ("limit", "limit"), ("use_text", "use"),
+            ("frees", "oldest spending leaves")], "obdask_budgets",
+            sizing_mode="stretch_width", height=150, **kwargs)
+        self.root = column(fig, table, sizing_mode="stretch_width")
+
+    @log_errors
+    def update(self) -> None:
+        from obdask.server import extension
+
+        ext = extension(self.scheduler, "budgets")
+        budgets = list(getattr(getattr(ext, "ledger", None), "budgets", {}).values())
+        now = time.time()
+        warning, critical = _levels()
+        rows = []
+        for b in budgets:
+            used, limit = b.used(now), b.tokens
+            share = (used + b.reserved) / limit if limit else 0.0
+            expiry = b.next_expiry(now)
+            rows.append({
+                "name": b.name,
+                "covers": "the cluster" if b.scope == "cluster" or not b.match
+                else f"{b.scope} {b.match}",
+                "window": f"{b.window:g} s" if b.window else "all time",
+                "used": f"{used:,}", "reserved": f"{b.reserved:,}", "limit": f"{limit:,}",
+                "use_text": f"{used + b.reserved:,} / {limit:,} ({100 * share:.0f} %)",
+                "percent": min(100.0, 100 * share),
+                "color": "#d62728" if share >= critical else "#ff7f0e" if share >= warning
+                else "#2ca02c",
+                "frees": f"in {max(0.0, expiry - now):.0f} s" if expiry is not None else "-",
+            })
+        self.root.children[0].y_range.factors = [r["name"] for r in rows]
+        update(self.source, {k: [r[k] for r in rows] for k in self.COLUMNS})
+
+
+def _levels() -> tuple[float, float]:
+    import dask
+
+    return (float(dask.config.get("obdask.metrics.pressure-warning", 0.8)),
+            float(dask.config.get("obdask.metrics.pressure-critical", 0.95)))
+
+
 class RecentEvents(DashboardComponent):
     """The newest obdask events (failed jobs, token records, ...), newest first."""
 

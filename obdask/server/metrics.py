@@ -10,9 +10,11 @@ handler ``obdask_metrics_record(worker, kind, record)``:
   and output tokens, durations, re-spent flag), sent by
   :func:`obdask.llm.client.call_model`;
 * ``sample``: the worker's resources every ``obdask.metrics.interval``
-  (host CPU/RAM/disk from psutil, every GPU's utilization and VRAM from NVML).
+  (host CPU/RAM/disk from psutil, every GPU's utilization and VRAM from NVML);
+* ``elapsed``: a running job past the warning fraction of its timeout (for
+  :mod:`obdask.server.pressure` only; not stored).
 
-Job and token records are queued on the worker and sent every half second as
+Records are queued on the worker and sent every half second as
 one ``batch`` message (``records``: ``[[kind, record], ...]``), so a busy worker
 adds at most two messages a second, not one per job.
 
@@ -32,9 +34,11 @@ scheduler's ``/metrics`` under the OpenTelemetry GenAI names.
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import dask
@@ -45,7 +49,7 @@ from obdask.server.pressure import Pressure
 logger = logging.getLogger(__name__)
 
 RECORD_OP = "obdask_metrics_record"
-KINDS = ("job", "tokens", "sample")
+KINDS = ("job", "tokens", "sample", "elapsed")
 #: OpenTelemetry GenAI advisory bucket bounds: token usage and operation duration (s).
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
                  16777216, 67108864)
@@ -106,6 +110,7 @@ class MetricsExtension:
         self.pressure = Pressure(scheduler)
         _register_collector(scheduler)
         self._start_snapshots()
+        self._start_clock()
 
     def configure(self) -> None:
         """(Re)read the buffer sizes from ``obdask.metrics``; keeps the newest records."""
@@ -114,6 +119,22 @@ class MetricsExtension:
         self.jobs = deque(self.jobs, maxlen=size)
         self.tokens = deque(self.tokens, maxlen=size)
         self.samples = deque(self.samples, maxlen=min(size, history))
+
+    def _start_clock(self) -> None:
+        """Session wall times against their limit every ``pressure-interval`` (pressure.py)."""
+        from dask.utils import parse_timedelta
+        from tornado.ioloop import PeriodicCallback
+
+        interval = parse_timedelta(
+            dask.config.get("obdask.metrics.pressure-interval", "1s"), default="s")
+        if not interval or interval <= 0:
+            return
+        pc = PeriodicCallback(lambda: self._pressure("tick", time.time()),
+                              max(0.05, float(interval)) * 1000)
+        # stopped with the scheduler's own periodic callbacks (distributed's extension way)
+        self.scheduler.periodic_callbacks["obdask-metrics-pressure"] = pc
+        if self.scheduler.status.name == "running":
+            pc.start()
 
     # -- parquet snapshots (obdask.server.snapshots) -------------------------------------
     def _start_snapshots(self) -> None:
@@ -207,6 +228,8 @@ class MetricsExtension:
             job = record.get("job")
             if job is not None and "attempts" not in record:
                 record["attempts"] = self._attempts.get(job, 1)
+            if job is not None and self.pressure.levels:
+                self.pressure.job_ended(str(job))
             self.jobs.append(record)
             status = str(record.get("status"))
             self.job_totals[status] = self.job_totals.get(status, 0) + 1
@@ -214,7 +237,9 @@ class MetricsExtension:
             record.setdefault("ts", time.time())
             self.samples.append(record)
             self.latest[str(record.get("worker"))] = record
-            self._pressure("on_sample", str(record.get("worker")), record, self.latest)
+            self._pressure("on_sample", str(record.get("worker")), record)
+        elif kind == "elapsed":  # a running job near its timeout: pressure only, not stored
+            self._pressure("on_elapsed", record)
         else:
             raise ValueError(f"unknown metrics record kind {kind!r}; use one of {KINDS}")
 
@@ -290,19 +315,36 @@ class MetricsExtension:
 
     # -- handlers ---------------------------------------------------------------
     @staticmethod
-    def _recent(rows: deque[dict[str, Any]], since: float | None, limit: int | None,
+    def _recent(rows: Sequence[dict[str, Any]], since: float | None, limit: int | None,
                 field: str) -> list[dict[str, Any]]:
+        if since is None and limit is not None:  # the newest only: no copy of the buffer
+            newest = list(itertools.islice(reversed(rows), max(0, int(limit))))
+            newest.reverse()
+            return newest
         out = list(rows)
         if since is not None:
             out = [r for r in out if (r.get(field) or 0) >= since]
         if limit is not None:
-            out = out[-int(limit):]
+            out = out[-int(limit):] if int(limit) > 0 else []
         return out
 
-    def get_jobs(self, since: float | None = None, limit: int | None = None
+    def get_jobs(self, since: float | None = None, limit: int | None = None,
+                 plan: str | None = None, columns: list[str] | None = None
                  ) -> list[dict[str, Any]]:
-        """Handler ``obdask_metrics_jobs``: job records, oldest first."""
-        return self._recent(self.jobs, since, limit, "finished")
+        """Handler ``obdask_metrics_jobs``: job records, oldest first.
+
+        ``plan``: only that plan's records (``limit`` counts those); ``columns``: only
+        these fields of each.  Both cut what is serialized, which is most of the
+        handler's cost (some 4 us per full record): a runner sizing batches needs one
+        plan's steps and durations, not the last 5000 records of every plan.
+        """
+        rows: Any = self.jobs
+        if plan is not None:
+            rows = [r for r in rows if r.get("plan") == plan]
+        out = self._recent(rows, since, limit, "finished")
+        if columns is not None:
+            out = [{c: r.get(c) for c in columns} for r in out]
+        return out
 
     def get_tokens(self, since: float | None = None, limit: int | None = None
                    ) -> list[dict[str, Any]]:
@@ -320,6 +362,7 @@ class MetricsExtension:
         for address, sample in list(self.latest.items()):
             if address not in workers and (sample.get("ts") or 0) < stale:
                 del self.latest[address]  # a sample that arrived after its worker left
+                self.pressure.forget(f"worker:{address}")
         addresses = list(workers) + [a for a in self.latest if a not in workers]
         return [worker_row(a, self.latest.get(a) or {}, workers.get(a)) for a in addresses]
 

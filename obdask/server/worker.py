@@ -14,6 +14,7 @@ polls the local endpoint's ``GET /api/ps``.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,9 @@ class WorkerState:
     reported: set[tuple[str, str]] = field(default_factory=set)
     models: list[str] | None = None
     outbox: list[list[Any]] = field(default_factory=list)  # metrics records not yet sent
+    #: Jobs with a timeout running here: ``job -> (started, timeout)`` (at most one per
+    #: thread); each flush reports those past the warning fraction of their timeout.
+    running: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def warm_keys(self) -> set[str]:
         """Locality keys this worker is warm for (clones reported, models loaded)."""
@@ -154,14 +158,19 @@ class ObdaskWorkerPlugin(WorkerPlugin):
         worker.loop.add_callback(self.sample)
 
     def sample(self) -> None:
-        """Send one resource sample (host CPU/RAM/disk, every GPU) to the scheduler."""
+        """Queue one resource sample (host CPU/RAM/disk, every GPU) for the scheduler.
+
+        It leaves with the next flush of the job and token records (at most
+        :data:`FLUSH` s later): one message on the stream, not one more per sample,
+        since reading a message costs the scheduler more than storing its records.
+        """
         if self.worker is None or self._sampler is None:
             return
         record = self._sampler.sample()
-        models = state_of(self.worker).models
-        if models is not None:
-            record["models"] = models
-        send(self.worker, {"op": METRICS_OP, "kind": "sample", "record": record})
+        state = state_of(self.worker)
+        if state.models is not None:
+            record["models"] = state.models
+        state.outbox.append(["sample", record])
 
     async def teardown(self, worker: Any) -> None:
         """Stop sampling and polling and close the HTTP client."""
@@ -261,10 +270,46 @@ def send_record(kind: str, record: dict[str, Any], worker: Any = None) -> bool:
     return True
 
 
+def track_running(job: str, started: float, timeout: float | None,
+                  worker: Any = None) -> dict[str, tuple[float, float]] | None:
+    """Note a job with a timeout as running here; returns the table to pop it from.
+
+    None (nothing noted) without a timeout, outside a worker or without the metrics
+    extension.  :func:`flush_records` reports the jobs past the warning fraction of
+    their timeout, so the scheduler's pressure events see a job's time run out.
+    """
+    if not timeout or timeout <= 0:
+        return None
+    if worker is None:
+        try:
+            worker = get_worker()
+        except ValueError:
+            return None
+    if not getattr(getattr(worker, "plugins", {}).get(NAME), "metrics", False):
+        return None
+    state = state_of(worker)
+    state.running[job] = (started, float(timeout))
+    return state.running
+
+
+def _elapsed_records(state: WorkerState) -> list[list[Any]]:
+    """``elapsed`` records of the running jobs at or past the warning fraction."""
+    now = time.time()
+    warning = float(dask.config.get("obdask.metrics.pressure-warning", 0.8))
+    return [["elapsed", {"job": job, "elapsed": now - started, "timeout": timeout,
+                         "started": started}]
+            for job, (started, timeout) in list(state.running.items())
+            if now - started >= warning * timeout]
+
+
 def flush_records(worker: Any) -> None:
     """Send the records :func:`send_record` queued, as one message (worker's loop)."""
     state = worker.extensions.get(EXTENSION)
-    if not isinstance(state, WorkerState) or not state.outbox:
+    if not isinstance(state, WorkerState):
+        return
+    if state.running:
+        state.outbox.extend(_elapsed_records(state))
+    if not state.outbox:
         return
     records, state.outbox = state.outbox, []
     send(worker, {"op": METRICS_OP, "kind": "batch", "records": records})

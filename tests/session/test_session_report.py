@@ -41,7 +41,7 @@ def test_report_of_a_session_opens_in_chromium(cluster, model, tmp_path):
                "Tokens per process", "Duration per process (s)", "Harmonize",
                "Feedback on the work so far", "orch output for a question."]
     text = render(out.as_uri(), tmp_path, needles, tmp_path / "report.png")
-    missing = [n for n in needles if n not in text]  # render waits for them, never fails
+    missing = [n for n in needles if n not in text]  # render fails on these too
     assert not missing, missing
     # the processes' table: every recorded process with its model
     for snap in record.snapshots:
