@@ -212,13 +212,16 @@ async def _estimates(client: Client, plan_id: str) -> Callable[[Job], float | No
     import statistics
 
     try:
-        rows = await client.scheduler.obdask_metrics_jobs(limit=5000)
+        # this plan's steps and durations only: not every plan's last 5000 whole records
+        rows = await client.scheduler.obdask_metrics_jobs(
+            limit=5000, plan=plan_id, columns=["step", "duration_s"])
     except Exception as exc:  # noqa: BLE001 - no metrics: batches bounded by size only
+        # an older scheduler without plan=/columns= lands here too: size-bounded batches
         logger.debug("no job durations from the scheduler: %s", exc)
         return None
     # None: the scheduler runs without the metrics extension (obdask.metrics.enabled)
     by_step = {r["step"]: float(r["duration_s"]) for r in rows or ()
-               if r.get("plan") == plan_id and r.get("duration_s") is not None}
+               if r.get("duration_s") is not None}
     if not by_step:
         return None
     median = statistics.median(by_step.values())

@@ -85,6 +85,19 @@ def test_explain_shows_fused_and_batched(tmp_path):
         assert explain(plan)["optimize"]["tasks"] == 4
 
 
+def test_a_second_run_sizes_its_batches_from_the_first_runs_durations(tmp_path, cluster_client):
+    """The scheduler's job metrics of an earlier run bound the batches by duration."""
+    lines = ["plan_id=sized"] + [f"- [ ] id=s{i} lane=1 payload=@cmd:sleep 0.3"
+                                 for i in range(8)]
+    (tmp_path / "plan.md").write_text("\n".join(lines) + "\n")
+    with dask.config.set({"obdask.optimize.batch-duration": "0.5s"}):
+        first = explain(Plan.from_file(tmp_path / "plan.md"), cluster_client)["optimize"]
+        assert obdask.run(Plan.from_file(tmp_path / "plan.md"), cluster_client).ok
+        second = explain(Plan.from_file(tmp_path / "plan.md"), cluster_client)["optimize"]
+    assert first["tasks"] < 8  # no durations yet: bounded by size and thread count only
+    assert second["tasks"] == 8 and second["batched"] == []  # 0.3 s each: one per task
+
+
 def _run(tmp_path, lines, client, **kw):
     (tmp_path / "plan.md").write_text("\n".join(lines) + "\n")
     return obdask.run(Plan.from_file(tmp_path / "plan.md"), client, **kw)
