@@ -377,12 +377,17 @@ class Driver:
         errors = state.errors
         pending = self._resumed_move(record, state)
         status = "done"
+        # events of the move that ends the session: published with session-complete, in
+        # the one update that shows the ended state (a client that sees it ended finds
+        # every event, and the record, complete)
+        closing: list[dict[str, Any]] = []
         while not state.finished:
             if self.cancel:
                 status = "cancelled"
                 break
-            if self._budget_exhausted(record.created, state):
-                status = "failed"
+            exhausted = self._budget_exhausted(record.created, state)
+            if exhausted is not None:
+                status, closing = "failed", [exhausted]
                 break
             if pending is not None:
                 move, events = pending, []
@@ -392,7 +397,7 @@ class Driver:
             if move.kind is MoveKind.FINISH:
                 state = state.apply(move)
                 self.store.update(self.sid, self.epoch, state=state)
-                self._share(self._shared_state(state), events)
+                closing = events
                 break
             nxt = state.apply(move)
             index, position = nxt.processes_run, nxt.position
@@ -409,8 +414,9 @@ class Driver:
                                           f"{index:04d}-{position}", position=position)
             except (ModelError, BudgetExceeded) as exc:
                 self.time_split["agent"] += time.monotonic() - t0
-                state, errors, failed = self._failed(state, index, position, exc, errors, events)
-                if failed:
+                state, errors, closing = self._failed(state, index, position, exc, errors,
+                                                      events)
+                if closing:
                     status = "failed"
                     break
                 continue
@@ -425,8 +431,9 @@ class Driver:
             try:
                 fragment = self._fragment(result["text"], index, position)
             except FragmentError as exc:
-                state, errors, failed = self._failed(state, index, position, exc, errors, events)
-                if failed:
+                state, errors, closing = self._failed(state, index, position, exc, errors,
+                                                      events)
+                if closing:
                     status = "failed"
                     break
                 continue
@@ -460,7 +467,7 @@ class Driver:
         final = {"kind": "session-complete", "flow_code": state.flow_code,
                  "duration": time.time() - started, "success": status == "done",
                  "status": status, "epoch": self.epoch}
-        self._share(self._shared_state(state, status), [final])
+        self._share(self._shared_state(state, status), closing + [final])
         return {"id": self.sid, "state": status, "flow_code": state.flow_code,
                 "epoch": self.epoch}
 
@@ -472,9 +479,11 @@ class Driver:
         return {"kind": "budget-refused", "position": position, "index": index,
                 "caller": caller, "error": str(exc)[:500]}
 
-    def _budget_exhausted(self, created: float | None, state: SessionState) -> bool:
-        """Whether the session's own token or time budget is spent; if so it is
-        recorded (a note, status failed) and published (``budget-exhausted``)."""
+    def _budget_exhausted(self, created: float | None,
+                          state: SessionState) -> dict[str, Any] | None:
+        """Whether the session's own token or time budget is spent: if so it is
+        recorded (a note, status failed) and its ``budget-exhausted`` event returned
+        (published with session-complete); None while there is budget left."""
         used_tokens = self.tokens["input"] + self.tokens["output"]
         elapsed = time.time() - float(created or time.time())
         over = None
@@ -483,7 +492,7 @@ class Driver:
         elif self.s.max_time is not None and elapsed >= self.s.max_time:
             over = ("time", round(elapsed, 3), self.s.max_time)
         if over is None:
-            return False
+            return None
         budget, used, limit = over
         text = (f"session {self.sid}: its {budget} budget is spent ({used} of {limit}, "
                 f"obdask.sessions.max-{budget}) at {state.position} (flow code "
@@ -492,15 +501,15 @@ class Driver:
         self.store.add_note(self.sid, self.epoch, text, source="driver",
                             index=state.processes_run, kind="budget-exhausted", budget=budget)
         self.store.update(self.sid, self.epoch, status="failed", error=text)
-        self._share(self._shared_state(state, "failed"),
-                    [{"kind": "budget-exhausted", "budget": budget, "used": used,
-                      "limit": limit, "position": state.position}])
-        return True
+        return {"kind": "budget-exhausted", "budget": budget, "used": used, "limit": limit,
+                "position": state.position}
 
     def _failed(self, state: SessionState, index: int, position: str, exc: Exception,
-                errors: int, events: list[dict[str, Any]]) -> tuple[SessionState, int, bool]:
+                errors: int, events: list[dict[str, Any]]
+                ) -> tuple[SessionState, int, list[dict[str, Any]]]:
         """Record an ``X`` for process ``index`` (its call or its fragment failed);
-        returns the new state, the error count and whether the session failed."""
+        returns the new state, the error count and, when that failed the session, the
+        events to publish with session-complete (else they are published now)."""
         if isinstance(exc, BudgetExceeded):
             events = events + [self._budget_refused(exc, index, position, "process")]
         state = state.error()
@@ -508,13 +517,13 @@ class Driver:
         self.store.update(self.sid, self.epoch, state=state)
         self.store.add_note(self.sid, self.epoch, str(exc), source="driver",
                             index=index, kind="process-error")
-        failed = errors > self.s.max_errors
-        if failed:  # durable first: a client that sees "failed" finds it recorded
-            self.store.update(self.sid, self.epoch, status="failed")
-        self._share(self._shared_state(state, "failed" if failed else "running"),
-                    events + [{"kind": "process-error", "position": position,
-                               "error": str(exc)[:500]}])
-        return state, errors, failed
+        events = events + [{"kind": "process-error", "position": position,
+                            "error": str(exc)[:500]}]
+        if errors > self.s.max_errors:  # durable first: a client that sees "failed"
+            self.store.update(self.sid, self.epoch, status="failed")  # finds it recorded
+            return state, errors, events
+        self._share(self._shared_state(state), events)
+        return state, errors, []
 
     def _fragment(self, text: str, index: int, position: str) -> dict[str, Any] | None:
         """Run the plan fragment in a process's reply, if any (FragmentError if it
