@@ -47,6 +47,21 @@ class InjectedCrash(RuntimeError):
     """Raised by a driver at a crash point a test asked for (``crash=``)."""
 
 
+class CutOff(SessionError):
+    """The driver's cluster went away under it (its client or worker is closing)."""
+
+
+def cut_off(client: Any, worker: Any) -> bool:
+    """Whether the driver's client or worker is closing or has lost the scheduler: a
+    cluster shut down (or a scheduler gone) under the driver, not a fault of the session."""
+    from distributed.core import Status
+
+    return (getattr(client, "scheduler", None) is None
+            or getattr(client, "status", "running") != "running"
+            or getattr(worker, "status", Status.running) not in (Status.running,
+                                                                  Status.paused))
+
+
 @dataclass
 class Settings:
     """What a driver needs from the starting client's configuration (no global config
@@ -132,10 +147,15 @@ class Driver:
         self.served_locally = True
         self.prompt = ""
         self.last_output = ""
+        self.ended = False  # the end (done, failed, cancelled) is recorded
+        self.flow_code: str | None = None  # the last state recorded, for the result
 
     # -- scheduler calls -----------------------------------------------------------------
     def _rpc(self, op: str, **kwargs: Any) -> Any:
-        return self.client.sync(getattr(self.client.scheduler, op), **kwargs)
+        scheduler = self.client.scheduler
+        if scheduler is None:  # the client closed: the cluster is going away
+            raise CutOff(f"session {self.sid}: the driver's client is closed ({op})")
+        return self.client.sync(getattr(scheduler, op), **kwargs)
 
     def _share(self, state: dict[str, Any] | None = None,
                events: list[dict[str, Any]] | None = None) -> None:
@@ -460,9 +480,10 @@ class Driver:
                            "tokens": result["input_tokens"] + result["output_tokens"],
                            "respent": ticket.respent})
             self._share(self._shared_state(nxt), events)
-            state = nxt
+            state, self.flow_code = nxt, nxt.flow_code
         if status == "cancelled":
             self.store.update(self.sid, self.epoch, status="cancelled")
+        self.ended, self.flow_code = True, state.flow_code
         self._write_resources()
         final = {"kind": "session-complete", "flow_code": state.flow_code,
                  "duration": time.time() - started, "success": status == "done",
@@ -551,7 +572,8 @@ class Driver:
 
 def drive(session_id: str, settings: Settings) -> dict[str, Any]:
     """The driver task (see the module docstring).  Returns ``{"id", "state",
-    "flow_code", "epoch"}``; raises LeaseLost when superseded."""
+    "flow_code", "epoch"}``; raises LeaseLost when superseded.  A driver cut off by its
+    cluster's shutdown returns quietly with the state ``interrupted`` (resumable)."""
     from distributed import get_worker, worker_client
 
     worker = get_worker()
@@ -570,17 +592,44 @@ def drive(session_id: str, settings: Settings) -> dict[str, Any]:
             except Exception:  # noqa: BLE001
                 pass
             raise
-        except Exception as exc:  # the driver stops: say why, where everyone looks
-            message = f"{type(exc).__name__}: {exc}"
-            logger.error("session %s: driver of epoch %d stopped: %s", session_id,
-                         driver.epoch, message)
-            if driver.epoch:
-                try:
-                    client.sync(client.scheduler.obdask_session_publish, session=session_id,
-                                events=[{"kind": "driver-error", "error": message[:1000],
-                                         "epoch": driver.epoch}], epoch=driver.epoch)
-                    driver.store.update(session_id, driver.epoch, status="interrupted",
-                                        error=message[:1000])
-                except Exception:  # noqa: BLE001 - the original error matters more
-                    pass
+        except Exception as exc:
+            if isinstance(exc, CutOff) or cut_off(client, worker):
+                return _cut_off(driver, exc)
+            _stopped(driver, client, exc)
             raise
+
+
+def _cut_off(driver: Driver, exc: Exception) -> dict[str, Any]:
+    """The cluster went away under the driver (what it was waiting for failed because of
+    that): no error, the session recorded as interrupted, to be resumed."""
+    logger.info("session %s: driver of epoch %d cut off by the cluster's shutdown "
+                "(%s: %s); the session is interrupted, resume it to continue",
+                driver.sid, driver.epoch, type(exc).__name__, exc)
+    if driver.epoch and not driver.ended:
+        try:
+            driver.store.update(driver.sid, driver.epoch, status="interrupted")
+        except Exception as err:  # noqa: BLE001 - superseded meanwhile, or no store
+            logger.info("session %s: not recorded as interrupted: %s", driver.sid, err)
+    return {"id": driver.sid, "state": "interrupted", "flow_code": driver.flow_code,
+            "epoch": driver.epoch}
+
+
+def _stopped(driver: Driver, client: Any, exc: Exception) -> None:
+    """The driver stops on an error: say why, where everyone looks (log, event, record)."""
+    message = f"{type(exc).__name__}: {exc}"
+    logger.error("session %s: driver of epoch %d stopped: %s", driver.sid, driver.epoch,
+                 message)
+    if not driver.epoch:
+        return
+    try:
+        client.sync(client.scheduler.obdask_session_publish, session=driver.sid,
+                    events=[{"kind": "driver-error", "error": message[:1000],
+                             "epoch": driver.epoch}], epoch=driver.epoch)
+    except Exception:  # noqa: BLE001 - the original error matters more
+        pass
+    if not driver.ended:  # the record says so even when the event could not go out
+        try:
+            driver.store.update(driver.sid, driver.epoch, status="interrupted",
+                                error=message[:1000])
+        except Exception:  # noqa: BLE001
+            pass
