@@ -1,7 +1,7 @@
 """``obdask.Session``: start, watch, answer, resume, show, list and cancel sessions.
 
 A session runs on the cluster: :meth:`Session.start` records it in the store
-(``obdask.sessions.store``), submits one driver task (:func:`obdask.session.driver.drive`,
+(``obdask.sessions.store``), submits one driver task (:func:`obdask.session.task.drive`,
 fire-and-forget) and returns at once.  The shared state lives in the scheduler extension
 (:mod:`obdask.server.sessions`), the durable record in the store.  The methods take a
 synchronous ``distributed.Client``; for an asynchronous one use the ``*_async`` methods
@@ -121,7 +121,8 @@ class Session:
     def _submit(self, **overrides: Any) -> None:
         from distributed import fire_and_forget
 
-        from obdask.session.driver import Settings, drive
+        from obdask.session.driver import Settings
+        from obdask.session.task import drive
 
         _install(self.client)
         settings = Settings.from_config(self.store, **{"workspace": self.workspace,
@@ -166,7 +167,8 @@ class Session:
         from distributed import fire_and_forget
 
         from obdask.server import install
-        from obdask.session.driver import Settings, drive
+        from obdask.session.driver import Settings
+        from obdask.session.task import drive
 
         await install(self.client)
         settings = Settings.from_config(self.store, **{"workspace": self.workspace,

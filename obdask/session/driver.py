@@ -1,7 +1,8 @@
 """The session driver: one long-running Dask task that advances one session.
 
-:func:`drive` runs on a worker (submitted by :meth:`obdask.session.api.Session.start`
-or ``resume``, fire-and-forget, so it goes on when the starting client leaves).  It
+:func:`obdask.session.task.drive` runs a :class:`Driver` on a worker (submitted by
+:meth:`obdask.session.api.Session.start` or ``resume``, fire-and-forget, so it goes on
+when the starting client leaves).  It
 secedes (``worker_client``), takes the session's lease from the scheduler extension
 (:mod:`obdask.server.sessions`), claims the durable record with that epoch and loops:
 
@@ -16,6 +17,13 @@ secedes (``worker_client``), takes the session's lease from the scheduler extens
 3. ``store.record_tokens`` and ``store.append_process`` (durable), then the shared
    state and a ``transition`` event (extension).
 
+Step 3 is written behind: queued to one writer thread, in order, while the next
+orchestrator call runs (that call is never recorded, so a crash meanwhile costs only the
+re-run of a process whose snapshot was not yet written, which the resume contract
+allows: at most once, labelled re-spent).  The driver waits for the queue before its
+next durable step (``begin_call``, or any other write), so the record keeps its order,
+and a write's error (``LeaseLost`` included) is raised there.
+
 Any write with a superseded epoch raises :class:`~obdask.exceptions.LeaseLost` out of
 the task.  A resumed driver whose record shows a cut-off call (a ``calls/`` mark
 without a snapshot) runs that same position again instead of asking anew.
@@ -23,6 +31,7 @@ without a snapshot) runs that same position again instead of asking anew.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -30,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from obdask.exceptions import BudgetExceeded, LeaseLost, ModelError, SessionError
+from obdask.session.behind import WriteBehind
 from obdask.session.events import TOKEN_STEP
 from obdask.session.fragments import FragmentError, extract, run_fragment
 from obdask.session.model import PROCESSES, Move, MoveKind, SessionState
@@ -45,6 +55,10 @@ QUESTION = ("Feedback on the work so far ({position}, {name}): is this what you 
 
 class InjectedCrash(RuntimeError):
     """Raised by a driver at a crash point a test asked for (``crash=``)."""
+
+
+class CutOff(SessionError):
+    """The driver's cluster went away under it (its client or worker is closing)."""
 
 
 @dataclass
@@ -132,10 +146,16 @@ class Driver:
         self.served_locally = True
         self.prompt = ""
         self.last_output = ""
+        self.ended = False  # the end (done, failed, cancelled) is recorded
+        self.flow_code: str | None = None  # the last state recorded, for the result
+        self.behind = WriteBehind(f"obdask-session-{session_id}")
 
     # -- scheduler calls -----------------------------------------------------------------
     def _rpc(self, op: str, **kwargs: Any) -> Any:
-        return self.client.sync(getattr(self.client.scheduler, op), **kwargs)
+        scheduler = self.client.scheduler
+        if scheduler is None:  # the client closed: the cluster is going away
+            raise CutOff(f"session {self.sid}: the driver's client is closed ({op})")
+        return self.client.sync(getattr(scheduler, op), **kwargs)
 
     def _share(self, state: dict[str, Any] | None = None,
                events: list[dict[str, Any]] | None = None) -> None:
@@ -160,7 +180,8 @@ class Driver:
                     position: str | None = None) -> dict[str, Any]:
         """A model call as a task placed by ``role``; ``inline``: in the driver's own
         thread when placement cannot matter (no worker serves models itself, so no
-        role binds GPU/VRAM), which saves a task round trip per orchestrator call.
+        role binds GPU/VRAM), which saves a task round trip (submit, run, result,
+        release: 7-40 ms measured) on the critical path of every call.
         ``position``: the process the call is made for (none for the orchestrator)."""
         model = self.s.models.get(role, role)
         resources = (self.s.resources.get(role) or {}) if self.served_locally else {}
@@ -337,6 +358,12 @@ class Driver:
         return move if p == 1 and state.is_legal(move) else None
 
     def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        finally:
+            self.behind.close()
+
+    def _run(self) -> dict[str, Any]:
         reply = self._rpc("obdask_session_acquire", session=self.sid, holder=self.holder,
                           key=self.key, at_least=self.store.highest_epoch(self.sid),
                           takeover=self.s.takeover)
@@ -377,22 +404,31 @@ class Driver:
         errors = state.errors
         pending = self._resumed_move(record, state)
         status = "done"
+        # events of the move that ends the session: published with session-complete, in
+        # the one update that shows the ended state (a client that sees it ended finds
+        # every event, and the record, complete)
+        closing: list[dict[str, Any]] = []
         while not state.finished:
             if self.cancel:
                 status = "cancelled"
                 break
-            if self._budget_exhausted(record.created, state):
-                status = "failed"
+            exhausted = self._budget_exhausted(record.created, state)
+            if exhausted is not None:
+                status, closing = "failed", [exhausted]
                 break
             if pending is not None:
                 move, events = pending, []
                 pending = None
             else:
-                move, events = self.choose(state)
+                move, events = self.choose(state)  # the last process's record meanwhile
+            self.behind.settle()
+            if self.cancel:
+                status = "cancelled"
+                break
             if move.kind is MoveKind.FINISH:
                 state = state.apply(move)
                 self.store.update(self.sid, self.epoch, state=state)
-                self._share(self._shared_state(state), events)
+                closing = events
                 break
             nxt = state.apply(move)
             index, position = nxt.processes_run, nxt.position
@@ -406,27 +442,30 @@ class Driver:
             info = PROCESSES[(nxt.schedule, nxt.process)]  # type: ignore[index]
             try:
                 result = self._model_task(info.role, self._process_messages(nxt, consultation),
-                                          f"{index:04d}-{position}", position=position)
+                                          f"{index:04d}-{position}", position=position,
+                                          inline=True)
             except (ModelError, BudgetExceeded) as exc:
                 self.time_split["agent"] += time.monotonic() - t0
-                state, errors, failed = self._failed(state, index, position, exc, errors, events)
-                if failed:
+                state, errors, closing = self._failed(state, index, position, exc, errors,
+                                                      events)
+                if closing:
                     status = "failed"
                     break
                 continue
             self.time_split["agent"] += time.monotonic() - t0
             self._crash(index, "after-call")
             events += self._count(result, position)
-            self.store.record_tokens(self.sid, self.epoch, ticket, model=result["model"],
-                                     input_tokens=result["input_tokens"],
-                                     output_tokens=result["output_tokens"], role=info.role,
-                                     endpoint=result["endpoint"],
-                                     conversation_id=self.sid)
+            self.behind.put(functools.partial(
+                self.store.record_tokens, self.sid, self.epoch, ticket,
+                model=result["model"], input_tokens=result["input_tokens"],
+                output_tokens=result["output_tokens"], role=info.role,
+                endpoint=result["endpoint"], conversation_id=self.sid))
             try:
                 fragment = self._fragment(result["text"], index, position)
             except FragmentError as exc:
-                state, errors, failed = self._failed(state, index, position, exc, errors, events)
-                if failed:
+                state, errors, closing = self._failed(state, index, position, exc, errors,
+                                                      events)
+                if closing:
                     status = "failed"
                     break
                 continue
@@ -441,28 +480,39 @@ class Driver:
                                   "output": result["output_tokens"]},
                        "respent": ticket.respent, "attempt": ticket.attempt,
                        "consultation": consultation, "fragment": fragment}
-            self.store.append_process(self.sid, self.epoch, nxt, payload,
-                                      started=result["started"], ended=result["ended"])
-            self._crash(index, "after-record")
             self.last_output = result["text"]
-            if index % RESOURCES_EVERY == 0:
-                self._write_resources()
             events.append({"kind": "transition", "from": state.position, "to": position,
                            "process": info.name, "index": index,
                            "duration": result["ended"] - result["started"],
                            "tokens": result["input_tokens"] + result["output_tokens"],
                            "respent": ticket.respent})
-            self._share(self._shared_state(nxt), events)
+            self.behind.put(functools.partial(
+                self._record, nxt, payload, result, events,
+                self._resources() if index % RESOURCES_EVERY == 0 else None))
             state = nxt
+        self.behind.settle()
         if status == "cancelled":
             self.store.update(self.sid, self.epoch, status="cancelled")
+        self.ended, self.flow_code = True, state.flow_code
         self._write_resources()
         final = {"kind": "session-complete", "flow_code": state.flow_code,
                  "duration": time.time() - started, "success": status == "done",
                  "status": status, "epoch": self.epoch}
-        self._share(self._shared_state(state, status), [final])
+        self._share(self._shared_state(state, status), closing + [final])
         return {"id": self.sid, "state": status, "flow_code": state.flow_code,
                 "epoch": self.epoch}
+
+    def _record(self, nxt: SessionState, payload: dict[str, Any], result: dict[str, Any],
+                events: list[dict[str, Any]], resources: dict[str, Any] | None) -> None:
+        """Write behind: the process's snapshot, the resources every few processes, then
+        the shared state and the events (in the writer thread; see the docstring)."""
+        self.store.append_process(self.sid, self.epoch, nxt, payload,
+                                  started=result["started"], ended=result["ended"])
+        self._crash(nxt.processes_run, "after-record")
+        self.flow_code = nxt.flow_code
+        if resources is not None:
+            self.store.set_resources(self.sid, self.epoch, resources)
+        self._share(self._shared_state(nxt), events)
 
     def _budget_refused(self, exc: BudgetExceeded, index: int, position: str,
                         caller: str) -> dict[str, Any]:
@@ -472,9 +522,11 @@ class Driver:
         return {"kind": "budget-refused", "position": position, "index": index,
                 "caller": caller, "error": str(exc)[:500]}
 
-    def _budget_exhausted(self, created: float | None, state: SessionState) -> bool:
-        """Whether the session's own token or time budget is spent; if so it is
-        recorded (a note, status failed) and published (``budget-exhausted``)."""
+    def _budget_exhausted(self, created: float | None,
+                          state: SessionState) -> dict[str, Any] | None:
+        """Whether the session's own token or time budget is spent: if so it is
+        recorded (a note, status failed) and its ``budget-exhausted`` event returned
+        (published with session-complete); None while there is budget left."""
         used_tokens = self.tokens["input"] + self.tokens["output"]
         elapsed = time.time() - float(created or time.time())
         over = None
@@ -483,7 +535,8 @@ class Driver:
         elif self.s.max_time is not None and elapsed >= self.s.max_time:
             over = ("time", round(elapsed, 3), self.s.max_time)
         if over is None:
-            return False
+            return None
+        self.behind.settle()  # the record in order: the last process first
         budget, used, limit = over
         text = (f"session {self.sid}: its {budget} budget is spent ({used} of {limit}, "
                 f"obdask.sessions.max-{budget}) at {state.position} (flow code "
@@ -492,15 +545,16 @@ class Driver:
         self.store.add_note(self.sid, self.epoch, text, source="driver",
                             index=state.processes_run, kind="budget-exhausted", budget=budget)
         self.store.update(self.sid, self.epoch, status="failed", error=text)
-        self._share(self._shared_state(state, "failed"),
-                    [{"kind": "budget-exhausted", "budget": budget, "used": used,
-                      "limit": limit, "position": state.position}])
-        return True
+        return {"kind": "budget-exhausted", "budget": budget, "used": used, "limit": limit,
+                "position": state.position}
 
     def _failed(self, state: SessionState, index: int, position: str, exc: Exception,
-                errors: int, events: list[dict[str, Any]]) -> tuple[SessionState, int, bool]:
+                errors: int, events: list[dict[str, Any]]
+                ) -> tuple[SessionState, int, list[dict[str, Any]]]:
         """Record an ``X`` for process ``index`` (its call or its fragment failed);
-        returns the new state, the error count and whether the session failed."""
+        returns the new state, the error count and, when that failed the session, the
+        events to publish with session-complete (else they are published now)."""
+        self.behind.settle()  # the record in order: the last process first
         if isinstance(exc, BudgetExceeded):
             events = events + [self._budget_refused(exc, index, position, "process")]
         state = state.error()
@@ -508,13 +562,13 @@ class Driver:
         self.store.update(self.sid, self.epoch, state=state)
         self.store.add_note(self.sid, self.epoch, str(exc), source="driver",
                             index=index, kind="process-error")
-        failed = errors > self.s.max_errors
-        if failed:  # durable first: a client that sees "failed" finds it recorded
-            self.store.update(self.sid, self.epoch, status="failed")
-        self._share(self._shared_state(state, "failed" if failed else "running"),
-                    events + [{"kind": "process-error", "position": position,
-                               "error": str(exc)[:500]}])
-        return state, errors, failed
+        events = events + [{"kind": "process-error", "position": position,
+                            "error": str(exc)[:500]}]
+        if errors > self.s.max_errors:  # durable first: a client that sees "failed"
+            self.store.update(self.sid, self.epoch, status="failed")  # finds it recorded
+            return state, errors, events
+        self._share(self._shared_state(state), events)
+        return state, errors, []
 
     def _fragment(self, text: str, index: int, position: str) -> dict[str, Any] | None:
         """Run the plan fragment in a process's reply, if any (FragmentError if it
@@ -534,44 +588,11 @@ class Driver:
             index=index)
         return result
 
+    def _resources(self) -> dict[str, Any]:
+        """The resource statistics now (a copy: the writer thread may write it later)."""
+        return {"tokens": dict(self.tokens),
+                "tokens_per_process": {p: dict(t) for p, t in self.per_process.items()},
+                "time_split": {k: round(v, 6) for k, v in self.time_split.items()}}
+
     def _write_resources(self) -> None:
-        self.store.set_resources(self.sid, self.epoch, {
-            "tokens": dict(self.tokens), "tokens_per_process": self.per_process,
-            "time_split": {k: round(v, 6) for k, v in self.time_split.items()}})
-
-
-def drive(session_id: str, settings: Settings) -> dict[str, Any]:
-    """The driver task (see the module docstring).  Returns ``{"id", "state",
-    "flow_code", "epoch"}``; raises LeaseLost when superseded."""
-    from distributed import get_worker, worker_client
-
-    worker = get_worker()
-    key = worker.get_current_task()
-    with worker_client() as client:
-        driver = Driver(session_id, settings, client, worker.address,
-                        key if isinstance(key, str) else None)
-        try:
-            return driver.run()
-        except LeaseLost as exc:
-            logger.warning("session %s: driver of epoch %d superseded: %s", session_id,
-                           driver.epoch, exc)
-            try:  # make sure subscribers hear of it (the extension publishes it once)
-                client.sync(client.scheduler.obdask_session_publish, session=session_id,
-                            events=[], epoch=driver.epoch)
-            except Exception:  # noqa: BLE001
-                pass
-            raise
-        except Exception as exc:  # the driver stops: say why, where everyone looks
-            message = f"{type(exc).__name__}: {exc}"
-            logger.error("session %s: driver of epoch %d stopped: %s", session_id,
-                         driver.epoch, message)
-            if driver.epoch:
-                try:
-                    client.sync(client.scheduler.obdask_session_publish, session=session_id,
-                                events=[{"kind": "driver-error", "error": message[:1000],
-                                         "epoch": driver.epoch}], epoch=driver.epoch)
-                    driver.store.update(session_id, driver.epoch, status="interrupted",
-                                        error=message[:1000])
-                except Exception:  # noqa: BLE001 - the original error matters more
-                    pass
-            raise
+        self.store.set_resources(self.sid, self.epoch, self._resources())

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from obdask import metrics
 from obdask.session.api import Session
 from tests.session.scripted import FULL
@@ -110,6 +112,33 @@ def test_session_token_budget_spent_is_an_event_and_recorded(cluster, model):
     assert record.stored_status == "failed" and "max-tokens" in record.meta["error"]
     assert [n["budget"] for n in record.notes if n.get("kind") == "budget-exhausted"] == [
         "tokens"]
+
+
+@pytest.mark.parametrize("budget", [1, None], ids=["budget-spent", "finished"])
+def test_an_ended_state_shows_only_with_its_session_complete(cluster, model, monkeypatch,
+                                                             budget):
+    """The shared state turns ended in the update that publishes session-complete, so a
+    client that saw it end finds every event. The window between the two once held the
+    resources.json write: widened here by slowing the (real) write down."""
+    import dask
+
+    from obdask.session.store import SessionStore
+
+    real = SessionStore.set_resources
+
+    def slow(self, *args, **kwargs):
+        time.sleep(0.5)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SessionStore, "set_resources", slow)
+    with dask.config.set({"obdask.sessions.max-tokens": budget}):
+        s = Session.start(cluster, "End cleanly.")
+    final = s.wait(timeout=90, poll=0.05)
+    events = s.events()
+    assert events[-1]["kind"] == "session-complete", events[-1]
+    assert events[-1]["status"] == final["state"] == ("failed" if budget else "done")
+    if budget:
+        assert events[-2]["kind"] == "budget-exhausted"
 
 
 def test_a_call_refused_by_a_cluster_budget_is_a_session_event(cluster, model):
