@@ -26,25 +26,38 @@ logger = logging.getLogger(__name__)
 
 SEPARATOR = "::"
 _WORD = re.compile(r"^[A-Za-z]+$")
-_HEX8 = re.compile(r"^[0-9a-f]{8}$")
+_HEX32 = re.compile(r"[a-f0-9]{32}")
 
 
 def group_name(plan_id: str) -> str:
     """The first element of a plan's Dask keys: ``plan_id``, intact under key_split.
 
-    ``key_split`` keeps a hyphenated word only when it is alphabetic and not
-    eight hex letters; every other hyphen becomes ``_``.
+    ``key_split`` keeps the words after the first hyphen-separated word only
+    while each is alphabetic and not eight letters starting with a-f, and stops
+    at the first that is not.  A word joined with ``_`` glues onto the word
+    before it (``a-b_2`` is the words ``a``, ``b_2``), so a hyphen is kept only
+    when the word after it and every later word are kept too.
     """
     words = plan_id.split("-")
     # key_split keeps a first word as it is only when it starts with a letter
     # (otherwise it strips quotes, brackets and '_' and cuts at ','): prefix one.
     if not words[0][:1].isalpha():
         words[0] = "p" + words[0]
-    out = words[0]
-    for word in words[1:]:
-        keep = bool(_WORD.match(word)) and not _HEX8.match(word)
-        out += ("-" if keep else "_") + word
+    kept_from = len(words)  # words[kept_from:] keep their hyphens
+    while kept_from > 1 and _kept(words[kept_from - 1]):
+        kept_from -= 1
+    out = "_".join(words[:kept_from])
+    if kept_from < len(words):
+        out += "-" + "-".join(words[kept_from:])
+    if _HEX32.fullmatch(out):  # key_split names a 32-hex-digit key "data"
+        out += "_"
     return out
+
+
+def _kept(word: str) -> bool:
+    """Whether key_split keeps ``-word`` (dask.utils: alphabetic, and not 8 letters
+    matching ``[a-f]+`` at the start: ``database`` is cut)."""
+    return bool(_WORD.match(word)) and not (len(word) == 8 and word[0] in "abcdef")
 
 
 def job_id(plan_id: str, step_id: str) -> str:

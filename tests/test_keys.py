@@ -24,6 +24,15 @@ def test_plan_id_with_digit_word_keeps_every_part():
     assert key_split(dask_key("plan-abcdef12", "a")) == "plan_abcdef12"
 
 
+def test_plan_ids_key_split_would_cut_keep_every_part():
+    # found by hypothesis: a '_'-joined word glued onto a kept one ("p-A_"); key_split
+    # also cuts any 8-letter word starting a-f and names 32 hex digits "data"
+    for plan_id in ("-A-", "nightly-build-2", "x-database", "abcdef0123456789abcdef0123456789"):
+        assert key_split(dask_key(plan_id, "s")) == group_name(plan_id), plan_id
+    assert group_name("x-database") == "x_database"
+    assert group_name("nightly-build") == "nightly-build"
+
+
 @given(PLAN_IDS)
 def test_group_name_is_its_own_key_split(plan_id):
     key = dask_key(plan_id, "s")
