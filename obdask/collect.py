@@ -120,11 +120,9 @@ async def _unit_failure(unit: Unit, future: Future, ctx: RunContext) -> list[dic
     single = await _failure_record(unit.anchor, future)
     if single["status"] == "skipped":  # a dependency outside the unit failed
         return [{**_base(j), "status": "skipped", "error": single["error"]} for j in unit.jobs]
-    done = await asyncio.to_thread(
-        lambda: dict(zip(keys, ctx.records.ledger_many(j.spec.step_id for j in unit.jobs)
-                         .values(), strict=True)))
-    known = {k: {**r, "key": k} for k, r in done.items()
-             if r is not None and r.get("status") == "done"}
+    done = await asyncio.to_thread(ctx.records.ledger_many, [j.spec.step_id for j in unit.jobs])
+    known = {j.key: {**r, "key": j.key} for j in unit.jobs
+             if (r := done[j.spec.step_id]) is not None and r.get("status") == "done"}
     error = single.get("error", "").replace(f"job {unit.anchor.key}", "its task")
     culprit = next((k for k in keys if k not in known), None)
     if unit.kind == "batch":

@@ -15,7 +15,6 @@ one append-only ledger file (:class:`~obdask.records.UnitLedger`).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import socket
@@ -199,11 +198,12 @@ def run_unit(kind: str, specs: tuple[JobSpec, ...], retries: tuple[int, ...],
     :class:`~obdask.exceptions.ChainFailed`, so Dask skips the chain's dependents.
     In a ``batch`` a failing job's record is kept and its batch-mates run on.
     """
-    with contextlib.ExitStack() as stack:
-        ledger = ctx.records.unit_ledger(specs[0].step_id)
-        if ledger is not None:
-            stack.enter_context(ledger)
+    ledger = ctx.records.unit_ledger(specs[0].step_id)
+    try:
         return _run_jobs(kind, specs, retries, ctx, deps, ledger)
+    finally:
+        if ledger is not None:
+            ledger.close()
 
 
 def _run_jobs(kind: str, specs: tuple[JobSpec, ...], retries: tuple[int, ...],

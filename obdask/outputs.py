@@ -192,7 +192,7 @@ def follow(url: str, plan_id: str, storage_options: dict[str, Any] | None = None
             if record is not None:
                 seen.add(step)
                 yield {"id": step, **record}
-        for record, _ in store._unit_entries(store.root):  # fused and batched tasks' jobs
+        for record, _ in store.unit_entries(store.root):  # fused and batched tasks' jobs
             step = record.get("step")
             if isinstance(step, str) and step not in seen:
                 seen.add(step)

@@ -122,16 +122,20 @@ class RunStore:
             else:
                 data = self.fs.cat_file(path)
         except FileNotFoundError:
-            return self.ledger_many([step_id])[step_id] if units else None
+            return self._unit_records().get(step_id) if units else None
         return load_record(data, path)
 
     def ledger_many(self, step_ids: Iterable[str]) -> dict[str, dict[str, Any] | None]:
         """:meth:`ledger_get` of many steps, the unit ledgers read once."""
-        in_units: dict[Any, dict[str, Any]] = {}
-        if self._local:
-            for record, _ in self._unit_entries(self.root):
-                in_units[record.get("step")] = record  # the last line of a step wins
+        in_units = self._unit_records()
         return {s: self.ledger_get(s, units=False) or in_units.get(s) for s in step_ids}
+
+    def _unit_records(self) -> dict[Any, dict[str, Any]]:
+        """The unit ledgers' records by step (the last line of a step wins); object
+        stores have none (:meth:`unit_ledger`), so they are not listed."""
+        if not self._local:
+            return {}
+        return {r.get("step"): r for r, _ in self.unit_entries(self.root)}
 
     def unit_ledger(self, first_step: str) -> UnitLedger | None:
         """The append-only ledger of a fused or batched task, on local disk; else None.
@@ -144,7 +148,7 @@ class RunStore:
             return None
         return UnitLedger(posixpath.join(self.root, "jobs", f"{first_step}{UNIT_SUFFIX}"))
 
-    def _unit_entries(self, run_root: str) -> list[tuple[dict[str, Any], str]]:
+    def unit_entries(self, run_root: str) -> list[tuple[dict[str, Any], str]]:
         """Every complete line of the run's unit ledgers, as ``(record, "file:line")``."""
         try:
             paths = sorted(self.fs.glob(posixpath.join(run_root, "jobs", f"*{UNIT_SUFFIX}")))
@@ -243,7 +247,7 @@ class RunStore:
         except FileNotFoundError:
             paths = []
         ledger = [(_placeholder_record(self.fs.cat_file(path), path), path) for path in paths]
-        for record, where in ledger + self._unit_entries(run_root):
+        for record, where in ledger + self.unit_entries(run_root):
             if record.get("status") == DAMAGED and where.endswith(".json"):
                 record["step"] = posixpath.basename(where)[:-len(".json")]
             step = record.get("step")
