@@ -86,6 +86,16 @@ def test_jobs_frame_one_row_per_job_with_worker_and_duration(tmp_path, cluster):
     # Attempt counters live only while the scheduler holds a job: none after the run.
     assert wait_for(lambda: client.run_on_scheduler(held), lambda n: n == 0) == 0
 
+    def packed(dask_scheduler):
+        from obdask.server import extension
+
+        table = extension(dask_scheduler, "metrics").jobs
+        return table.packed, len(table)
+
+    # The workers' records came packed (obdask.server.jobtable), not one dict per job.
+    got, held_records = client.run_on_scheduler(packed)
+    assert got == held_records >= 3
+
 
 def test_token_sums_equal_test_server_counts(tmp_path, cluster):
     _, client = cluster

@@ -28,7 +28,7 @@ PACKAGE = os.path.join(ROOT, "obdask")
 # Import name -> distribution name, where they differ.
 IMPORT_TO_DIST = {"yaml": "pyyaml", "pynvml": "nvidia-ml-py"}
 # conda-forge name -> PyPI name, where they differ.
-CONDA_TO_PYPI = {"ollama-python": "ollama"}
+CONDA_TO_PYPI = {"ollama-python": "ollama", "msgpack-python": "msgpack"}
 # Imported by the package without being declared, each for a reason.
 UNDECLARED_IMPORTS = {
     "tornado": "distributed's event loop; always installed with distributed",

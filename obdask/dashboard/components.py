@@ -112,13 +112,8 @@ class JobStatus(DashboardComponent):
     @log_errors
     def update(self) -> None:
         ext = _ext(self.scheduler)
-        rows: dict[tuple[str, int], list[float]] = defaultdict(lambda: [0, 0, 0, 0.0])
-        for record in ext.jobs if ext is not None else ():
-            lane = record.get("lane")
-            row = rows[(str(record.get("plan")), int(lane) if lane is not None else 0)]
-            status = record.get("status")
-            row[0 if status == "done" else 1 if status == "failed" else 2] += 1
-            row[3] += float(record.get("duration_s") or 0)
+        # since the scheduler started (the job table's running summary, not its records)
+        rows = dict(ext.jobs.by_plan_lane) if ext is not None else {}
         keys = sorted(rows)
         update(self.source, {
             "plan": [p for p, _ in keys], "lane": [ln for _, ln in keys],

@@ -15,11 +15,14 @@ handler ``obdask_metrics_record(worker, kind, record)``:
   :mod:`obdask.server.pressure` only; not stored).
 
 Records are queued on the worker and sent every half second as
-one ``batch`` message (``records``: ``[[kind, record], ...]``), so a busy worker
-adds at most two messages a second, not one per job.
+one ``batch`` message (``records``: ``[[kind, record], ...]``; the job records
+packed apart, ``jobs``: :func:`obdask.server.jobtable.pack_jobs`), so a busy worker
+adds at most two messages a second, not one per job, and the scheduler does not
+decode a dict per job (it keeps them packed until read: :mod:`obdask.server.jobtable`).
 
-Each goes into a ring buffer (``collections.deque(maxlen=obdask.metrics.max-records)``;
-samples: the latest per worker plus a bounded history), and into running
+Each goes into a ring buffer (``obdask.metrics.max-records`` records; job records
+in a :class:`~obdask.server.jobtable.JobTable`; samples: the latest per worker plus
+a bounded history), and into running
 totals whose keys are low-cardinality labels (model, endpoint, status), so
 memory stays bounded however long the scheduler runs.  The extension adds the
 attempt count it sees in the scheduler's transitions to each job record.
@@ -44,6 +47,7 @@ from typing import Any
 import dask
 
 from obdask.keys import SEPARATOR, job_id_of
+from obdask.server.jobtable import JobTable, unpack_jobs
 from obdask.server.pressure import Pressure
 
 logger = logging.getLogger(__name__)
@@ -91,7 +95,7 @@ class MetricsExtension:
 
     def __init__(self, scheduler: Any) -> None:
         self.scheduler = scheduler
-        self.jobs: deque[dict[str, Any]] = deque()
+        self.jobs = JobTable(1)
         self.tokens: deque[dict[str, Any]] = deque()
         self.samples: deque[dict[str, Any]] = deque()
         self.configure()
@@ -100,10 +104,10 @@ class MetricsExtension:
         #: ``(model, endpoint) -> {calls, input, output, duration}`` since start.
         self.token_totals: dict[tuple[str, str], dict[str, float]] = {}
         self.histograms: dict[tuple[str, str, str], _Histogram] = {}
-        #: ``status -> jobs`` since start.
-        self.job_totals: dict[str, int] = {}
         #: Attempts of obdask jobs still held by the scheduler.
         self._attempts: dict[str, int] = {}
+        #: Those of them that ran more than once (few: copied with each packed chunk).
+        self._retried: set[str] = set()
         #: Task groups (one per plan) that held obdask jobs; pruned when Dask drops them.
         self._groups: dict[str, str] = {}
         #: Pressure events at the configured fractions of limits.
@@ -116,7 +120,7 @@ class MetricsExtension:
         """(Re)read the buffer sizes from ``obdask.metrics``; keeps the newest records."""
         size = max(1, int(dask.config.get("obdask.metrics.max-records", 50_000)))
         history = max(1, int(dask.config.get("obdask.metrics.max-samples", 10_000)))
-        self.jobs = deque(self.jobs, maxlen=size)
+        self.jobs.resize(size)
         self.tokens = deque(self.tokens, maxlen=size)
         self.samples = deque(self.samples, maxlen=min(size, history))
 
@@ -168,8 +172,6 @@ class MetricsExtension:
             self._add_tokens(record)
         for record in tables.get("jobs", []):
             self.jobs.append(record)
-            status = str(record.get("status"))
-            self.job_totals[status] = self.job_totals.get(status, 0) + 1
         n = sum(map(len, tables.values()))
         logger.info("obdask: %d metrics records loaded from %s", n, self.snapshot_url)
         return n
@@ -184,7 +186,7 @@ class MetricsExtension:
 
         self._snapshotting = True
         try:
-            tables = {"jobs": list(self.jobs), "tokens": list(self.tokens)}
+            tables = {"jobs": self.jobs.read(), "tokens": list(self.tokens)}
             await asyncio.get_running_loop().run_in_executor(
                 None, write_tables, self.snapshot_url, tables)
         except Exception:  # the store is down: the next tick tries again
@@ -208,8 +210,14 @@ class MetricsExtension:
     # -- intake -----------------------------------------------------------------
     def _stream_record(self, worker: str | None = None, kind: str = "",
                        record: dict[str, Any] | None = None,
-                       records: list[list[Any]] | None = None, **_: Any) -> None:
+                       records: list[list[Any]] | None = None,
+                       jobs: dict[str, Any] | None = None, **_: Any) -> None:
         # An exception in a stream handler would close the worker's stream.
+        if jobs is not None:
+            try:
+                self.add_packed(jobs, worker)
+            except Exception:
+                logger.exception("obdask: bad packed job records from %s", worker)
         items = records if kind == "batch" else [[kind, record]]
         for item_kind, item in items or ():
             try:
@@ -231,8 +239,6 @@ class MetricsExtension:
             if job is not None and self.pressure.levels:
                 self.pressure.job_ended(str(job))
             self.jobs.append(record)
-            status = str(record.get("status"))
-            self.job_totals[status] = self.job_totals.get(status, 0) + 1
         elif kind == "sample":
             record.setdefault("ts", time.time())
             self.samples.append(record)
@@ -242,6 +248,23 @@ class MetricsExtension:
             self._pressure("on_elapsed", record)
         else:
             raise ValueError(f"unknown metrics record kind {kind!r}; use one of {KINDS}")
+
+    def add_packed(self, packed: dict[str, Any], worker: str | None = None) -> None:
+        """Take a worker's packed job records (:func:`~obdask.server.jobtable.pack_jobs`).
+
+        Nothing is decoded here but while a job's time pressure level is up.
+        """
+        attempts = {job: self._attempts[job] for job in self._retried
+                    if job in self._attempts} or None
+        self.jobs.extend_packed(packed, worker, attempts)
+        if any(scope.startswith("job:") for scope, _ in self.pressure.levels):
+            for record in unpack_jobs(packed):
+                self.pressure.job_ended(str(record.get("job")))
+
+    @property
+    def job_totals(self) -> dict[str, int]:
+        """Jobs per status since start (past the buffer too)."""
+        return self.jobs.totals
 
     def _pressure(self, method: str, *args: Any) -> None:
         try:
@@ -276,7 +299,9 @@ class MetricsExtension:
         if finish == "processing":
             jid = job_id_of(key)
             if jid is not None:
-                self._attempts[jid] = self._attempts.get(jid, 0) + 1
+                attempts = self._attempts[jid] = self._attempts.get(jid, 0) + 1
+                if attempts > 1:
+                    self._retried.add(jid)
                 group = key[0] if isinstance(key, tuple) else None
                 if group is not None and group not in self._groups:
                     self._groups[group] = jid.split(SEPARATOR, 1)[0]
@@ -284,6 +309,7 @@ class MetricsExtension:
             jid = job_id_of(key)
             if jid is not None:
                 self._attempts.pop(jid, None)
+                self._retried.discard(jid)
 
     def held_by_plan(self) -> dict[str, dict[str, int]]:
         """Jobs the scheduler holds now, per plan and task state (its per-group counts)."""
@@ -338,13 +364,7 @@ class MetricsExtension:
         handler's cost (some 4 us per full record): a runner sizing batches needs one
         plan's steps and durations, not the last 5000 records of every plan.
         """
-        rows: Any = self.jobs
-        if plan is not None:
-            rows = [r for r in rows if r.get("plan") == plan]
-        out = self._recent(rows, since, limit, "finished")
-        if columns is not None:
-            out = [{c: r.get(c) for c in columns} for r in out]
-        return out
+        return self.jobs.read(since, limit, plan, columns)
 
     def get_tokens(self, since: float | None = None, limit: int | None = None
                    ) -> list[dict[str, Any]]:

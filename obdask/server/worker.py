@@ -26,6 +26,7 @@ from tornado.ioloop import PeriodicCallback
 import obdask.config as config
 from obdask.llm.pool import normalize_url
 from obdask.resources import ENDPOINT_METRIC, lane_resources, model_key, parse_lanes, worker_lanes
+from obdask.server.jobtable import pack_jobs
 
 logger = logging.getLogger(__name__)
 
@@ -312,7 +313,18 @@ def flush_records(worker: Any) -> None:
     if not state.outbox:
         return
     records, state.outbox = state.outbox, []
-    send(worker, {"op": METRICS_OP, "kind": "batch", "records": records})
+    msg: dict[str, Any] = {"op": METRICS_OP, "kind": "batch"}
+    # job records go packed (obdask.server.jobtable): the scheduler takes them in
+    # without decoding one dict per job
+    jobs = [record for kind, record in records if kind == "job"]
+    if jobs:
+        try:
+            msg["jobs"] = pack_jobs(jobs)
+            records = [item for item in records if item[0] != "job"]
+        except Exception:  # an unpackable field: send them as plain records instead
+            logger.debug("obdask: could not pack %d job records", len(jobs), exc_info=True)
+    msg["records"] = records
+    send(worker, msg)
 
 
 class ResourceSampler:
