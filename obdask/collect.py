@@ -14,7 +14,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from obdask.exceptions import ChainFailed, JobFailed
-from obdask.redact import redact_obj
+from obdask.redact import redact_all
 
 if TYPE_CHECKING:
     from distributed import Client, Future
@@ -65,8 +65,8 @@ async def collect(client: Client, compiled: CompiledPlan, futures: dict[str, Fut
         record.update(id=job.spec.step_id, run_id=ctx.run_id, plan=ctx.plan_id)
         task_key = units[job.key].key if job.key in units else job.key
         attempts(record, tries.get(task_key, []), events.get(job.key, []))
-        outcomes.append(redact_obj(record))  # the frame, the CLI and the records files
-    return outcomes
+        outcomes.append(record)
+    return redact_all(outcomes)  # the frame, the CLI and the records files
 
 
 def _base(job: Job) -> dict[str, Any]:

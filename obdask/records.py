@@ -40,7 +40,7 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-from obdask.redact import redact_obj
+from obdask.redact import redact_all, redact_obj
 from obdask.stores import open_fs, store_errors
 
 logger = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ class RunStore:
         Each file is written whole or not at all (:func:`write_atomic`); the
         summary comes last, so a run with a summary has complete records.
         """
-        lines = "".join(json.dumps(redact_obj(r), default=str) + "\n" for r in records)
+        lines = "".join(json.dumps(r, default=str) + "\n" for r in redact_all(records))
         with store_errors("records", self.url, "write"):
             self.fs.makedirs(self.root, exist_ok=True)
             write_atomic(self.fs, posixpath.join(self.root, "records.jsonl"), lines.encode(),

@@ -23,6 +23,7 @@ secrets (replacing ``yes`` everywhere would hide more than it protects).
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -33,7 +34,8 @@ from typing import Any
 
 import dask
 
-__all__ = ["MASK", "install", "redact", "redact_bytes", "redact_obj", "secret_values"]
+__all__ = ["MASK", "install", "redact", "redact_all", "redact_bytes", "redact_obj",
+           "secret_values"]
 
 MASK = "***"
 MIN_LENGTH = 8  # a shorter value could match inside ids, digests and timestamps
@@ -56,8 +58,8 @@ _AUTH_HEADER = re.compile(r"(?P<head>\b(?:Authorization|Proxy-Authorization)\s*[
                           re.IGNORECASE)
 _BEARER = re.compile(r"(?P<head>\bBearer\s+)(?P<secret>[A-Za-z0-9._~+/=-]{6,})")
 _PATTERNS = (_URL_PASSWORD, _AUTH_HEADER, _BEARER, _ASSIGNED)
-# One search says whether any pattern could match: most strings skip the four above.
-_TRIGGER = re.compile(r"pass|secret|token|key|auth|bearer|://[^/\s]*@", re.IGNORECASE)
+# Words one of the four above needs: a string without any skips them (most strings).
+_TRIGGER_WORDS = ("pass", "secret", "token", "key", "auth", "bearer")
 _TTL = 1.0  # seconds the environment's secrets are reused unless variables came or went
 
 _lock = threading.Lock()
@@ -115,10 +117,12 @@ def _compiled() -> tuple[tuple[str, ...], re.Pattern[str] | None]:
     global _cache
     env = _secret_env()
     sources = _config_sources()
-    stamp = (tuple(sorted(env.items())), repr(sources))
     cached = _cache
-    if cached is not None and cached[0] == stamp:
+    # compared by value with copies taken when compiled (a repr of the sources per
+    # call cost more than the redaction of a whole record)
+    if cached is not None and cached[0][0] == env and cached[0][1] == sources:
         return cached[1], cached[2]
+    stamp = (dict(env), copy.deepcopy(sources))
     values = set(_env_secrets({k: v for k, v in env.items() if k != "OLLAMA_HOST"}))
     values.update(_option_secrets(list(sources)))
     values.update(m["secret"] for m in _URL_PASSWORD.finditer(env.get("OLLAMA_HOST", "")))
@@ -129,6 +133,16 @@ def _compiled() -> tuple[tuple[str, ...], re.Pattern[str] | None]:
     return found, pattern
 
 
+def _may_match(text: str) -> bool:
+    """Whether any of :data:`_PATTERNS` could match ``text`` (never False when one does).
+
+    Substring tests of the lower-cased text: a case-insensitive regex alternation
+    of the same words took 14 us for a 90-character record here, this under 1 us.
+    """
+    low = text.lower()
+    return any(word in low for word in _TRIGGER_WORDS) or ("://" in text and "@" in text)
+
+
 def redact(text: str, _known: re.Pattern[str] | None | bool = False) -> str:
     """``text`` with every known secret value and secret-looking assignment masked."""
     if not text:
@@ -136,7 +150,7 @@ def redact(text: str, _known: re.Pattern[str] | None | bool = False) -> str:
     known = _compiled()[1] if _known is False else _known
     if isinstance(known, re.Pattern):
         text = known.sub(MASK, text)
-    if _TRIGGER.search(text):
+    if _may_match(text):
         for pattern in _PATTERNS:
             text = pattern.sub(_masked, text)
     return text
@@ -157,7 +171,43 @@ def redact_bytes(data: bytes) -> bytes:
 
 def redact_obj(value: Any) -> Any:
     """A copy of a record (dicts, lists, tuples, strings) with secrets masked."""
-    return _redact_obj(value, _compiled()[1])  # the known values are looked up once
+    return _redact_record(value, _compiled()[1])  # the known values are looked up once
+
+
+def redact_all(values: Iterable[Any]) -> list[Any]:
+    """:func:`redact_obj` of each of ``values`` (the known secrets looked up once)."""
+    known = _compiled()[1]
+    return [_redact_record(v, known) for v in values]
+
+
+def _redact_record(value: Any, known: re.Pattern[str] | None) -> Any:
+    # Most records hold no secret: one search of all their strings together says so
+    # (a match in the joined text is a superset of matches in its parts), which is
+    # several times cheaper than a search per string; only then is each string done.
+    found: list[str] = []
+    _strings(value, found)
+    text = "\n".join(found)
+    if (known is not None and known.search(text)) or _may_match(text):
+        return _redact_obj(value, known)
+    if type(value) is dict:  # still a copy: callers add fields to what they got
+        return dict(value)
+    if type(value) is list:
+        return list(value)
+    return value
+
+
+def _strings(value: Any, out: list[str]) -> None:
+    kind = type(value)
+    if kind is str:
+        out.append(value)
+    elif value is None or kind is int or kind is float or kind is bool:
+        return
+    elif kind is dict or isinstance(value, Mapping):
+        for item in value.values():
+            _strings(item, out)
+    elif kind is list or kind is tuple:
+        for item in value:
+            _strings(item, out)
 
 
 def _redact_obj(value: Any, known: re.Pattern[str] | None) -> Any:

@@ -70,6 +70,25 @@ def test_redact_values_and_patterns(monkeypatch):
     assert redact("tokens=1024 eval_count: 5 ok") == "tokens=1024 eval_count: 5 ok"
 
 
+def test_records_are_searched_whole_then_string_by_string(monkeypatch):
+    """redact_obj/redact_all search a record's strings together first: same masks."""
+    from obdask.redact import redact_all
+
+    monkeypatch.setenv("OLLAMA_API_KEY", ENV_SECRETS["OLLAMA_API_KEY"])
+    clean = {"key": "p::s1", "worker": "tcp://127.0.0.1:1", "n": 3, "ok": True,
+             "tail": ["done", ("a", None)], "nested": {"x": 1.5}}
+    dirty = [{"stderr": f"x {ENV_SECRETS['OLLAMA_API_KEY']}"},  # a known value
+             {"out": {"deep": ["fine", "see https://me:pw0rd99@host/x"]}},  # URL password
+             {"cmd": "curl -H 'AUTHORIZATION: Bearer eyJhbGciOi'"}]  # a pattern, upper case
+    got = redact_all([clean, *dirty])
+    assert got[0] == clean and got[0] is not clean  # a copy: callers add fields to it
+    assert got[1]["stderr"] == f"x {MASK}"
+    assert got[2]["out"]["deep"] == ["fine", f"see https://me:{MASK}@host/x"]
+    assert "eyJhbGciOi" not in got[3]["cmd"]
+    assert [redact_obj(d) for d in dirty] == got[1:]
+    assert dirty[0]["stderr"] != got[1]["stderr"]  # the caller's record is left as it was
+
+
 def test_log_records_of_obdask_loggers_are_redacted(caplog):
     with caplog.at_level(logging.DEBUG, logger="obdask"):
         logging.getLogger(f"obdask.made.later.{TAG}").warning(
