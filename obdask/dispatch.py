@@ -202,19 +202,21 @@ async def units_on(client: Client, compiled: CompiledPlan, placement: Placement,
 
     estimate = None
     if options.batch and len(compiled.runnable) > 1:
-        estimate = await _estimates(client, compiled.plan.plan_id)
+        estimate = await _estimates(client, compiled.plan.plan_id, len(compiled.runnable))
     excluded = {compiled.plan.key(step) for step in inputs or {}}
     return optimize(compiled, annotate, options, threads=placement.threads,
                     estimate=estimate, excluded=excluded)
 
 
-async def _estimates(client: Client, plan_id: str) -> Callable[[Job], float | None] | None:
+async def _estimates(client: Client, plan_id: str, jobs: int = 5000
+                     ) -> Callable[[Job], float | None] | None:
     import statistics
 
     try:
-        # this plan's steps and durations only: not every plan's last 5000 whole records
+        # this plan's steps and durations only, and only as many of its newest records
+        # as it has jobs (the last run's): not every plan's last 5000 whole records
         rows = await client.scheduler.obdask_metrics_jobs(
-            limit=5000, plan=plan_id, columns=["step", "duration_s"])
+            limit=max(1, min(5000, jobs)), plan=plan_id, columns=["step", "duration_s"])
     except Exception as exc:  # noqa: BLE001 - no metrics: batches bounded by size only
         # an older scheduler without plan=/columns= lands here too: size-bounded batches
         logger.debug("no job durations from the scheduler: %s", exc)
