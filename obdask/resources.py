@@ -104,7 +104,7 @@ def _load_nvml(nvml: Any | None) -> Any | None:
 def _read_device(nvml: Any, index: int) -> GpuInfo:
     """Read one device; optional facts degrade to empty values on NVMLError."""
     handle = nvml.nvmlDeviceGetHandleByIndex(index)
-    mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+    total, used = _memory(nvml, handle)
     try:
         name = _text(nvml.nvmlDeviceGetName(handle))
     except nvml.NVMLError:
@@ -117,7 +117,25 @@ def _read_device(nvml: Any, index: int) -> GpuInfo:
         utilization: int | None = int(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
     except nvml.NVMLError:  # NotSupported on MIG and some boards
         utilization = None
-    return GpuInfo(index, name, uuid, int(mem.total), int(mem.used), utilization)
+    return GpuInfo(index, name, uuid, total, used, utilization)
+
+
+def _memory(nvml: Any, handle: Any) -> tuple[int, int]:
+    """Total and used VRAM of a device, used as ``nvidia-smi`` shows it.
+
+    The v2 call reports the driver's reservation apart; the v1 call counts it as
+    used (615 MiB on an idle H200 with driver 580, where nvidia-smi shows 0 MiB).
+    Drivers or bindings without v2 get the v1 figure.
+    """
+    version = getattr(nvml, "nvmlMemory_v2", None)
+    if version is not None:
+        try:
+            mem = nvml.nvmlDeviceGetMemoryInfo(handle, version=version)
+            return int(mem.total), int(mem.used)
+        except (nvml.NVMLError, TypeError, AttributeError) as exc:  # old driver: v1
+            logger.debug("NVML memory info v2 unavailable (%s): v1 used", exc)
+    mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+    return int(mem.total), int(mem.used)
 
 
 def gpu_inventory(nvml: Any | None = None) -> list[GpuInfo]:

@@ -104,6 +104,38 @@ def test_inventory_four_gpus_utilization_unsupported():
     assert gpus[3].memory_used == 3 * GB
 
 
+class FakeNVMLv2(FakeNVML):
+    """A driver with ``nvmlDeviceGetMemoryInfo_v2``: reserved memory reported apart.
+
+    As seen on a real H200 (driver 580, ``benchmarks/gpu_check.py`` on the device
+    machine): the v1 call counts the driver's reservation (615 MiB) as used on an idle
+    GPU, where ``nvidia-smi`` says 0 MiB.
+    """
+
+    nvmlMemory_v2 = 0x2000028
+
+    def __init__(self, gpus=(), reserved=0, **kwargs):
+        super().__init__(gpus, **kwargs)
+        self.reserved = reserved
+
+    def nvmlDeviceGetMemoryInfo(self, h, version=None):
+        _, total, used = self.gpus[h]
+        if version is None:  # v1: the reservation is part of "used"
+            return SimpleNamespace(total=total, used=used + self.reserved,
+                                   free=total - used - self.reserved)
+        assert version == self.nvmlMemory_v2
+        return SimpleNamespace(version=version, total=total, reserved=self.reserved,
+                               used=used, free=total - used - self.reserved)
+
+
+def test_inventory_used_vram_leaves_out_the_drivers_reservation():
+    nvml = FakeNVMLv2([("NVIDIA H200", 140 * GB, 0), ("NVIDIA H200", 140 * GB, 3 * GB)],
+                      reserved=615 * 2**20)
+    gpus = gpu_inventory(nvml)
+    assert [g.memory_used for g in gpus] == [0, 3 * GB]  # as nvidia-smi shows them
+    assert [g.memory_total for g in gpus] == [140 * GB, 140 * GB]
+
+
 @pytest.mark.parametrize("error", [FakeNVMLError("NVML Shared Library Not Found"), OSError("x")])
 def test_inventory_no_driver_is_empty_and_logged(error, caplog):
     with caplog.at_level(logging.DEBUG, logger="obdask.resources"):
