@@ -215,15 +215,22 @@ async def _estimates(client: Client, plan_id: str, jobs: int = 5000
     try:
         # this plan's steps and durations only, and only as many of its newest records
         # as it has jobs (the last run's): not every plan's last 5000 whole records
-        rows = await client.scheduler.obdask_metrics_jobs(
-            limit=max(1, min(5000, jobs)), plan=plan_id, columns=["step", "duration_s"])
+        got = await client.scheduler.obdask_metrics_jobs(
+            limit=max(1, min(5000, jobs)), plan=plan_id, columns=["step", "duration_s"],
+            as_columns=True)
     except Exception as exc:  # noqa: BLE001 - no metrics: batches bounded by size only
         # an older scheduler without plan=/columns= lands here too: size-bounded batches
         logger.debug("no job durations from the scheduler: %s", exc)
         return None
-    # None: the scheduler runs without the metrics extension (obdask.metrics.enabled)
-    by_step = {r["step"]: float(r["duration_s"]) for r in rows or ()
-               if r.get("duration_s") is not None}
+    # None: the scheduler runs without the metrics extension (obdask.metrics.enabled);
+    # a list: one that answers a dict per record (before as_columns=)
+    if isinstance(got, list):
+        got = {"step": [r.get("step") for r in got],
+               "duration_s": [r.get("duration_s") for r in got]}
+    got = got or {}
+    by_step = {step: float(seconds) for step, seconds in zip(
+        got.get("step") or (), got.get("duration_s") or (), strict=False)
+        if seconds is not None}
     if not by_step:
         return None
     median = statistics.median(by_step.values())

@@ -32,7 +32,8 @@ def test_intake_reads_only_the_summary():
     """Bytes that are not msgpack are taken in (totals counted) and fail only when read."""
     packed = pack_jobs([record(0), record(1, status="failed")])
     table = JobTable(100)
-    table.extend_packed({**packed, "data": b"\xc1not msgpack"}, "tcp://w:1")
+    table.extend_packed({**packed, "columns": {k: b"\xc1not msgpack" for k in packed["columns"]}},
+                        "tcp://w:1")
     assert table.totals == {"done": 1, "failed": 1} and len(table) == 2
     assert dict(table.by_plan_lane) == {("p", 1): [1, 1, 0, 2.0]}
     with pytest.raises(ValueError):  # msgpack's FormatError
@@ -42,10 +43,37 @@ def test_intake_reads_only_the_summary():
 def test_chunks_of_other_plans_are_not_decoded():
     table = JobTable(100)
     other = pack_jobs([record(0, plan="q")])
-    table.extend_packed({**other, "data": b"\xc1"}, "tcp://w:1")  # would fail if decoded
+    broken = {k: b"\xc1" for k in other["columns"]}
+    table.extend_packed({**other, "columns": broken}, "tcp://w:1")  # would fail if decoded
     table.extend_packed(pack_jobs([record(1), record(2)]), "tcp://w:1")
     assert table.read(plan="p", columns=["step", "duration_s"]) == [
         {"step": "s1", "duration_s": 1.0}, {"step": "s2", "duration_s": 1.0}]
+
+
+def test_only_the_columns_asked_for_are_decoded():
+    packed = pack_jobs([record(0), record(1)])
+    columns = dict(packed["columns"], error=b"\xc1", run_id=b"\xc1")  # would fail if decoded
+    table = JobTable(100)
+    table.extend_packed({**packed, "columns": columns}, "tcp://w:1")
+    assert table.read(plan="p", columns=["step", "duration_s"]) == [
+        {"step": "s0", "duration_s": 1.0}, {"step": "s1", "duration_s": 1.0}]
+    assert table.read_columns(["step", "duration_s"], plan="p", limit=1) == {
+        "step": ["s1"], "duration_s": [1.0]}
+
+
+def test_read_columns_matches_read():
+    table = JobTable(12)
+    table.extend_packed(pack_jobs([record(i) for i in range(5)]), "tcp://w:1")
+    table.append(dict(record(5, plan="q"), worker="tcp://w:2", attempts=2))
+    table.extend_packed(pack_jobs([record(i) for i in range(6, 14)]), "tcp://w:1")
+    cols = ["step", "worker", "attempts", "finished"]
+    for kwargs in ({}, {"limit": 3}, {"plan": "p"}, {"plan": "q"}, {"since": 1010.0},
+                   {"plan": "p", "limit": 7}, {"limit": 0}):
+        rows = table.read(columns=cols, **kwargs)
+        got = table.read_columns(cols, **kwargs)
+        assert got == {c: [r[c] for r in rows] for c in cols}, kwargs
+    assert table.read_columns(["step"], plan="q") == {"step": ["s5"]}
+    assert len(table.read()) == 12  # the bound cut s0 and s1
 
 
 def test_since_limit_plan_and_columns_across_packed_and_plain_chunks():

@@ -1,8 +1,8 @@
 """The metrics extension's job records: a bounded table kept as the workers packed it.
 
 A worker sends the job records of its last flush as one *packed chunk*
-(:func:`pack_jobs`: msgpack bytes of ``[fields, rows]`` plus a small summary per
-plan, lane and status).  The scheduler stores the bytes as they came and folds
+(:func:`pack_jobs`: the msgpack bytes of each field's column plus a small summary
+per plan, lane and status).  The scheduler stores the bytes as they came and folds
 only the summary into its running totals, so taking in a job costs it nothing
 per record: no decoding of one dict per job by the comm (``msgpack`` object
 hooks), no dict per job kept alive (and walked by the garbage collector) for
@@ -36,41 +36,42 @@ MAX_PLAN_ROWS = 1000
 def pack_jobs(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One packed chunk of job ``records`` (on the worker, once per flush).
 
-    Returns ``{"n", "data", "summary", "first", "last"}``: ``data`` is msgpack
-    ``[fields, rows]`` (every field any record has; missing ones None);
+    Returns ``{"n", "columns", "summary", "first", "last"}``: ``columns`` maps each
+    field any record has to the msgpack bytes of its values in record order
+    (missing ones None), so a read of two fields decodes two columns;
     ``summary`` is ``[[plan, lane, status, jobs, seconds], ...]``; ``first`` and
     ``last`` bound the records' ``finished`` times (for ``since`` reads).
     """
     fields = list(dict.fromkeys(k for record in records for k in record))
-    rows = [[record.get(f) for f in fields] for record in records]
+    columns = {f: msgpack.packb([r.get(f) for r in records], use_bin_type=True, default=str)
+               for f in fields}
     summary: dict[tuple[Any, Any, Any], list[float]] = {}
     finished = [r["finished"] for r in records if isinstance(r.get("finished"), (int, float))]
     for r in records:
         row = summary.setdefault((r.get("plan"), r.get("lane"), r.get("status")), [0, 0.0])
         row[0] += 1
         row[1] += float(r.get("duration_s") or 0)
-    return {"n": len(records),
-            "data": msgpack.packb([fields, rows], use_bin_type=True, default=str),
+    return {"n": len(records), "columns": columns,
             "summary": [[*key, n, seconds] for key, (n, seconds) in summary.items()],
             "first": min(finished, default=None), "last": max(finished, default=None)}
 
 
 def unpack_jobs(packed: dict[str, Any]) -> list[dict[str, Any]]:
     """The records of a chunk from :func:`pack_jobs`, as dicts (missing fields None)."""
-    return _Chunk(int(packed["n"]), bytes(packed["data"])).decode()
+    return _Chunk(int(packed["n"]), dict(packed["columns"])).decode()
 
 
 class _Chunk:
-    """Records in arrival order: packed bytes (``data``) or plain dicts (``rows``)."""
+    """Records in arrival order: packed columns (``cols``) or plain dicts (``rows``)."""
 
-    __slots__ = ("attempts", "data", "first", "last", "n", "plans", "rows", "worker")
+    __slots__ = ("attempts", "cols", "first", "last", "n", "plans", "rows", "worker")
 
-    def __init__(self, n: int, data: bytes | None = None, worker: str | None = None,
+    def __init__(self, n: int, cols: dict[str, bytes] | None = None, worker: str | None = None,
                  plans: frozenset[Any] | None = None, first: float | None = None,
                  last: float | None = None, attempts: dict[str, int] | None = None) -> None:
         self.n = n
-        self.data = data
-        self.rows: list[dict[str, Any]] | None = None if data is not None else []
+        self.cols = cols
+        self.rows: list[dict[str, Any]] | None = None if cols is not None else []
         self.worker = worker
         self.plans = plans  # None: not known (plain chunks)
         self.first, self.last = first, last
@@ -82,50 +83,62 @@ class _Chunk:
 
     def select(self, skip: int = 0, columns: list[str] | None = None, plan: str | None = None,
                since: float | None = None) -> list[dict[str, Any]]:
-        """Records from the ``skip``-th on, of ``plan``, finished at or after ``since``.
+        """Records from the ``skip``-th on, of ``plan``, finished at or after ``since``."""
+        if self.rows is not None and columns is None:  # plain records: as they came
+            return [dict(r) for r in self.rows[skip:]
+                    if (plan is None or r.get("plan") == plan)
+                    and (since is None or (r.get("finished") or 0) >= since)]
+        got = self.columns(skip, columns, plan, since)
+        names = list(got)
+        return [dict(zip(names, values, strict=True)) for values in zip(*got.values(), strict=True)]
 
-        With ``columns`` only those fields are built (a runner sizing batches
-        reads two of fifteen), which is most of the cost of a read.
+    def columns(self, skip: int = 0, columns: list[str] | None = None,
+                plan: str | None = None, since: float | None = None) -> dict[str, list[Any]]:
+        """Like :meth:`select`, as ``{field: values}``: only the fields asked are decoded.
+
+        With ``columns`` only those fields are decoded (a runner sizing batches reads
+        two of fifteen), which is most of the cost of a read.
         """
         if self.rows is not None:
             plain = [r for r in self.rows[skip:]
                      if (plan is None or r.get("plan") == plan)
                      and (since is None or (r.get("finished") or 0) >= since)]
-            if columns is None:
-                return [dict(r) for r in plain]
-            return [{c: r.get(c) for c in columns} for r in plain]
-        fields, rows = msgpack.unpackb(self.data, raw=False, use_list=False)
-        index = {f: i for i, f in enumerate(fields)}
-        rows = rows[skip:]
-        if plan is not None:
-            at = index.get("plan")
-            rows = [r for r in rows if at is not None and r[at] == plan]
-        if since is not None:
-            at = index.get("finished")
-            rows = [r for r in rows if at is not None and (r[at] or 0) >= since]
-        wanted = list(fields) if columns is None else columns
-        if columns is None:
-            out = [dict(zip(fields, r, strict=False)) for r in rows]
-        else:
-            picks = [(c, index.get(c)) for c in columns]
-            out = [{c: (r[i] if i is not None else None) for c, i in picks} for r in rows]
-        self._fill(out, wanted, rows, index, columns is None)
-        return out
+            names = columns if columns is not None else list(
+                dict.fromkeys(k for r in plain for k in r))
+            return {c: [r.get(c) for r in plain] for c in names}
+        assert self.cols is not None
+        cache: dict[str, list[Any]] = {}
 
-    def _fill(self, out: list[dict[str, Any]], wanted: list[str], rows: Sequence[Any],
-              index: dict[str, int], whole: bool) -> None:
-        """What the scheduler adds to a worker's record: its worker and attempt count."""
-        if (whole or "worker" in wanted) and self.worker is not None:
-            for record in out:
-                if record.get("worker") is None:
-                    record["worker"] = self.worker
-        if whole or "attempts" in wanted:
-            attempts = self.attempts or {}
-            at = index.get("job")
-            for record, row in zip(out, rows, strict=True):
-                if record.get("attempts") is None:
-                    job = row[at] if at is not None else None
-                    record["attempts"] = attempts.get(str(job), 1)
+        def column(name: str) -> list[Any]:
+            if name not in cache:
+                raw = self.cols.get(name)  # type: ignore[union-attr]
+                cache[name] = (msgpack.unpackb(raw, raw=False, use_list=True)[skip:]
+                               if raw is not None else [None] * (self.n - skip))
+            return cache[name]
+
+        keep: list[int] | None = None
+        if plan is not None and self.plans != frozenset([plan]):
+            keep = [i for i, p in enumerate(column("plan")) if p == plan]
+        if since is not None and not (self.first is not None and self.first >= since):
+            done = column("finished")
+            keep = [i for i in (keep if keep is not None else range(len(done)))
+                    if (done[i] or 0) >= since]
+        names = list(self.cols) if columns is None else list(columns)
+        for extra in ("worker", "attempts"):  # what the scheduler adds (below)
+            if columns is None and extra not in names:
+                names.append(extra)
+        out: dict[str, list[Any]] = {}
+        for name in names:
+            values = column(name)
+            if name == "worker" and self.worker is not None:
+                values = [self.worker if v is None else v for v in values]
+            elif name == "attempts":
+                attempts = self.attempts or {}
+                jobs = column("job")
+                values = [attempts.get(str(job), 1) if v is None else v
+                          for v, job in zip(values, jobs, strict=True)]
+            out[name] = values if keep is None else [values[i] for i in keep]
+        return out
 
 
 class JobTable:
@@ -201,7 +214,7 @@ class JobTable:
         if n <= 0:
             return
         summary = packed.get("summary") or ()
-        chunk = _Chunk(n, bytes(packed["data"]), worker,
+        chunk = _Chunk(n, dict(packed["columns"]), worker,
                        frozenset(str(row[0]) for row in summary),
                        packed.get("first"), packed.get("last"), attempts)
         self._chunks.append(chunk)
@@ -264,4 +277,36 @@ class JobTable:
                 del out[int(limit):]
                 break
         out.reverse()
+        return out
+
+    def read_columns(self, columns: Iterable[str], since: float | None = None,
+                     limit: int | None = None, plan: str | None = None
+                     ) -> dict[str, list[Any]]:
+        """:meth:`read` as ``{field: values}`` (oldest first): no dict per record.
+
+        What a runner sizing its batches asks for (``step``, ``duration_s``): two
+        columns decoded per chunk, and a reply that serializes as two lists.
+        """
+        cols = list(columns)
+        parts: list[dict[str, list[Any]]] = []
+        count = 0
+        wanted = None if limit is None else max(0, int(limit))
+        chunks = list(self._chunks)
+        for i in range(len(chunks) - 1, -1, -1):
+            if wanted is not None and count >= wanted:
+                break
+            chunk = chunks[i]
+            if plan is not None and chunk.plans is not None and plan not in chunk.plans:
+                continue
+            if since is not None and chunk.last is not None and chunk.last < since:
+                continue
+            part = chunk.columns(self._skip if i == 0 else 0, cols, plan, since)
+            parts.append(part)
+            count += len(part[cols[0]]) if cols else 0
+        out: dict[str, list[Any]] = {c: [] for c in cols}
+        for part in reversed(parts):
+            for c in cols:
+                out[c].extend(part[c])
+        if wanted is not None and count > wanted:
+            out = {c: values[count - wanted:] for c, values in out.items()}
         return out

@@ -355,15 +355,18 @@ class MetricsExtension:
         return out
 
     def get_jobs(self, since: float | None = None, limit: int | None = None,
-                 plan: str | None = None, columns: list[str] | None = None
-                 ) -> list[dict[str, Any]]:
+                 plan: str | None = None, columns: list[str] | None = None,
+                 as_columns: bool = False) -> list[dict[str, Any]] | dict[str, list[Any]]:
         """Handler ``obdask_metrics_jobs``: job records, oldest first.
 
         ``plan``: only that plan's records (``limit`` counts those); ``columns``: only
-        these fields of each.  Both cut what is serialized, which is most of the
-        handler's cost (some 4 us per full record): a runner sizing batches needs one
+        these fields of each; ``as_columns`` (with ``columns``): ``{field: values}``
+        instead of a dict per record.  They cut what is decoded and serialized,
+        which is most of the handler's cost: a runner sizing batches needs one
         plan's steps and durations, not the last 5000 records of every plan.
         """
+        if as_columns and columns is not None:
+            return self.jobs.read_columns(columns, since, limit, plan)
         return self.jobs.read(since, limit, plan, columns)
 
     def get_tokens(self, since: float | None = None, limit: int | None = None
