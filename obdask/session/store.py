@@ -156,18 +156,31 @@ class SessionStore(RecordReader):
         logger.info("session %s created in %s", session_id, self.url)
         return self.read(session_id)
 
-    def _update_meta(self, session_id: str, epoch: int, **changes: Any) -> None:
+    def _update_meta(self, session_id: str, epoch: int, **changes: Any) -> bool:
+        """Apply ``changes`` to ``meta.json``; False (nothing written) when a newer
+        driver has written it since this one passed its fence.
+
+        Writing then would put this driver's status over the newer one's (a stale
+        ``interrupted`` over ``running``). What the caller wrote before (a snapshot,
+        a consultation) stays as the fencing rules say; its meta is the newer driver's.
+        """
         path = self._path(session_id, "meta.json")
         damaged: list[tuple[str, str]] = []
         meta = self._read_json(path, damaged) or {"format": FORMAT, "id": session_id}
+        recorded = int(meta.get("epoch") or 0)
+        if recorded > epoch:
+            logger.debug("session %s: meta.json is epoch %d's; epoch %d leaves it",
+                         session_id, recorded, epoch)
+            return False
         meta.update(changes)
-        meta["epoch"] = max(int(meta.get("epoch") or 0), epoch)
+        meta["epoch"] = max(recorded, epoch)
         meta["updated"] = wall_time()
         self._write(path, dumps(meta))
         if "flow_code" in changes:
             # a mirror for people (meta.json and the snapshots hold the flow code)
             self._write(self._path(session_id, "flow_code"), str(changes["flow_code"]).encode(),
                         durable=False)
+        return True
 
     def append_process(self, session_id: str, epoch: int, state: SessionState,
                        payload: dict[str, Any] | None = None, *, started: float | None = None,
@@ -280,7 +293,9 @@ class SessionStore(RecordReader):
                 status = "done"
         if status is not None:
             changes["status"] = status
-        self._update_meta(session_id, epoch, **changes)
+        if not self._update_meta(session_id, epoch, **changes):
+            highest = self.highest_epoch(session_id)
+            raise self._lost(session_id, epoch, highest, "updating meta.json", kept=False)
         self._verify(session_id, epoch, "updating meta.json")
 
     def _check_recorded(self, session_id: str, epoch: int, state: SessionState) -> None:

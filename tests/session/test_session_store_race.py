@@ -87,3 +87,24 @@ def test_two_drivers_race(kind, tmp_path):
         assert all(by[i] == "A" for i in range(1, record.next_index))
         if kind == "memory":
             store_b.fs.rm(store_b.root, recursive=True)  # one process-wide dict
+
+
+def test_a_stale_status_write_does_not_overwrite_the_new_drivers(tmp_path):
+    """Driver A (epoch 1) passes the fence; B takes over (epoch 2) and records its status
+    before A's meta.json write: A's write is refused, B's status stays."""
+    url = str(tmp_path / "store")
+    store_a, store_b = SessionStore(url), SessionStore(url)
+    store_a.create("s", "race", epoch=1)
+    original = store_a._fence
+
+    def fence_then_takeover(session_id, epoch, doing):
+        original(session_id, epoch, doing)  # A passed the fence...
+        store_b.claim(session_id, 2)  # ...then B took the session over
+        store_b.update(session_id, 2, status="running", driver="B")
+
+    store_a._fence = fence_then_takeover
+    with pytest.raises(LeaseLost) as info:
+        store_a.update("s", 1, status="interrupted", driver="A")
+    meta = SessionStore(url).read("s")
+    assert (meta.status, meta.epoch) == ("running", 2)
+    assert info.value.kept is False  # refused, not written and then found out
