@@ -582,8 +582,9 @@ def place(compiled: Any, view: ClusterView) -> Placement:
     jobs = compiled.runnable
     offline = view.workers is None
     served = True if offline else view.models_served_locally
+    lanes = view.lanes_active  # a walk over every worker's resources: once, not per job
     for job in jobs:
-        job.resources = step_resources(job.step, view.lanes_active, served)
+        job.resources = step_resources(job.step, lanes, served)
     placement = Placement()
     if view.workers is not None:
         placement.threads = sum(int(w.get("nthreads") or 1) for w in view.workers.values())
