@@ -142,6 +142,16 @@ def redact(text: str, _known: re.Pattern[str] | None | bool = False) -> str:
     return text
 
 
+def _redact_str(text: str, known: re.Pattern[str] | None) -> str:
+    """:func:`redact` with the known values already looked up (records: per field)."""
+    if known is not None:
+        text = known.sub(MASK, text)
+    if _TRIGGER.search(text):
+        for pattern in _PATTERNS:
+            text = pattern.sub(_masked, text)
+    return text
+
+
 def _masked(m: re.Match[str]) -> str:
     return m["head"] + MASK + (m.groupdict().get("tail") or "")
 
@@ -160,11 +170,20 @@ def redact_obj(value: Any) -> Any:
     return _redact_obj(value, _compiled()[1])  # the known values are looked up once
 
 
+# Exact types that never hold a secret: most fields of a record, passed without a call.
+_SCALARS = frozenset({type(None), int, float, bool})
+
+
 def _redact_obj(value: Any, known: re.Pattern[str] | None) -> Any:
-    if value is None or isinstance(value, (int, float)):  # most fields: skip the ABC checks
+    kind = type(value)
+    if kind is dict:  # a record: its scalars skip the call, its strings skip redact()'s checks
+        return {k: v if type(v) in _SCALARS else
+                _redact_str(v, known) if type(v) is str else _redact_obj(v, known)
+                for k, v in value.items()}
+    if kind in _SCALARS or isinstance(value, (int, float)):
         return value
     if isinstance(value, str):
-        return redact(value, known)
+        return _redact_str(value, known)
     if isinstance(value, Mapping):
         return {k: _redact_obj(v, known) for k, v in value.items()}
     if isinstance(value, list):

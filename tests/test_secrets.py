@@ -67,6 +67,13 @@ def test_redact_values_and_patterns(monkeypatch):
         assert redact_bytes(b"password=abc123 \xff") == b"password=*** \xff"
         assert redact_obj({"a": [f"x {CONFIG_SECRETS['key']}"], "n": 3}) == {
             "a": [f"x {MASK}"], "n": 3}
+        # a record's fields of every kind: plain and nested strings masked, the rest kept
+        record = {"error": "password=abc123", "ok": True, "n": None, "t": 1.5,
+                  "env": {"K": f"{ENV_SECRETS['OLLAMA_API_KEY']}"},
+                  "tries": ({"why": "Bearer eyJhbGciOi0"},)}
+        assert redact_obj(record) == {"error": f"password={MASK}", "ok": True, "n": None,
+                                      "t": 1.5, "env": {"K": MASK},
+                                      "tries": ({"why": f"Bearer {MASK}"},)}
     assert redact("tokens=1024 eval_count: 5 ok") == "tokens=1024 eval_count: 5 ok"
 
 
