@@ -65,8 +65,9 @@ async def collect(client: Client, compiled: CompiledPlan, futures: dict[str, Fut
         record.update(id=job.spec.step_id, run_id=ctx.run_id, plan=ctx.plan_id)
         task_key = units[job.key].key if job.key in units else job.key
         attempts(record, tries.get(task_key, []), events.get(job.key, []))
-        outcomes.append(redact_obj(record))  # the frame, the CLI and the records files
-    return outcomes
+        outcomes.append(record)
+    # the frame, the CLI and the records files; one call: the known secrets looked up once
+    return redact_obj(outcomes)
 
 
 def _base(job: Job) -> dict[str, Any]:

@@ -185,7 +185,8 @@ class RunStore:
         Each file is written whole or not at all (:func:`write_atomic`); the
         summary comes last, so a run with a summary has complete records.
         """
-        lines = "".join(json.dumps(redact_obj(r), default=str) + "\n" for r in records)
+        # one redact_obj call for all: the known secrets are looked up once, not per record
+        lines = "".join(json.dumps(r, default=str) + "\n" for r in redact_obj(list(records)))
         with store_errors("records", self.url, "write"):
             self.fs.makedirs(self.root, exist_ok=True)
             write_atomic(self.fs, posixpath.join(self.root, "records.jsonl"), lines.encode(),

@@ -8,6 +8,13 @@ whatever reason (SIGKILL included), the kernel closes the write end; the
 watchdog reads end-of-file and SIGKILLs every process group still
 registered, grandchildren included, then exits.
 
+A command held in a job cgroup (:mod:`obdask.payloads.cgroup`) sends no
+message: a watchdog started with :meth:`Watchdog.cover` also kills, at
+end-of-file, every process in the worker's ``obdask-<worker pid>-*`` cgroups
+(what left the process group with ``setsid`` too) and removes those cgroups.
+Each message woke the watchdog (two context switches per job); the sweep costs
+nothing until the worker dies.
+
 This replaces a per-command ``setpriv --pdeathsig`` exec (about 0.5 ms per
 command) with two small pipe writes, and it covers the whole process group
 where PDEATHSIG covered only the shell.
