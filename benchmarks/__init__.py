@@ -5,8 +5,8 @@
   sessions, metrics); ``scaling``: workers 1-16 and a fleet of model endpoints;
 * ``guard``: the bounds on the ratios (CI); ``report``: markdown and PNG curves;
 * ``common``: plans, statistics, clusters, the spawn floor, memory;
-* ``bench_*.py``, ``cpu_per_job.py``, ``gpu_check.py``: single-purpose scripts, still
-  run as ``python benchmarks/<script>.py`` (the suite reuses their pieces).
+* ``bench_*.py``, ``cpu_per_job.py``, ``cpu_breakdown.py``, ``gpu_check.py``: single-purpose
+  scripts, still run as ``python benchmarks/<script>.py`` (the suite reuses their pieces).
 
 See docs/performance.md for the figures and the exact commands.
 """

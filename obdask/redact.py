@@ -148,7 +148,12 @@ def redact(text: str, _known: re.Pattern[str] | None | bool = False) -> str:
     if not text:
         return text
     known = _compiled()[1] if _known is False else _known
-    if isinstance(known, re.Pattern):
+    return _redact_str(text, known if isinstance(known, re.Pattern) else None)
+
+
+def _redact_str(text: str, known: re.Pattern[str] | None) -> str:
+    """:func:`redact` with the known values already looked up (records: per field)."""
+    if known is not None:
         text = known.sub(MASK, text)
     if _may_match(text):
         for pattern in _PATTERNS:
@@ -210,11 +215,20 @@ def _strings(value: Any, out: list[str]) -> None:
             _strings(item, out)
 
 
+# Exact types that never hold a secret: most fields of a record, passed without a call.
+_SCALARS = frozenset({type(None), int, float, bool})
+
+
 def _redact_obj(value: Any, known: re.Pattern[str] | None) -> Any:
-    if value is None or isinstance(value, (int, float)):  # most fields: skip the ABC checks
+    kind = type(value)
+    if kind is dict:  # a record: its scalars skip the call, its strings skip redact()'s checks
+        return {k: v if type(v) in _SCALARS else
+                _redact_str(v, known) if type(v) is str else _redact_obj(v, known)
+                for k, v in value.items()}
+    if kind in _SCALARS or isinstance(value, (int, float)):
         return value
     if isinstance(value, str):
-        return redact(value, known)
+        return _redact_str(value, known)
     if isinstance(value, Mapping):
         return {k: _redact_obj(v, known) for k, v in value.items()}
     if isinstance(value, list):

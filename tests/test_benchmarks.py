@@ -68,6 +68,20 @@ def test_cpu_per_job(tmp_path):
     assert all("scheduler=" in line and "worker1=" in line for line in lines)
 
 
+def test_cpu_breakdown(tmp_path):
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "cpu_breakdown.py"), "--jobs", "100",
+                           "--repeat", "1", "--json", str(out)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert (data["jobs"], data["small"]) == (100, 50)
+    # the workers' own CPU and their jobs' shells are measured apart
+    assert {"worker0", "worker0 reaped children", "client+scheduler"} <= set(
+        data["cpu_ms_per_job"])
+    assert data["floor_cpu_ms_per_job"] > 0
+
+
 def test_bench_scale(tmp_path):
     data = _run("bench_scale.py", "--sizes", "40,80", "--saturation", "1.1,inf",
                 tmp_path=tmp_path)

@@ -499,6 +499,24 @@ def test_a_reused_job_cgroup_takes_the_current_pids_max(ws):
     assert res.exit_code != 0, res
 
 
+def test_a_pooled_job_cgroup_removed_meanwhile_is_replaced(ws):
+    """A pooled cgroup can vanish (a closed watchdog sweeps this process's job cgroups):
+    the next job gets a new one, not the vanished one and then none."""
+    from obdask.payloads import cgroup
+
+    if cgroup._parent() is None:
+        pytest.skip("no writable pids cgroup")
+    assert run("true", ws, mode="off").ok
+    gone = cgroup._pool[-1]
+    os.rmdir(gone.path)  # as the watchdog's sweep does
+    script = "cat /proc/self/cgroup"
+    res = run(script, ws, mode="off")
+    assert res.ok, res
+    lines = res.stdout.decode().splitlines()  # v1: "N:pids:/path"; v2: "0::/path"
+    here = next((ln for ln in lines if ":pids:" in ln), lines[-1]).rsplit("/", 1)[-1]
+    assert here.startswith(f"obdask-{os.getpid()}-") and here != os.path.basename(gone.path)
+
+
 def test_memory_limit_fails_the_job_clearly_and_the_worker_lives(ws):
     res = run(py("x = bytearray(800 * 1024 * 1024); print('ALLOCATED')"), ws,
               limits={"address-space": "300MiB"})
@@ -525,3 +543,31 @@ def test_network_opt_in_per_step(tmp_path, tcp_server):
     assert "Connection refused" in error or "unreachable" in error, error  # its own netns
     with pytest.raises(PlanError, match="network=true applies to @cmd: steps only"):
         parse("- [ ] id=f lane=1 network=true payload=@file:x.md\n")
+
+
+def test_a_clean_job_reads_its_cgroup_once(ws, monkeypatch):
+    """A job whose shell left nothing behind costs one read of its cgroup's process list
+    (at the shell's exit), not one per kill and release: each read is ~50-100 us."""
+    from obdask.payloads import cgroup
+
+    if cgroup._parent() is None:
+        pytest.skip("no writable pids cgroup")
+    assert run("true", ws, mode="off").ok  # the pool holds a group now
+    reads: list[str] = []
+    original = cgroup.JobGroup.pids
+
+    def counted(self: cgroup.JobGroup) -> list[int]:
+        reads.append(self.path)
+        return original(self)
+
+    monkeypatch.setattr(cgroup.JobGroup, "pids", counted)
+    for _ in range(5):
+        assert run("true", ws, mode="off").ok
+    assert len(reads) == 5, reads
+    # a leftover is still found and killed at the exit (the reads are not skipped then)
+    marker = f"{300 + uuid.uuid4().int % 1000}.{uuid.uuid4().int % 1000}"
+    assert run(f"setsid sleep {marker} & echo started", ws, mode="off").ok
+    deadline = time.monotonic() + 10
+    while _marked(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _marked(marker)

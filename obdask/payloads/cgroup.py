@@ -48,45 +48,68 @@ class JobGroup:
         self.limit = limit
         #: Whether the group has ``cgroup.kill`` (cgroup v2, Linux 5.14+); looked up once.
         self.atomic_kill: bool | None = None
+        #: Seen empty since the last :meth:`add`: nothing can enter it but by ``add``
+        #: (no process is left in it to fork), so :meth:`release` need not look again.
+        self.empty = True
 
     def add(self, pid: int) -> None:
         """Move ``pid`` (still held before running anything) into the cgroup."""
-        with open(os.path.join(self.path, "cgroup.procs"), "w") as f:
-            f.write(str(pid))
+        self.empty = False
+        _write(os.path.join(self.path, "cgroup.procs"), b"%d" % pid)
 
     def pids(self) -> list[int]:
         try:
-            with open(os.path.join(self.path, "cgroup.procs")) as f:
-                return [int(line) for line in f if line.strip()]
+            fd = os.open(os.path.join(self.path, "cgroup.procs"), os.O_RDONLY)
         except OSError:
             return []
+        try:
+            data = b""
+            while chunk := os.read(fd, 65536):
+                data += chunk
+        except OSError:
+            return []
+        finally:
+            os.close(fd)
+        return [int(line) for line in data.split()]
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Signal every process in the cgroup; SIGKILL repeats until it is empty (fork bombs)."""
+        """Signal every process in the cgroup; SIGKILL repeats until it is empty (fork bombs).
+
+        The list is read first: a job that left nothing behind (the common case)
+        costs that one read, no ``cgroup.kill`` write.
+        """
+        pids = self.pids()
+        if not pids:
+            self.empty = True
+            return
         kill_file = os.path.join(self.path, "cgroup.kill")
         if self.atomic_kill is None:
             self.atomic_kill = os.path.exists(kill_file)
         if sig == signal.SIGKILL and self.atomic_kill:  # cgroup v2: atomic
             try:
-                with open(kill_file, "w") as f:
-                    f.write("1")
+                _write(kill_file, b"1")
             except OSError:
                 pass
+            pids = self.pids()
         deadline = time.monotonic() + 5.0
         while True:
-            pids = self.pids()
             for pid in pids:
                 try:
                     os.kill(pid, sig)
                 except (ProcessLookupError, PermissionError):
                     pass
-            if not pids or sig != signal.SIGKILL or time.monotonic() > deadline:
+            if not pids:
+                self.empty = True
+                return
+            if sig != signal.SIGKILL or time.monotonic() > deadline:
                 return
             time.sleep(0.005)
+            pids = self.pids()
 
     def release(self) -> None:
         """Kill what is left; keep the empty cgroup for the next job, or remove it."""
-        left = self.pids()  # usually none: the shell's exit already killed the group
+        # usually none: the shell's exit found the group empty (or emptied it)
+        left = [] if self.empty else self.pids()
         if left:
             self.kill()
             left = self.pids()
@@ -127,9 +150,10 @@ def create() -> JobGroup | None:
     if group is not None:
         try:
             if group.limit != limit:
-                with open(os.path.join(group.path, "pids.max"), "w") as f:
-                    f.write(str(limit))
+                _write(os.path.join(group.path, "pids.max"), b"%d" % limit)
                 group.limit = limit
+            elif not os.path.isdir(group.path):  # removed meanwhile (a watchdog's sweep)
+                raise FileNotFoundError(group.path)
             return group
         except OSError:
             group.remove()
@@ -149,6 +173,15 @@ def create() -> JobGroup | None:
 
 
 _pool_owner = [os.getpid()]
+
+
+def _write(path: str, data: bytes) -> None:
+    """One ``write(2)`` to a cgroup file (no buffered file object: about 20 us less a call)."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
 @atexit.register

@@ -189,14 +189,13 @@ def spawn(shell: str, command: str, cwd: str | os.PathLike[str], env: dict[str, 
             group.remove()
         raise PayloadError(f"@cmd: could not set up the child process ({exc}); "
                            "check obdask.cmd.limits") from exc
-    if launcher == "spawn" and pdeathsig:
-        proc.obdask_watched = watchdog.watch(proc.pid)  # type: ignore[attr-defined]
-        if not proc.obdask_watched:  # type: ignore[attr-defined]
-            logger.warning("@cmd: pid %d is not protected against worker death", proc.pid)
     proc.obdask_cgroup = group  # type: ignore[attr-defined]
+    watch = launcher == "spawn" and pdeathsig
+    if watch and gate is None:
+        _watch(proc)
     if gate is not None:
         os.close(gate[0])
-        _open_gate(proc, late_limits, gate[1])
+        _open_gate(proc, late_limits, gate[1], watch)
     if box_fds is not None:
         _open_box(proc, late_limits, box_fds)
     return proc
@@ -248,13 +247,29 @@ _GATE = "read -r _ || exit 125; exec </dev/null\n"
 MAX_COMMAND_BYTES = _max_arg_bytes() - len(_GATE) - 1
 
 
+def _watch(proc: subprocess.Popen[bytes]) -> None:
+    """Register the job's process group with the watchdog (killed if this process dies)."""
+    proc.obdask_watched = watchdog.watch(proc.pid)  # type: ignore[attr-defined]
+    if not proc.obdask_watched:  # type: ignore[attr-defined]
+        logger.warning("@cmd: pid %d is not protected against worker death", proc.pid)
+
+
 def _open_gate(proc: subprocess.Popen[bytes], rlimits: tuple[tuple[int, int, int], ...],
-               write_fd: int) -> None:
-    """Set ``rlimits`` on the waiting shell with prlimit(2), then let it go on."""
+               write_fd: int, watch: bool = False) -> None:
+    """Set ``rlimits`` on the waiting shell with prlimit(2), put it in its cgroup and,
+    with ``watch``, under the watchdog; then let it go on.
+
+    A shell in a job cgroup is covered by the watchdog's sweep of this process's
+    cgroups (:meth:`~obdask.payloads.reaper.Watchdog.cover`): no message per job.
+    Should this process die before the gate opens, the shell reads EOF and exits.
+    """
     try:
         for rid, soft, hard in rlimits:
             resource.prlimit(proc.pid, rid, (soft, hard))
         _join_cgroup(proc, proc.pid)
+        group = getattr(proc, "obdask_cgroup", None)
+        if watch and (group is None or not watchdog.cover(os.path.dirname(group.path))):
+            _watch(proc)
         os.write(write_fd, b"go\n")
     except OSError as exc:
         # The shell is held at the gate, so it cannot have run anything: stop it.

@@ -8,6 +8,13 @@ whatever reason (SIGKILL included), the kernel closes the write end; the
 watchdog reads end-of-file and SIGKILLs every process group still
 registered, grandchildren included, then exits.
 
+A command held in a job cgroup (:mod:`obdask.payloads.cgroup`) sends no
+message: a watchdog started with :meth:`Watchdog.cover` also kills, at
+end-of-file, every process in the worker's ``obdask-<worker pid>-*`` cgroups
+(what left the process group with ``setsid`` too) and removes those cgroups.
+Each message woke the watchdog (two context switches per job); the sweep costs
+nothing until the worker dies.
+
 This replaces a per-command ``setpriv --pdeathsig`` exec (about 0.5 ms per
 command) with two small pipe writes, and it covers the whole process group
 where PDEATHSIG covered only the shell.
@@ -26,8 +33,9 @@ logger = logging.getLogger(__name__)
 
 # Runs in a bare interpreter (-S -I): no site, no obdask import, a few MB.
 WATCHDOG = r"""
-import os, signal, sys
+import os, signal, sys, time
 fd = int(sys.argv[1])
+root, owner = (sys.argv[2], sys.argv[3]) if len(sys.argv) > 3 else (None, None)
 groups = set()
 pending = b""
 while True:
@@ -49,6 +57,34 @@ for pgid in groups:
         os.killpg(pgid, signal.SIGKILL)
     except OSError:
         pass
+# Every process in the owner's job cgroups (obdask.payloads.cgroup), setsid'd ones too;
+# again until empty (a fork bomb forks between the read and the kill); then remove them.
+try:
+    names = os.listdir(root) if root else []
+except OSError:
+    names = []
+for name in names:
+    if not name.startswith("obdask-%s-" % owner):
+        continue
+    path = os.path.join(root, name)
+    for _ in range(500):
+        try:
+            with open(os.path.join(path, "cgroup.procs")) as f:
+                pids = [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
+            break
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.01)
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 """
 
 
@@ -61,18 +97,24 @@ class Watchdog:
         self._fd = -1
         self._proc: subprocess.Popen[bytes] | None = None
         self._at_exit = False
+        #: The cgroup folder whose ``obdask-<this pid>-*`` job cgroups the watchdog empties
+        #: when this process dies (None: process groups registered by message only).
+        self._root: str | None = None
 
-    def _start(self) -> None:
+    def _start(self, root: str | None = None) -> None:
         read_end, write_end = os.pipe()  # both non-inheritable by default
+        argv = [sys.executable, "-S", "-I", "-c", WATCHDOG, str(read_end)]
+        if root is not None:
+            argv += [root, str(os.getpid())]
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-S", "-I", "-c", WATCHDOG, str(read_end)],
+                argv,
                 pass_fds=(read_end,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
             )
         finally:
             os.close(read_end)
-        self._fd, self._pid = write_end, os.getpid()
+        self._fd, self._pid, self._root = write_end, os.getpid(), root
         if not self._at_exit:
             # Left to Popen.__del__ at shutdown, a watchdog still reading its pipe is
             # "ResourceWarning: subprocess N is still running"; closed here, it is waited.
@@ -84,7 +126,9 @@ class Watchdog:
             for _ in range(2):  # a dead watchdog is replaced once
                 if self._pid != os.getpid() or self._fd < 0:
                     try:
-                        self._start()
+                        # a watchdog first started for a job outside a cgroup (sandboxed,
+                        # say) still empties the cgroups: later jobs need no messages
+                        self._start(self._root if self._root is not None else _job_root())
                     except OSError as exc:
                         logger.warning("@cmd: cannot start the watchdog (%s)", exc)
                         return False
@@ -119,6 +163,30 @@ class Watchdog:
                     logger.warning("@cmd: the watchdog %d did not exit within %gs",
                                    proc.pid, timeout)
 
+    def cover(self, root: str) -> bool:
+        """Whether the watchdog empties this process's job cgroups under ``root`` when
+        this process dies; starts it so (or replaces a dead one) when it is not running.
+
+        A job held in such a cgroup needs no :meth:`watch`/:meth:`forget` message
+        (each one wakes the watchdog: two context switches per job), and its
+        setsid'd descendants die with the worker too.  False when the running
+        watchdog was started for process groups only: use :meth:`watch` then.
+        """
+        with self._lock:
+            alive = (self._pid == os.getpid() and self._fd >= 0 and self._proc is not None
+                     and self._proc.poll() is None)
+            if alive:
+                return self._root == root
+            if self._fd >= 0 and self._pid == os.getpid():
+                os.close(self._fd)  # a dead watchdog: start another
+            self._fd = -1
+            try:
+                self._start(root)
+            except OSError as exc:
+                logger.warning("@cmd: cannot start the watchdog (%s)", exc)
+                return False
+            return True
+
     def watch(self, pgid: int) -> bool:
         """Kill process group ``pgid`` if this process dies; False if unprotected."""
         return self._send(b"+%d\n" % pgid)
@@ -126,6 +194,16 @@ class Watchdog:
     def forget(self, pgid: int) -> None:
         """``pgid`` has been reaped: do not kill it (its id may be reused)."""
         self._send(b"-%d\n" % pgid)
+
+
+def _job_root() -> str | None:
+    """The cgroup folder this process makes its job cgroups in (None: none)."""
+    from obdask.payloads.cgroup import _parent  # late: the watchdog itself needs no config
+
+    try:
+        return _parent()
+    except OSError:
+        return None
 
 
 watchdog = Watchdog()
