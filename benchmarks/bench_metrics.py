@@ -10,8 +10,9 @@ because one environment cannot set the switch differently for two clusters).  Wo
 sample their host every ``--interval`` where the extension is (default: obdask's
 default, ``obdask.metrics.interval``, 5 s; ``0.5s`` is ten times the sample traffic),
 so it sees job and token records, samples and pressure checks as in production.  The
-runs alternate, ``repeat`` rounds of ``with``
-then ``without``, so the machine's load hits both alike; the ratio is of medians.
+runs alternate, ``repeat`` rounds of both sides, the first side of a round alternating
+too (ABBA), so the machine's load and what one run leaves behind hit both alike; the
+ratio is of medians.
 
 Two halves, on the same two clusters:
 
@@ -127,7 +128,9 @@ def compare(clients: dict[str, Any], work: Callable[[Any], None], per: int,
     got: dict[str, dict[str, list[float]]] = {
         side: {"cpu": [], "wall": [], "idle": [], "busy": []} for side in SIDES}
     for round_ in range(repeat + 1):
-        for side in SIDES:
+        # ABBA: the side that runs first in a round alternates, so what one run leaves
+        # behind (the other cluster winding down, the page cache) falls on both alike
+        for side in (SIDES if round_ % 2 else SIDES[::-1]):
             client = clients[side]
             start = scheduler_cpu_ns(client)
             time.sleep(IDLE)
