@@ -202,6 +202,7 @@ def _redact_record(value: Any, known: re.Pattern[str] | None) -> Any:
 
 
 def _strings(value: Any, out: list[str]) -> None:
+    # every string _redact_obj would mask, subclasses and named tuples included
     kind = type(value)
     if kind is str:
         out.append(value)
@@ -210,9 +211,11 @@ def _strings(value: Any, out: list[str]) -> None:
     elif kind is dict or isinstance(value, Mapping):
         for item in value.values():
             _strings(item, out)
-    elif kind is list or kind is tuple:
+    elif kind is list or kind is tuple or isinstance(value, (list, tuple)):
         for item in value:
             _strings(item, out)
+    elif isinstance(value, str):
+        out.append(str(value))
 
 
 # Exact types that never hold a secret: most fields of a record, passed without a call.

@@ -96,6 +96,21 @@ def test_records_are_searched_whole_then_string_by_string(monkeypatch):
     assert dirty[0]["stderr"] != got[1]["stderr"]  # the caller's record is left as it was
 
 
+def test_secrets_in_subclassed_strings_and_named_tuples_are_masked(monkeypatch):
+    """The record-wide first search sees every string _redact_obj would mask."""
+    from collections import namedtuple
+
+    class Text(str):
+        pass
+
+    monkeypatch.setenv("OLLAMA_API_KEY", ENV_SECRETS["OLLAMA_API_KEY"])
+    pair = namedtuple("pair", "name value")
+    record = {"a": Text(f"x {ENV_SECRETS['OLLAMA_API_KEY']}"),
+              "b": pair("n", f"y {ENV_SECRETS['OLLAMA_API_KEY']}")}
+    got = redact_obj(record)
+    assert got["a"] == f"x {MASK}" and got["b"][1] == f"y {MASK}"
+
+
 def test_log_records_of_obdask_loggers_are_redacted(caplog):
     with caplog.at_level(logging.DEBUG, logger="obdask"):
         logging.getLogger(f"obdask.made.later.{TAG}").warning(
