@@ -85,12 +85,18 @@ class _Chunk:
                since: float | None = None) -> list[dict[str, Any]]:
         """Records from the ``skip``-th on, of ``plan``, finished at or after ``since``."""
         if self.rows is not None and columns is None:  # plain records: as they came
-            return [dict(r) for r in self.rows[skip:]
-                    if (plan is None or r.get("plan") == plan)
-                    and (since is None or (r.get("finished") or 0) >= since)]
+            return [dict(r) for r in self._plain(skip, plan, since)]
         got = self.columns(skip, columns, plan, since)
         names = list(got)
         return [dict(zip(names, values, strict=True)) for values in zip(*got.values(), strict=True)]
+
+    def _plain(self, skip: int, plan: str | None, since: float | None
+               ) -> list[dict[str, Any]]:
+        """The plain records from the ``skip``-th on, of ``plan``, since ``since``."""
+        assert self.rows is not None
+        return [r for r in self.rows[skip:]
+                if (plan is None or r.get("plan") == plan)
+                and (since is None or (r.get("finished") or 0) >= since)]
 
     def columns(self, skip: int = 0, columns: list[str] | None = None,
                 plan: str | None = None, since: float | None = None) -> dict[str, list[Any]]:
@@ -100,9 +106,7 @@ class _Chunk:
         two of fifteen), which is most of the cost of a read.
         """
         if self.rows is not None:
-            plain = [r for r in self.rows[skip:]
-                     if (plan is None or r.get("plan") == plan)
-                     and (since is None or (r.get("finished") or 0) >= since)]
+            plain = self._plain(skip, plan, since)
             names = columns if columns is not None else list(
                 dict.fromkeys(k for r in plain for k in r))
             return {c: [r.get(c) for r in plain] for c in names}
@@ -253,6 +257,19 @@ class JobTable:
                 self._skip += excess
 
     # -- reads --------------------------------------------------------------------
+    def _newest_first(self, plan: str | None, since: float | None
+                      ) -> Iterator[tuple[_Chunk, int]]:
+        """``(chunk, records to skip)`` newest first, but chunks that cannot match:
+        of other plans, or all finished before ``since``."""
+        chunks = list(self._chunks)
+        for i in range(len(chunks) - 1, -1, -1):
+            chunk = chunks[i]
+            if plan is not None and chunk.plans is not None and plan not in chunk.plans:
+                continue
+            if since is not None and chunk.last is not None and chunk.last < since:
+                continue
+            yield chunk, (self._skip if i == 0 else 0)
+
     def read(self, since: float | None = None, limit: int | None = None,
              plan: str | None = None, columns: Iterable[str] | None = None
              ) -> list[dict[str, Any]]:
@@ -265,14 +282,8 @@ class JobTable:
             return []
         cols = list(columns) if columns is not None else None
         out: list[dict[str, Any]] = []
-        chunks = list(self._chunks)
-        for i in range(len(chunks) - 1, -1, -1):
-            chunk = chunks[i]
-            if plan is not None and chunk.plans is not None and plan not in chunk.plans:
-                continue
-            if since is not None and chunk.last is not None and chunk.last < since:
-                continue
-            out.extend(reversed(chunk.select(self._skip if i == 0 else 0, cols, plan, since)))
+        for chunk, skip in self._newest_first(plan, since):
+            out.extend(reversed(chunk.select(skip, cols, plan, since)))
             if limit is not None and len(out) >= int(limit):
                 del out[int(limit):]
                 break
@@ -291,16 +302,10 @@ class JobTable:
         parts: list[dict[str, list[Any]]] = []
         count = 0
         wanted = None if limit is None else max(0, int(limit))
-        chunks = list(self._chunks)
-        for i in range(len(chunks) - 1, -1, -1):
+        for chunk, skip in self._newest_first(plan, since):
             if wanted is not None and count >= wanted:
                 break
-            chunk = chunks[i]
-            if plan is not None and chunk.plans is not None and plan not in chunk.plans:
-                continue
-            if since is not None and chunk.last is not None and chunk.last < since:
-                continue
-            part = chunk.columns(self._skip if i == 0 else 0, cols, plan, since)
+            part = chunk.columns(skip, cols, plan, since)
             parts.append(part)
             count += len(part[cols[0]]) if cols else 0
         out: dict[str, list[Any]] = {c: [] for c in cols}
