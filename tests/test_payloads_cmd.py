@@ -200,6 +200,27 @@ def test_environment_is_reduced(tmp_path):
     assert "SECRET_TOKEN=s3cr3t" in res.stdout.decode().splitlines()
 
 
+def test_the_worker_environment_is_read_as_it_is_now(tmp_path, monkeypatch):
+    """The allowlisted variables of os.environ are cached; a change (new value, new
+    variable, one removed, another allowlist) must reach the next command."""
+    def env_of(**kwargs):
+        res = run_command("env", str(tmp_path), **kwargs)
+        return dict(line.split("=", 1) for line in res.stdout.decode().splitlines()
+                    if "=" in line)
+
+    monkeypatch.setenv("LANG", "C.first")
+    monkeypatch.delenv("TZ", raising=False)
+    assert env_of()["LANG"] == "C.first" and "TZ" not in env_of()
+    monkeypatch.setenv("LANG", "C.second")
+    monkeypatch.setenv("TZ", "UTC")
+    assert (env_of()["LANG"], env_of()["TZ"]) == ("C.second", "UTC")
+    monkeypatch.delenv("LANG")
+    assert "LANG" not in env_of()
+    assert set(env_of(env_allowlist=["PATH", "TZ"])) - {"PWD"} == {"PATH", "TZ"}  # sh sets PWD
+    first = env_of(extra_env={"OBDASK_JOB": "j1"})  # the cached dict is never handed out
+    assert first["OBDASK_JOB"] == "j1" and "OBDASK_JOB" not in env_of()
+
+
 def test_timeout_kills_whole_process_group(tmp_path):
     command = "sh -c 'sleep 300 & echo $! > pid; sleep 300'"
     start = time.monotonic()

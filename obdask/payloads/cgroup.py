@@ -136,9 +136,10 @@ class JobGroup:
 
 def create() -> JobGroup | None:
     """A new job cgroup, or None when ``obdask.cmd.pids-max`` is null or cgroups are unavailable."""
-    if config.get("cmd.pids-max") is None:
+    raw = config.get("cmd.pids-max")
+    if raw is None:
         return None
-    limit = config.get_int("cmd.pids-max", minimum=1)
+    limit = config.get_int("cmd.pids-max", raw, minimum=1)  # one config lookup a job
     parent = _parent()
     if parent is None:
         return None
