@@ -179,13 +179,17 @@ class RunStore:
             write_atomic(self.fs, path, json.dumps(redact_obj(record), default=str).encode(),
                          local=self._local)
 
-    def write_records(self, records: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    def write_records(self, records: list[dict[str, Any]], summary: dict[str, Any],
+                      redacted: bool = False) -> str:
         """Write the per-job lines and the summary; returns the records location.
 
         Each file is written whole or not at all (:func:`write_atomic`); the
         summary comes last, so a run with a summary has complete records.
+        ``redacted=True``: the records were just masked (:func:`redact_all`) by
+        the caller; the summary always is here.
         """
-        lines = "".join(json.dumps(r, default=str) + "\n" for r in redact_all(records))
+        lines = "".join(json.dumps(r, default=str) + "\n"
+                        for r in (records if redacted else redact_all(records)))
         with store_errors("records", self.url, "write"):
             self.fs.makedirs(self.root, exist_ok=True)
             write_atomic(self.fs, posixpath.join(self.root, "records.jsonl"), lines.encode(),

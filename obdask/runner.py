@@ -217,7 +217,8 @@ async def _finish(client: Client, running: _Running, progress: Progress | None) 
         duration = time.time() - running.started
         summary = summarize(plan, ctx, outcomes, duration)
         summary["span"] = running.span_id
-        location = await asyncio.to_thread(ctx.records.write_records, outcomes, summary)
+        location = await asyncio.to_thread(ctx.records.write_records, outcomes, summary,
+                                           redacted=True)  # collect() redacted them
     finally:
         await asyncio.to_thread(running.lock.release)
     return RunResult(plan_id=plan.plan_id, run_id=ctx.run_id, records=outcomes,

@@ -212,3 +212,20 @@ def test_run_records_are_written_with_one_lookup_of_the_known_secrets(tmp_path, 
     text = (Path(store.root) / "records.jsonl").read_text()
     assert text.count(MASK) == 50 and _leaks(text) == []
     assert len(calls) == 2  # the records, the summary
+
+
+def test_records_already_masked_are_written_without_a_second_pass(tmp_path, monkeypatch):
+    """A run's records come masked from collect(); ``redacted=True`` writes them as they
+    are (the summary is still masked), the default masks them."""
+    from obdask.records import RunStore
+
+    monkeypatch.setenv("OLLAMA_API_KEY", ENV_SECRETS["OLLAMA_API_KEY"])
+    secret = ENV_SECRETS["OLLAMA_API_KEY"]
+    records = [{"key": "p::a", "step": "a", "error": f"saw {secret}"}]
+    summary = {"ok": False, "note": f"saw {secret}"}
+    for redacted, expected in ((True, 1), (False, 0)):
+        store = RunStore(str(tmp_path), "p", f"r{int(redacted)}")
+        store.write_records(records, summary, redacted=redacted)
+        lines = (Path(store.root) / "records.jsonl").read_text()
+        assert lines.count(secret) == expected, lines
+        assert secret not in (Path(store.root) / "summary.json").read_text()
