@@ -413,3 +413,45 @@ def test_free_slots_answered_by_the_scheduler_in_one_call(llm_cluster):
     assert _free_slots([sem.name]) == [3]
     assert "obdask-never-registered" not in client.run_on_scheduler(
         lambda dask_scheduler: list(dask_scheduler.extensions["semaphores"].leases))
+
+
+def test_one_thread_per_process_waits_on_the_scheduler_for_a_slot(llm_cluster):
+    """distributed's semaphore wakes every waiter on each release (each then re-arms a
+    timeout): with many threads of a process waiting there, the scheduler's CPU per
+    model call grew with the queue.  The threads of one process wait in line locally;
+    only the first of them waits on the scheduler, and every one gets a lease in turn."""
+    import threading
+    import time
+
+    from obdask.llm.pool import _acquire, slot_semaphore
+
+    client = llm_cluster
+    with client.as_current():
+        sem = slot_semaphore("http://127.0.0.1:9/funnel", "m", leases=1)
+        name = sem.name
+        assert _acquire(sem, "u", "m", 5)  # the only lease: everyone else waits
+        got: list[int] = []
+
+        def wait(i: int) -> None:
+            with client.as_current():
+                if _acquire(sem, "u", "m", 60):
+                    got.append(i)
+                    sem.release()
+
+        threads = [threading.Thread(target=wait, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+
+        def pending(dask_scheduler, name=name):
+            return dask_scheduler.extensions["semaphores"].metrics["pending"][name]
+
+        deadline = time.monotonic() + 10
+        while client.run_on_scheduler(pending) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # time enough for every thread to reach the scheduler, were it so
+        waiting = client.run_on_scheduler(pending)
+        sem.release()
+        for t in threads:
+            t.join(30)
+    assert waiting == 1
+    assert sorted(got) == list(range(8))

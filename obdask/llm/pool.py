@@ -231,9 +231,14 @@ def slot_semaphore(url: str, model: str, leases: int | None = None) -> Any:
         return sem
 
 
+_funnels: dict[str, threading.Lock] = {}
+
+
 def _acquire(sem: Any, url: str, model: str, timeout: float | None) -> bool:
     try:
-        return bool(sem.acquire(timeout=timeout))
+        if isinstance(sem, _LocalSlot) or (timeout is not None and timeout <= 0):
+            return bool(sem.acquire(timeout=timeout))
+        return _acquire_in_line(sem, timeout)
     except ValueError as exc:
         if "Inconsistent max leases" in str(exc):
             raise ConfigError(
@@ -241,6 +246,28 @@ def _acquire(sem: Any, url: str, model: str, timeout: float | None) -> bool:
                 "set the same obdask.llm.slots on every worker and client"
             ) from exc
         raise
+
+
+def _acquire_in_line(sem: Any, timeout: float | None) -> bool:
+    """A blocking ``acquire`` of a Dask semaphore, one waiting thread per process.
+
+    distributed's semaphore extension wakes every waiting acquire on each release,
+    and each re-arms its timeout: with many threads of many workers waiting, the
+    scheduler's CPU per model call grew with the queue (about 10 ms a call with
+    128 calls queued on 32 endpoints).  Threads of this process wait in line on a
+    local lock; only the one at its head waits on the scheduler, so a release
+    wakes at most one waiter per process.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with _sem_lock:
+        line = _funnels.setdefault(str(getattr(sem, "name", id(sem))), threading.Lock())
+    if not line.acquire(timeout=-1 if deadline is None else max(0.0, deadline - time.monotonic())):
+        return False
+    try:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return bool(sem.acquire(timeout=left))
+    finally:
+        line.release()
 
 
 class EndpointPool:
@@ -585,6 +612,7 @@ def reset_pools() -> None:
             if callback is not None:
                 callback.stop()
         _dask_semaphores.clear()
+        _funnels.clear()
 
 
 def resolve_model(role_or_model: str) -> str:
