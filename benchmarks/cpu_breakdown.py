@@ -131,6 +131,8 @@ def measure(jobs: int, shape: str, repeat: int) -> dict[str, Any]:
         "cpu_total_ms_per_job": sum(per_process.values()),
         "floor_wall_ms_per_job": slope(floor_runs["big"], floor_runs["small"], "wall", n),
         "floor_cpu_ms_per_job": slope(floor_runs["big"], floor_runs["small"], "cpu", n),
+        # each run's seconds (wall, and CPU per process / the floor's pool in all)
+        "runs": runs, "floor_runs": floor_runs,
     }
 
 

@@ -79,7 +79,12 @@ def test_cpu_breakdown(tmp_path):
     # the workers' own CPU and their jobs' shells are measured apart
     assert {"worker0", "worker0 reaped children", "client+scheduler"} <= set(
         data["cpu_ms_per_job"])
-    assert data["floor_cpu_ms_per_job"] > 0
+    # a slope between two small sizes can come out near zero or below (CI saw it for the
+    # client): the runs themselves are what must have been measured
+    assert all(run["cpu"] > 0 and run["wall"] > 0 for size in ("big", "small")
+               for run in data["floor_runs"][size])
+    assert all(sum(v for k, v in run.items() if k.endswith("reaped children")) > 0
+               for run in data["runs"]["big"])  # the jobs' shells, on either worker
 
 
 def test_bench_scale(tmp_path):
