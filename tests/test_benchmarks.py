@@ -136,3 +136,23 @@ def test_scheduler_cpu_is_read_in_nanoseconds(cluster_client):
     cluster_client.run_on_scheduler(spin)
     spent = scheduler_cpu_ns(cluster_client) - before
     assert spent >= 2_000_000 and spent % 1_000_000, spent  # a tick count is whole ms
+
+
+def test_the_fleet_serves_from_a_process_of_its_own():
+    """The scaling simulation's test servers do not run in the process whose CPU it
+    reports as the scheduler's (nor share its GIL)."""
+    import os
+    import urllib.request
+
+    from benchmarks.scaling import Fleet
+
+    fleet = Fleet(2, 1, 0.01)
+    try:
+        assert len(set(fleet.urls)) == 2 and fleet.process.pid != os.getpid()
+        for url in fleet.urls:
+            with urllib.request.urlopen(f"{url}/api/tags", timeout=10) as reply:
+                assert reply.status == 200 and b"models" in reply.read()
+        assert fleet.cpu() > 0
+    finally:
+        fleet.stop()
+    assert not fleet.process.is_alive()
