@@ -231,7 +231,7 @@ def slot_semaphore(url: str, model: str, leases: int | None = None) -> Any:
         return sem
 
 
-_funnels: dict[str, threading.Lock] = {}
+_funnels: dict[int, threading.Lock] = {}  # id(semaphore) -> its local line
 
 
 def _acquire(sem: Any, url: str, model: str, timeout: float | None) -> bool:
@@ -252,15 +252,15 @@ def _acquire_in_line(sem: Any, timeout: float | None) -> bool:
     """A blocking ``acquire`` of a Dask semaphore, one waiting thread per process.
 
     distributed's semaphore extension wakes every waiting acquire on each release,
-    and each re-arms its timeout: with many threads of many workers waiting, the
-    scheduler's CPU per model call grew with the queue (about 10 ms a call with
-    128 calls queued on 32 endpoints).  Threads of this process wait in line on a
-    local lock; only the one at its head waits on the scheduler, so a release
-    wakes at most one waiter per process.
+    and each re-arms its timeout and tries again: a queue of N waiting threads cost
+    the scheduler N wake-ups per release.  Threads of this process wait in line on
+    a local lock (one per semaphore object: per client or worker, endpoint and
+    model); only the one at its head waits on the scheduler, so a release wakes
+    at most one waiter per process.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     with _sem_lock:
-        line = _funnels.setdefault(str(getattr(sem, "name", id(sem))), threading.Lock())
+        line = _funnels.setdefault(id(sem), threading.Lock())
     if not line.acquire(timeout=-1 if deadline is None else max(0.0, deadline - time.monotonic())):
         return False
     try:
