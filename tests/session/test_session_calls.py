@@ -12,15 +12,21 @@ from obdask.session.api import Session
 from tests.session.scripted import FULL
 
 
-def _session_rows(client, sid, expected, timeout=10.0):
-    """The token records of the calls of session ``sid`` (workers send them in batches)."""
+def _session_rows(client, sid, complete, timeout=10.0):
+    """The token records of the calls of session ``sid``, once ``complete(rows)`` holds
+    (workers send them in batches: a count of all rows can be reached while one
+    process's record is still on its way, when the orchestrator made a call more)."""
     deadline = time.monotonic() + timeout
     while True:
         frame = metrics.tokens(client)
         rows = frame[frame["job"].fillna("").str.startswith(f"session:{sid}:")]
-        if len(rows) >= expected or time.monotonic() > deadline:
+        if complete(rows) or time.monotonic() > deadline:
             return rows
         time.sleep(0.2)
+
+
+def _processes(rows):
+    return rows[~rows["job"].str.contains(":orchestrate-|:answer-")]
 
 
 def test_every_call_of_a_session_carries_its_id(cluster, model):
@@ -29,10 +35,11 @@ def test_every_call_of_a_session_carries_its_id(cluster, model):
     assert final["flow_code"] == FULL
     record = s.record()
     calls = len(record.tokens)  # the processes' calls; the orchestrator's come on top
-    rows = _session_rows(cluster, s.id, calls + 15)
+    rows = _session_rows(cluster, s.id,
+                         lambda r: len(r) >= calls + 15 and len(_processes(r)) >= calls)
     assert len(rows) >= calls + 15
     assert (rows["session"] == s.id).all(), rows[["job", "session"]]
-    processes = rows[~rows["job"].str.contains(":orchestrate-|:answer-")]
+    processes = _processes(rows)
     assert len(processes) == calls == 15
     assert sorted(processes["schedule"] + processes["process"]) == sorted(
         snap.position for snap in record.snapshots)
