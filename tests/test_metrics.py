@@ -131,8 +131,10 @@ def test_token_sums_equal_test_server_counts(tmp_path, cluster):
     assert not raw["respent"].any()
     by_minute = metrics.tokens(client, by="time")
     assert by_minute["total_tokens"].sum() == by_model["total_tokens"].sum()
-    # The job records of model steps name their model and kind.
-    jobs = metrics.jobs(client)
+    # The job records of model steps name their model and kind (a job's record leaves
+    # its worker after its calls' token records: maybe in a later batch).
+    jobs = wait_for(lambda: metrics.jobs(client),
+                    lambda f: (f["run_id"] == result.run_id).sum() == 3)
     mine = jobs[jobs["run_id"] == result.run_id].set_index("step")
     assert mine.loc["c", "model"] == "qwen2.5-coder:7b" and mine.loc["a", "kind"] == "model"
 
@@ -262,6 +264,9 @@ def test_prometheus_series_on_scheduler_metrics(tmp_path, cluster):
         assert result.ok, result.frame[["status", "error"]].to_dict("records")
         served = server.stats.calls_for("llama3.2:3b")
     wait_for(lambda: metrics.tokens(client), lambda f: len(f) > len(before))
+    # the job's record too (it may come in a later batch than its call's): /metrics and
+    # the frame below must see the same records
+    wait_for(lambda: metrics.jobs(client), lambda f: (f["run_id"] == result.run_id).any())
     url = lc.dashboard_link.replace("/status", "/metrics")
     text = urllib.request.urlopen(url, timeout=30).read().decode()
     host, port = server.url.split("//")[1].split(":")
