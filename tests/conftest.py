@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import shutil
@@ -21,6 +22,48 @@ EXECUTABLE_DIRS = [*dask.config.get("obdask.cmd.executable-dirs"),
                    os.path.dirname(sys.executable)]
 dask.config.set({"obdask.cmd.executable-dirs": EXECUTABLE_DIRS})
 os.environ["DASK_OBDASK__CMD__EXECUTABLE_DIRS"] = repr(EXECUTABLE_DIRS)
+
+
+# A test that outlives its pytest-timeout by this much is stuck where the timeout's
+# signal cannot end it (a thread that never lets the main thread run, a teardown that
+# waits forever): every thread's stack is written to stderr and the run exits, so a hang
+# shows where it is and fails the run at once instead of eating CI's whole time limit.
+WATCHDOG_GRACE = float(os.environ.get("OBDASK_TEST_WATCHDOG_GRACE", "300"))
+_watchdog_fd: list[int] = []
+
+
+def pytest_configure(config):
+    # Output capture is suspended while plugins configure: this is the real stderr.
+    _watchdog_fd.append(os.dup(sys.stderr.fileno()))
+
+
+def pytest_unconfigure(config):
+    if _watchdog_fd:
+        os.close(_watchdog_fd.pop())
+
+
+def _timeout_of(item) -> float:
+    """The item's pytest-timeout limit: its marker, else --timeout, else the ini's."""
+    marker = item.get_closest_marker("timeout")
+    if marker is not None and marker.args:
+        return float(marker.args[0] or 0)
+    value = item.config.getoption("timeout", None)
+    if value is None:
+        value = item.config.getini("timeout")
+    return float(value or 0)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    limit = _timeout_of(item)
+    # pytest's own faulthandler_timeout, when set, owns faulthandler's one timer.
+    if limit <= 0 or not _watchdog_fd or float(item.config.getini("faulthandler_timeout") or 0):
+        return (yield)
+    faulthandler.dump_traceback_later(limit + WATCHDOG_GRACE, exit=True, file=_watchdog_fd[0])
+    try:
+        return (yield)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="module")
