@@ -13,6 +13,8 @@ import uuid
 import dask
 import pytest
 
+from obdask.interpreter import guard_current_frames
+
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples")
 
 # Tests run the interpreter by its full path (sys.executable) in @cmd: lines: trust its
@@ -21,6 +23,11 @@ EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples")
 EXECUTABLE_DIRS = [*dask.config.get("obdask.cmd.executable-dirs"),
                    os.path.dirname(sys.executable)]
 dask.config.set({"obdask.cmd.executable-dirs": EXECUTABLE_DIRS})
+# The in-process clusters of the tests run Dask's profilers in this process (and the
+# timeout's stack dump calls sys._current_frames too): CPython 3.11's deadlock there
+# hung a test (obdask.interpreter).  obdask's plugins install the guard in their
+# processes; this process may run clusters without them.
+guard_current_frames()
 os.environ["DASK_OBDASK__CMD__EXECUTABLE_DIRS"] = repr(EXECUTABLE_DIRS)
 
 

@@ -82,6 +82,9 @@ class ObdaskPlugin(SchedulerPlugin):
 
     async def start(self, scheduler: Any) -> None:
         """Start every extension, register its handlers, install the worker plugin."""
+        from obdask.interpreter import guard_current_frames
+
+        guard_current_frames()  # the scheduler's profiler thread, on CPython 3.11
         self.scheduler = scheduler
         for name, factory in EXTENSIONS.items():
             if name == "metrics" and not dask.config.get("obdask.metrics.enabled", True):

@@ -120,8 +120,10 @@ class ObdaskWorkerPlugin(WorkerPlugin):
     async def setup(self, worker: Any) -> None:
         """Give every lane to a worker without lanes, start sampling, poll Ollama."""
         self.worker = worker
+        from obdask.interpreter import guard_current_frames
         from obdask.interrupts import settle_worker
 
+        guard_current_frames()  # the worker's profilers, on CPython 3.11 (gh-106883)
         settle_worker()  # an embedded cluster's worker: Ctrl-C is the client's to handle
         state = state_of(worker)
         if not worker_lanes(worker.state.total_resources):
