@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import sys
 import time
 
 import dask
@@ -12,6 +13,7 @@ import pytest
 from distributed import Client, Worker
 from distributed.utils_test import gen_cluster
 
+from obdask.interpreter import needs_guard
 from obdask.placement import warm_workers
 from obdask.preload.worker import dask_setup as worker_setup
 from obdask.server import NAME as PLUGIN_NAME
@@ -306,6 +308,12 @@ def test_cli_cluster_resources_and_plugin(cli_cluster):
     assert sorted(settings.values(), key=str) == sorted(
         [(None, None), ((2,), "http://127.0.0.1:9")], key=str
     )
+    if needs_guard():  # CPython 3.11: the profilers' sys._current_frames is guarded
+        def frames_module():
+            return sys._current_frames.__module__
+
+        assert set(client.run(frames_module).values()) == {"obdask.interpreter"}
+        assert client.run_on_scheduler(frames_module) == "obdask.interpreter"
     install(client)  # idempotent on a preloaded scheduler
     addr_b = next(a for a, w in client.scheduler_info()["workers"].items() if w["name"] == "wb")
     assert client.submit(report_warm, "clone", "git:/srv/r", workers=[addr_b]).result()

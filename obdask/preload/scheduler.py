@@ -29,6 +29,9 @@ async def dask_setup(scheduler: Any) -> None:
     """Install :class:`~obdask.server.ObdaskPlugin` on ``scheduler`` (runs its ``start``),
     and with ``obdask.sessions.auto-resume`` the plugin that resumes interrupted
     sessions when workers arrive (:mod:`obdask.session.autoresume`)."""
+    from obdask.interpreter import guard_current_frames
+
+    guard_current_frames()
     await scheduler.register_scheduler_plugin(ObdaskPlugin(), idempotent=True)
     logger.info("obdask: installed the scheduler plugin %r", ObdaskPlugin.name)
     if config.get_bool("sessions.auto-resume"):

@@ -142,6 +142,9 @@ async def dask_setup(
     """Run by distributed's preload machinery with the worker and the parsed options."""
     import sys
 
+    from obdask.interpreter import guard_current_frames
+
+    guard_current_frames()  # before the first task: the plugin installs it again, later
     if argv:
         ctx = dask_setup.make_context("dask_setup", shlex.split(argv))
         params = {k: v for k, v in ctx.params.items() if v is not None and k != "argv"}
