@@ -7,12 +7,12 @@ ends meanwhile takes the GIL and then waits for the thread-list lock: each waits
 other, for good (CPython gh-106883).  Dask calls ``sys._current_frames()`` every 10 ms
 in every worker and scheduler process (its statistical profilers) and registers a GC
 callback in them (``distributed.gc``), and obdask's drivers, writers and model calls
-start and end threads: a worker of the test suite hung so, every thread waiting for the
-GIL (seen with gdb on CPython 3.11.7, the interpreter CI runs).
+start and end threads: a test's in-process cluster hung so, every thread of the process
+waiting for the GIL (seen with gdb on CPython 3.11.7, the interpreter CI runs).
 
 CPython's fix pauses the collector during the call; :func:`guard_current_frames` does
-the same from Python where the interpreter may lack it.  obdask's scheduler plugin and
-worker plugin install it in their processes.
+the same from Python where the interpreter may lack it.  obdask's scheduler and worker
+plugins and its preloads install it in their processes.
 """
 
 from __future__ import annotations
