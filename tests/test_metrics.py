@@ -324,3 +324,17 @@ def test_scheduler_without_metrics_extension_gets_no_records(tmp_path, monkeypat
         assert set(client.scheduler_info()["workers"]) == workers  # no worker was dropped
         with pytest.raises(RuntimeError, match="does not answer obdask_metrics_jobs"):
             metrics.jobs(client)
+
+
+# ------------------------------------------------------------------ Dask's profiler
+def _profiling(dask_worker):
+    pc = dask_worker.periodic_callbacks.get("profile")
+    return pc is not None and pc.is_running()
+
+
+def test_obdask_workers_run_without_dasks_statistical_profiler(cluster):
+    """It samples every busy task thread 100 times a second: obdask's threads wait on
+    subprocesses and model calls, and sampling them cost a worker a quarter of a core
+    with 8 waiting threads and three quarters with 64 (benchmarks/bench_profiler.py)."""
+    _, client = cluster
+    assert set(client.run(_profiling).values()) == {False}

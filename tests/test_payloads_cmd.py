@@ -377,3 +377,30 @@ def test_check_length_refuses_before_running():
     check_length("echo " + "x" * (MAX_COMMAND_BYTES - 5))
     with pytest.raises(PayloadError, match="too long"):
         check_length("echo " + "x" * MAX_COMMAND_BYTES)
+
+
+# ------------------------------------------------------------------ the child's surroundings
+def test_an_inheritable_descriptor_of_the_worker_does_not_reach_the_job(tmp_path):
+    """``close_fds=True`` semantics: a descriptor the worker made inheritable (a
+    multiprocessing pipe, say) is closed in the job."""
+    read_end, write_end = os.pipe()
+    os.set_inheritable(write_end, True)
+    try:
+        res = run_command(f"test -e /proc/self/fd/{write_end} && echo leaked; true",
+                          str(tmp_path))
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert res.ok and res.stdout == b""
+
+
+def test_a_working_directory_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(PayloadError, match="working directory .*f'"):
+        run_command("true", str(tmp_path / "f"))
+
+
+def test_a_relative_shell_name_is_looked_up_in_the_jobs_path(tmp_path):
+    with dask.config.set({"obdask.cmd.shell": "sh"}):
+        res = run_command("echo $0", str(tmp_path))
+    assert res.ok and res.stdout == b"sh\n"

@@ -314,6 +314,9 @@ def test_cli_cluster_resources_and_plugin(cli_cluster):
 
         assert set(client.run(frames_module).values()) == {"obdask.interpreter"}
         assert client.run_on_scheduler(frames_module) == "obdask.interpreter"
+    # Dask's statistical profiler is off on obdask's workers (obdask.metrics.dask-profile)
+    assert set(client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
+               .values()) == {False}
     install(client)  # idempotent on a preloaded scheduler
     addr_b = next(a for a, w in client.scheduler_info()["workers"].items() if w["name"] == "wb")
     assert client.submit(report_warm, "clone", "git:/srv/r", workers=[addr_b]).result()

@@ -33,7 +33,7 @@ import dask
 import obdask.config as config
 from obdask.llm.pool import normalize_url
 from obdask.resources import LANE_PREFIX, detect_resources, lane_resources, parse_lanes
-from obdask.server.worker import advertise_endpoint, state_of
+from obdask.server.worker import advertise_endpoint, pause_dask_profiler, state_of
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +145,7 @@ async def dask_setup(
     from obdask.interpreter import guard_current_frames
 
     guard_current_frames()  # before the first task: the plugin installs it again, later
+    pause_dask_profiler(worker)  # before it samples anything (the plugin does it too)
     if argv:
         ctx = dask_setup.make_context("dask_setup", shlex.split(argv))
         params = {k: v for k, v in ctx.params.items() if v is not None and k != "argv"}

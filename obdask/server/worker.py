@@ -66,6 +66,8 @@ class WorkerState:
     #: Jobs with a timeout running here: ``job -> (started, timeout)`` (at most one per
     #: thread); each flush reports those past the warning fraction of their timeout.
     running: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: Dask's statistical profiler, taken off this worker (:func:`pause_dask_profiler`).
+    dask_profiler: Any = None
 
     def warm_keys(self) -> set[str]:
         """Locality keys this worker is warm for (clones reported, models loaded)."""
@@ -78,6 +80,42 @@ def state_of(worker: Any) -> WorkerState:
     if not isinstance(state, WorkerState):
         state = worker.extensions[EXTENSION] = WorkerState()
     return state
+
+
+#: Name of Dask's statistical profiler among a worker's periodic callbacks.
+DASK_PROFILER = "profile"
+
+
+def pause_dask_profiler(worker: Any) -> bool:
+    """Take Dask's statistical profiler off ``worker`` unless ``obdask.metrics.dask-profile``.
+
+    It samples the stack of every busy task thread 100 times a second (Dask's
+    dashboard "Profile" page).  obdask's task threads wait on subprocesses and model
+    calls: sampling them cost a worker a quarter of a core with 8 waiting threads
+    and three quarters with 64 (``benchmarks/bench_profiler.py``), and shows only
+    obdask waiting.
+    The callback is kept in the worker's state; :func:`resume_dask_profiler` puts it
+    back.  True when it is off.
+    """
+    if config.get_bool("metrics.dask-profile"):
+        return False
+    # Out of the worker's table, not only stopped: Dask starts every callback of the
+    # table that is not running when the worker registers.
+    pc = worker.periodic_callbacks.pop(DASK_PROFILER, None)
+    if pc is not None:
+        pc.stop()
+        state_of(worker).dask_profiler = pc
+        logger.debug("obdask: Dask's statistical profiler is off on %s", worker.address)
+    return state_of(worker).dask_profiler is not None
+
+
+def resume_dask_profiler(worker: Any) -> None:
+    """Put back and start the profiler :func:`pause_dask_profiler` took off."""
+    state = state_of(worker)
+    pc, state.dask_profiler = state.dask_profiler, None
+    if pc is not None and DASK_PROFILER not in worker.periodic_callbacks:
+        worker.periodic_callbacks[DASK_PROFILER] = pc
+        pc.start()
 
 
 def current_state() -> WorkerState | None:
@@ -125,6 +163,7 @@ class ObdaskWorkerPlugin(WorkerPlugin):
 
         guard_current_frames()  # the worker's profilers, on CPython 3.11 (gh-106883)
         settle_worker()  # an embedded cluster's worker: Ctrl-C is the client's to handle
+        pause_dask_profiler(worker)
         state = state_of(worker)
         if not worker_lanes(worker.state.total_resources):
             lanes = parse_lanes(dask.config.get("obdask.placement.lanes", None))
@@ -176,7 +215,8 @@ class ObdaskWorkerPlugin(WorkerPlugin):
         state.outbox.append(["sample", record])
 
     async def teardown(self, worker: Any) -> None:
-        """Stop sampling and polling and close the HTTP client."""
+        """Stop sampling and polling, close the HTTP client, give Dask its profiler back."""
+        resume_dask_profiler(worker)
         for name in ("obdask-metrics-sample", "obdask-metrics-flush"):
             pc = worker.periodic_callbacks.pop(name, None)
             if pc is not None:
