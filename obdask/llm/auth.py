@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import threading
 from functools import lru_cache
 from typing import Any
 
@@ -101,7 +102,12 @@ def _ssl_context() -> Any:
     clients and threads.  Keyed on ``SSL_CERT_FILE``/``SSL_CERT_DIR``, which
     httpx reads (``trust_env``), so changing them is still seen.
     """
-    return _ssl_context_for(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+    key = (os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+    with _context_lock:  # threads starting together build one, not one each
+        return _ssl_context_for(*key)
+
+
+_context_lock = threading.Lock()
 
 
 @lru_cache(maxsize=8)
