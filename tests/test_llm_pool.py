@@ -84,6 +84,26 @@ def test_endpoint_urls(monkeypatch):
         assert endpoint_urls("x:1,y:1") == ["http://z:1", "http://x:1", "http://y:1"]
 
 
+def test_a_call_over_many_endpoints_reads_the_slot_settings_once(monkeypatch):
+    """Per call, the work over K endpoints is one pass: with K = 200 (the fleet
+    simulation) reading ``obdask.llm.slots`` per endpoint, twice, and normalising and
+    de-duplicating the URL list in O(K^2) cost a worker milliseconds a call."""
+    from obdask.llm import pool as pool_mod
+
+    urls = [f"http://127.0.0.1:{20000 + i}" for i in range(200)]
+    assert endpoint_urls([*urls, *urls[:5]]) == urls  # duplicates dropped, order kept
+    looked_up = []
+    original = pool_mod.slots_for
+    monkeypatch.setattr(pool_mod, "slots_for", lambda m: looked_up.append(m) or original(m))
+    reset_pools()
+    try:
+        lease = get_pool(urls).acquire_slot(urls, "m1", timeout=5)  # process-local slots
+        lease.release()
+    finally:
+        reset_pools()
+    assert len(looked_up) == 1
+
+
 def test_slots_and_roles():
     assert slots_for("m1") == 1
     with dask.config.set({"obdask.llm.slots": 3, "obdask.llm.model-slots": {"big:70b": 1}}):

@@ -75,11 +75,10 @@ def endpoint_urls(
     if isinstance(endpoints, str):
         endpoints = endpoints.split(",")
     local = local if local is not None else config.get("llm.local-endpoint")
-    urls = [normalize_url(local)] if local else []
-    for e in endpoints:
-        if e and e.strip() and normalize_url(e) not in urls:
-            urls.append(normalize_url(e))
-    return urls or [DEFAULT_HOST]
+    # one pass: a fleet's list has hundreds of endpoints, and this runs once a call
+    urls = [normalize_url(e) for e in ([local] if local else []) + list(endpoints)
+            if e and e.strip()]
+    return list(dict.fromkeys(urls)) or [DEFAULT_HOST]
 
 
 def slots_for(model: str) -> int:
@@ -214,21 +213,33 @@ def slot_semaphore(url: str, model: str, leases: int | None = None) -> Any:
     """
     model = canonical_model(model)
     n = slots_for(model) if leases is None else leases
+    return _semaphores([url], model, n)[0][1]
+
+
+def _semaphores(urls: Sequence[str], model: str, leases: int) -> list[tuple[str, Any]]:
+    """``(url, slot_semaphore(url, model, leases))`` for each of ``urls``: one pass,
+    the Dask context and the lock taken once (a call may face hundreds of endpoints)."""
     kind, ctx = dask_context()
+    out: list[tuple[str, Any]] = []
     with _sem_lock:
         if kind == "local":
-            key = (url, model, n)
-            if key not in _local_semaphores:
-                _local_semaphores[key] = threading.BoundedSemaphore(n)
-            return _LocalSlot(_local_semaphores[key])
+            for url in urls:
+                key = (url, model, leases)
+                if key not in _local_semaphores:
+                    _local_semaphores[key] = threading.BoundedSemaphore(leases)
+                out.append((url, _LocalSlot(_local_semaphores[key])))
+            return out
         from distributed import Semaphore
 
-        ckey = (id(ctx), getattr(ctx, "address", None) or getattr(ctx, "id", None), url, model, n)
-        sem = _dask_semaphores.get(ckey)
-        if sem is None:
-            sem = Semaphore(max_leases=n, name=f"obdask-llm-{url}-{model}")
-            _dask_semaphores[ckey] = sem
-        return sem
+        where = (id(ctx), getattr(ctx, "address", None) or getattr(ctx, "id", None))
+        for url in urls:
+            ckey = (*where, url, model, leases)
+            sem = _dask_semaphores.get(ckey)
+            if sem is None:
+                sem = Semaphore(max_leases=leases, name=f"obdask-llm-{url}-{model}")
+                _dask_semaphores[ckey] = sem
+            out.append((url, sem))
+        return out
 
 
 _funnels: dict[int, threading.Lock] = {}  # id(semaphore) -> its local line
@@ -477,9 +488,11 @@ class EndpointPool:
     def _acquire_slot(self, urls: Sequence[str], model: str, timeout: float | None
                       ) -> SlotLease:
         deadline = None if timeout is None else time.monotonic() + timeout
-        sems = [(u, slot_semaphore(u, model)) for u in urls]
+        canonical = canonical_model(model)
+        slots = slots_for(canonical)  # read once a call, not once per endpoint
+        sems = _semaphores(urls, canonical, slots)
         if len(sems) > 1:
-            lease = self._acquire_gated(sems, model, timeout)
+            lease = self._acquire_gated(sems, model, timeout, slots)
             if lease is not None:
                 return lease
         while True:
@@ -500,7 +513,7 @@ class EndpointPool:
 
 
     def _acquire_gated(self, sems: list[tuple[str, Any]], model: str,
-                       timeout: float | None) -> SlotLease | None:
+                       timeout: float | None, slots: int) -> SlotLease | None:
         """Wait on one gate sized to the slots of all ``sems``, then take a free one.
 
         Every holder of an endpoint slot holds a gate lease, so a caller that got
@@ -509,8 +522,7 @@ class EndpointPool:
         another view of the slots); the caller falls back to polling.
         """
         urls = sorted(u for u, _ in sems)
-        total = sum(slots_for(model) for _ in urls)
-        gate = slot_semaphore("any:" + ",".join(urls), model, leases=total)
+        gate = slot_semaphore("any:" + ",".join(urls), model, leases=slots * len(urls))
         if not _acquire(gate, "any", model, timeout):
             raise TimeoutError(
                 f"no free slot for model {model!r} on {', '.join(urls)} within {timeout}s; "

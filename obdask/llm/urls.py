@@ -7,6 +7,7 @@ endpoints get ``OLLAMA_API_KEY``) both use it without importing each other.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 from obdask.exceptions import ConfigError
 
@@ -15,6 +16,7 @@ __all__ = ["normalize_url"]
 _HOSTPORT_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]*)(:[0-9]{1,5})?$")
 
 
+@lru_cache(maxsize=4096)  # every model call normalises its endpoint list (hundreds, a fleet)
 def normalize_url(host: str) -> str:
     """Turn ``host[:port]`` or a URL into ``scheme://host:port`` like the ollama client does.
 
