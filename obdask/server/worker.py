@@ -105,7 +105,8 @@ def pause_dask_profiler(worker: Any) -> bool:
     if pc is not None:
         pc.stop()
         state_of(worker).dask_profiler = pc
-        logger.debug("obdask: Dask's statistical profiler is off on %s", worker.address)
+        logger.debug("obdask: Dask's statistical profiler is off on worker %s",
+                     getattr(worker, "name", None))  # a preload's worker has no address yet
     return state_of(worker).dask_profiler is not None
 
 
