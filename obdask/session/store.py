@@ -173,7 +173,7 @@ class SessionStore(RecordReader):
                          session_id, recorded, epoch)
             return False
         meta.update(changes)
-        meta["epoch"] = max(recorded, epoch)
+        meta["epoch"] = epoch  # recorded <= epoch here
         meta["updated"] = wall_time()
         self._write(path, dumps(meta))
         if "flow_code" in changes:
