@@ -20,6 +20,7 @@ from click.testing import CliRunner
 import obdask
 from obdask import metrics
 from obdask.plan import Plan
+from obdask.server.worker import DASK_PROFILER
 from obdask.testing import OllamaTestServer
 
 
@@ -328,7 +329,7 @@ def test_scheduler_without_metrics_extension_gets_no_records(tmp_path, monkeypat
 
 # ------------------------------------------------------------------ Dask's profiler
 def _profiling(dask_worker):
-    pc = dask_worker.periodic_callbacks.get("profile")
+    pc = dask_worker.periodic_callbacks.get(DASK_PROFILER)
     return pc is not None and pc.is_running()
 
 

@@ -19,7 +19,7 @@ from obdask.preload.worker import dask_setup as worker_setup
 from obdask.server import NAME as PLUGIN_NAME
 from obdask.server import WORKER_PLUGIN_NAME, extension, install
 from obdask.server.locality import LocalityExtension
-from obdask.server.worker import report_warm, state_of
+from obdask.server.worker import DASK_PROFILER, report_warm, state_of
 from tests.cluster_utils import kill, spawn
 
 
@@ -315,7 +315,7 @@ def test_cli_cluster_resources_and_plugin(cli_cluster):
         assert set(client.run(frames_module).values()) == {"obdask.interpreter"}
         assert client.run_on_scheduler(frames_module) == "obdask.interpreter"
     # Dask's statistical profiler is off on obdask's workers (obdask.metrics.dask-profile)
-    assert set(client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
+    assert set(client.run(lambda dask_worker: DASK_PROFILER in dask_worker.periodic_callbacks)
                .values()) == {False}
     install(client)  # idempotent on a preloaded scheduler
     addr_b = next(a for a, w in client.scheduler_info()["workers"].items() if w["name"] == "wb")

@@ -86,7 +86,7 @@ def state_of(worker: Any) -> WorkerState:
 DASK_PROFILER = "profile"
 
 
-def pause_dask_profiler(worker: Any) -> bool:
+def pause_dask_profiler(worker: Any) -> None:
     """Take Dask's statistical profiler off ``worker`` unless ``obdask.metrics.dask-profile``.
 
     It samples the stack of every busy task thread 100 times a second (Dask's
@@ -95,10 +95,10 @@ def pause_dask_profiler(worker: Any) -> bool:
     and three quarters with 64 (``benchmarks/bench_profiler.py``), and shows only
     obdask waiting.
     The callback is kept in the worker's state; :func:`resume_dask_profiler` puts it
-    back.  True when it is off.
+    back.
     """
     if config.get_bool("metrics.dask-profile"):
-        return False
+        return
     # Out of the worker's table, not only stopped: Dask starts every callback of the
     # table that is not running when the worker registers.
     pc = worker.periodic_callbacks.pop(DASK_PROFILER, None)
@@ -107,7 +107,6 @@ def pause_dask_profiler(worker: Any) -> bool:
         state_of(worker).dask_profiler = pc
         logger.debug("obdask: Dask's statistical profiler is off on worker %s",
                      getattr(worker, "name", None))  # a preload's worker has no address yet
-    return state_of(worker).dask_profiler is not None
 
 
 def resume_dask_profiler(worker: Any) -> None:
