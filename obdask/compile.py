@@ -146,8 +146,12 @@ def fingerprint(step: Step) -> str:
             step.model]
     if step.network:  # only then: fingerprints of existing plans stay as they were
         what.append("network")
-    blob = json.dumps(what, sort_keys=True)
+    blob = _FINGERPRINT_JSON.encode(what)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+# json.dumps(what, sort_keys=True) builds an encoder a call; one encoder, the same text
+_FINGERPRINT_JSON = json.JSONEncoder(sort_keys=True)
 
 
 def checkout_of(step: Step, plan: Plan, by_id: Mapping[str, Step] | None = None) -> str | None:

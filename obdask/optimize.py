@@ -96,7 +96,11 @@ class Options:
 
 
 def _signature(ann: dict[str, Any]) -> str:
-    return json.dumps(ann, sort_keys=True, default=str)
+    return _SIGNATURE_JSON.encode(ann)
+
+
+# json.dumps(ann, sort_keys=True, default=str) builds an encoder a call: one, the same text
+_SIGNATURE_JSON = json.JSONEncoder(sort_keys=True, default=str)
 
 
 def optimize(compiled: CompiledPlan, annotate: Annotate, options: Options | None = None, *,
@@ -138,15 +142,18 @@ def optimize(compiled: CompiledPlan, annotate: Annotate, options: Options | None
     placed: set[str] = set()
     units: list[Unit] = []
     for job in jobs:  # topological order: a chain is found from its head
-        if job.key in placed:
+        key = job.key
+        if key in placed:
             continue
         chain = [job]
-        while options.fuse and len(dependents[chain[-1].key]) == 1:
-            nxt = runnable[dependents[chain[-1].key][0]]
+        while options.fuse and len(dependents[key]) == 1:
+            nxt = runnable[dependents[key][0]]
             if not links(chain[-1], nxt):
                 break
             chain.append(nxt)
-        placed.update(j.key for j in chain)
+            placed.add(key)
+            key = nxt.key
+        placed.add(key)
         units.append(Unit("chain" if len(chain) > 1 else "job", chain))
     if options.batch:
         units = _batched(units, deps, dependents, sig, local, options, threads, estimate)

@@ -114,4 +114,5 @@ def localities_policy(plan: Plan):
         return None
     steps_by_id = plan.steps_by_id
     files = bool(config.get("placement.file-locality"))
-    return lambda step: locality_keys(step, steps_by_id, base=plan.folder, files=files)
+    base = plan.folder  # a property that resolves the plan's path: once, not once a step
+    return lambda step: locality_keys(step, steps_by_id, base=base, files=files)

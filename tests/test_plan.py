@@ -197,6 +197,22 @@ def test_random_valid_plans_compile_to_the_declared_graph(dag):
     assert all(position[d] < position[k] for k, ds in graph.items() for d in ds)
 
 
+
+
+def test_step_fingerprints_stay_what_earlier_versions_recorded():
+    # --resume trusts a record only when its fingerprint matches the step's: a change
+    # in how fingerprints are computed would re-run every step of a resumed plan.
+    from obdask.compile import fingerprint
+
+    plan = Plan.from_text(
+        "- [ ] id=a lane=1 payload=@cmd:make all\n"
+        "- [ ] id=b lane=2 deps=a resources=VRAM:16GB,GPU:1 retries=1 payload=@cmd:pytest -q\n"
+        "- [ ] id=c lane=1 deps=b,a network=true payload=@cmd:curl -s https://example.org\n"
+        "- [ ] id=d lane=3 deps=a dedupe=k1 model=llama3 payload=@file:specs/x.md\n",
+        path="fp.md")
+    assert {s.id: fingerprint(s) for s in plan.steps} == {
+        "a": "111dfb494a9a90f5", "b": "1cd0d4d41ef75d72", "c": "40ab3c0dd93fa55e",
+        "d": "8da8040e104b9df8"}  # computed by 43875ba (json.dumps per step)
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet=st.sampled_from(list("- [x]id=lanepyload@cmdfile:#,\n .sha1deps"
                                              "retimouscg0129_eE+`~\ufeff\u0661\uff11")),
