@@ -136,6 +136,24 @@ async def _run(client: Client, plan: Plan, *, workspace: str | None, resume: boo
     return await _finish(client, running, progress)
 
 
+class _Phases:
+    """Seconds of each phase of a run in this process, in order (the summary's ``client_s``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._mark = time.perf_counter()
+
+    def end(self, name: str) -> None:
+        """The phase ``name`` ends now (and the next one starts)."""
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._mark, 4)
+        self._mark = now
+
+    def restart(self) -> None:
+        """The next phase starts now (the time since the last one is not a phase)."""
+        self._mark = time.perf_counter()
+
+
 @dataclass
 class _Running:
     """A submitted run between :func:`_start` and :func:`_finish`."""
@@ -150,6 +168,7 @@ class _Running:
     started: float
     lock: RunLock
     units: dict[str, Unit] = field(default_factory=dict)  # job key -> its fused/batched task
+    phases: _Phases = field(default_factory=_Phases)
 
 
 async def _start(client: Client, plan: Plan, *, workspace: str | None, resume: bool,
@@ -161,6 +180,7 @@ async def _start(client: Client, plan: Plan, *, workspace: str | None, resume: b
     ``optimized=False`` keeps one task per job (``obdask.submit``: one future per job).
     """
     started = time.time()
+    phases = _Phases()
     await install_plugins(client, plan)
     # Stores are read and written through fsspec, which blocks: never on the event loop.
     compiled, ctx = await asyncio.to_thread(
@@ -171,9 +191,12 @@ async def _start(client: Client, plan: Plan, *, workspace: str | None, resume: b
         compiled, ctx = await asyncio.to_thread(  # what the earlier run completed counts
             prepare, plan, workspace=workspace, resume=resume, artifacts=artifacts,
             records=records, run_id=ctx.run_id)
+    phases.end("prepare")
     try:
         placement = await place_on(client, compiled)
+        phases.end("place")
         units = await units_on(client, compiled, placement, priority, inputs, optimized)
+        phases.end("optimize")
         owner = await _claim_plan_id(client, plan, ctx)
     except BaseException:
         await asyncio.to_thread(lock.release)
@@ -193,18 +216,22 @@ async def _start(client: Client, plan: Plan, *, workspace: str | None, resume: b
         await _release_plan_id(client, plan, owner)
         await asyncio.to_thread(lock.release)
         raise
+    phases.end("submit")
     return _Running(plan, compiled, ctx, futures, span_id, owner, events, started, lock,
-                    {j.key: u for u in units if u.kind != "job" for j in u.jobs})
+                    {j.key: u for u in units if u.kind != "job" for j in u.jobs}, phases)
 
 
 async def _finish(client: Client, running: _Running, progress: Progress | None) -> RunResult:
     """Wait for a started run, collect its records, write them: the :class:`RunResult`."""
-    plan, ctx = running.plan, running.ctx
+    plan, ctx, phases = running.plan, running.ctx, running.phases
     try:
         try:
+            phases.restart()  # a PlanFuture's wait may begin well after its submit
             await wait_for_tasks(client, running.futures, progress)
+            phases.end("wait")
             outcomes = await collect(client, running.compiled, running.futures, ctx,
                                      running.events, running.units)
+            phases.end("collect")
             running.futures = {}
         except Exception as exc:
             if not scheduler_lost(client, exc):
@@ -217,6 +244,7 @@ async def _finish(client: Client, running: _Running, progress: Progress | None) 
         duration = time.time() - running.started
         summary = summarize(plan, ctx, outcomes, duration)
         summary["span"] = running.span_id
+        summary["client_s"] = phases.seconds
         location = await asyncio.to_thread(ctx.records.write_records, outcomes, summary,
                                            redacted=True)  # collect() redacted them
     finally:

@@ -87,6 +87,23 @@ def test_cpu_breakdown(tmp_path):
                for run in data["runs"]["big"])  # the jobs' shells, on either worker
 
 
+def test_run_phases(tmp_path):
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "run_phases.py"), "--jobs", "20,60",
+                           "--repeat", "1", "--toggle", "obdask.optimize.batch",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert list(data["sizes"]) == ["20 batch=False", "20 batch=True", "60 batch=False",
+                                   "60 batch=True"]
+    for row in data["sizes"].values():
+        assert list(row)[:8] == ["parse", "prepare", "place", "optimize", "submit", "wait",
+                                 "collect", "write"]
+        assert row["wait"] > 0 and row["total"] >= row["wait"]
+    assert set(data["serial_ms_per_job"]) == {"20 batch=False", "20 batch=True"}
+
+
 def test_bench_scale(tmp_path):
     data = _run("bench_scale.py", "--sizes", "40,80", "--saturation", "1.1,inf",
                 tmp_path=tmp_path)

@@ -58,6 +58,19 @@ def test_quickstart_applies_and_records(quickstart, cluster_client):
     assert out.strip() == b"1 build/out.txt"
 
 
+def test_the_summary_says_where_the_clients_time_went(tmp_path, cluster_client):
+    plan = write_plan(tmp_path, "- [ ] id=a lane=1 payload=@cmd:sleep 0.3\n"
+                                "- [ ] id=b lane=1 deps=a payload=@cmd:true\n")
+    result = obdask.run(plan, cluster_client)
+    phases = result.summary["client_s"]
+    assert list(phases) == ["prepare", "place", "optimize", "submit", "wait", "collect"]
+    assert all(seconds >= 0 for seconds in phases.values())
+    assert phases["wait"] >= 0.3  # the jobs ran while the client waited
+    assert sum(phases.values()) <= result.summary["duration_s"]
+    with open(os.path.join(result.location, "summary.json")) as f:
+        assert json.load(f)["client_s"] == phases
+
+
 def test_failure_stops_only_dependents(tmp_path, cluster_client):
     plan = write_plan(tmp_path, (
         "- [ ] id=ok1 lane=1 payload=@cmd:echo one > one.txt\n"
