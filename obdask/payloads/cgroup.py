@@ -92,6 +92,10 @@ class JobGroup:
                 pass
             pids = self.pids()
         deadline = time.monotonic() + 5.0
+        # What is left is mostly exiting already (a sandbox's PID-namespace init outlives
+        # bwrap's outer process by a fraction of a millisecond): look again soon, then
+        # less and less often (a fork bomb takes longer)
+        delay = 0.0002
         while True:
             for pid in pids:
                 try:
@@ -103,7 +107,8 @@ class JobGroup:
                 return
             if sig != signal.SIGKILL or time.monotonic() > deadline:
                 return
-            time.sleep(0.005)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.005)
             pids = self.pids()
 
     def release(self) -> None:
