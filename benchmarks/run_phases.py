@@ -38,9 +38,11 @@ from benchmarks.common import (  # noqa: E402
     shape_edges,
     write_plan,
 )
-from benchmarks.suite import configure  # noqa: E402
+from benchmarks.suite import configure, run_ok  # noqa: E402
 
 SETTINGS = {**NO_SANDBOX, **OPTIMIZE_ON}
+#: The phases in which no job runs (``wait`` is the jobs' time).
+SERIAL = ("parse", "prepare", "place", "optimize", "submit", "collect", "write")
 
 
 def one_run(client: Any, path: str) -> dict[str, float]:
@@ -50,11 +52,8 @@ def one_run(client: Any, path: str) -> dict[str, float]:
     start = time.perf_counter()
     plan = obdask.Plan.from_file(path)
     parsed = time.perf_counter()
-    with client.as_current():
-        result = obdask.run(plan, client)
+    result = run_ok(client, plan)
     elapsed = time.perf_counter() - parsed
-    if not result.ok:
-        raise RuntimeError(f"{path}: the run failed: {result.summary['counts']}")
     return {"parse": parsed - start, **result.summary["client_s"],
             "write": elapsed - result.summary["duration_s"], "total": elapsed + parsed - start}
 
@@ -75,11 +74,20 @@ def measure(sizes: list[int], shape: str, repeat: int, toggle: str | None = None
             for n, value in cases:
                 with dask.config.set({toggle: value} if toggle else {}):
                     runs[n, value].append(one_run(client, paths[n]))
-        for (n, value), rows in runs.items():
-            label = str(n) if value is None else f"{n} {toggle.rsplit('.', 1)[-1]}={value}"
-            out["sizes"][label] = {phase: statistics.median(r[phase] for r in rows) * 1e3
-                                   for phase in rows[0]}
-            out["sizes"][label]["total mean"] = statistics.mean(r["total"] for r in rows) * 1e3
+
+    def label(n: int, value: bool | None) -> str:
+        return str(n) if value is None else f"{n} {str(toggle).rsplit('.', 1)[-1]}={value}"
+
+    for (n, value), rows in runs.items():
+        row = {phase: statistics.median(r[phase] for r in rows) * 1e3 for phase in rows[0]}
+        row["total mean"] = statistics.mean(r["total"] for r in rows) * 1e3
+        out["sizes"][label(n, value)] = row
+    if len(sizes) > 1:  # per switch position: the serial phases' slope between the sizes
+        out["serial_ms_per_job"] = {}
+        for value in dict.fromkeys(value for _, value in cases):
+            small, big = out["sizes"][label(sizes[0], value)], out["sizes"][label(sizes[-1], value)]
+            out["serial_ms_per_job"][label(sizes[0], value)] = sum(
+                big[p] - small[p] for p in SERIAL) / (sizes[-1] - sizes[0])
     return out
 
 
@@ -100,15 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'jobs':>{width}} " + " ".join(f"{p:>10}" for p in phases))
     for label, row in res["sizes"].items():
         print(f"  {label:>{width}} " + " ".join(f"{row[p]:10.1f}" for p in phases))
-    labels = list(res["sizes"])
-    step = 2 if args.toggle else 1
-    for first in range(step if len(sizes) > 1 else 0):  # each switch position apart
-        small, big = res["sizes"][labels[first]], res["sizes"][labels[-step + first]]
-        serial = [p for p in phases if p not in ("wait", "total", "total mean")]
-        slope = sum(big[p] - small[p] for p in serial) / (sizes[-1] - sizes[0])
-        res.setdefault("serial_ms_per_job", {})[labels[first]] = slope
-        print(f"  serial phases at the margin: {slope:.3f} ms/job (between {labels[first]} "
-              f"and {labels[-step + first]})")
+    for small, slope in res.get("serial_ms_per_job", {}).items():
+        print(f"  serial phases at the margin: {slope:.3f} ms/job (from {small} to "
+              f"{sizes[-1]} jobs)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

@@ -55,18 +55,23 @@ def configure(client: Any, settings: dict[str, Any]) -> None:
 
 def run_obdask(client: Any, path: str, settings: dict[str, Any]) -> float:
     """Seconds of one ``obdask.run`` of ``path`` with ``settings`` everywhere."""
-    import obdask
-
     configure(client, settings)
     start = time.perf_counter()
+    run_ok(client, path)
+    return time.perf_counter() - start
+
+
+def run_ok(client: Any, plan: Any) -> Any:
+    """``obdask.run(plan, client)``'s result; a failed run raises (a benchmark's error)."""
+    import obdask
+
     # as_current: obdask.run waits through distributed.wait, which takes the default
     # client; with two clusters up (metrics section) that must be this one.
     with client.as_current():
-        result = obdask.run(path, client)
-    elapsed = time.perf_counter() - start
+        result = obdask.run(plan, client)
     if not result.ok:
-        raise RuntimeError(f"{path}: the run failed: {result.summary['counts']}")
-    return elapsed
+        raise RuntimeError(f"{plan}: the run failed: {result.summary['counts']}")
+    return result
 
 
 def per_job(client: Any, quick: bool, repeat: int) -> dict[str, Any]:
