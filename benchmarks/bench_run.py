@@ -48,13 +48,14 @@ def shape_edges(shape: str, n: int) -> list[list[int]]:
         return [[] for _ in range(n)]
     if shape == "chain50":
         return [[] if i % 50 == 0 else [i - 1] for i in range(n)]
-    if shape == "fanout":
+    if shape == "fanout":  # 1 -> 200 -> 1, repeated; narrower where n is under 202
+        width = min(200, max(1, n - 2))
         deps: list[list[int]] = []
         while len(deps) < n:
             base = len(deps)
             deps.append([])
-            deps.extend([[base]] * 200)
-            deps.append(list(range(base + 1, base + 201)))
+            deps.extend([[base]] * width)
+            deps.append(list(range(base + 1, base + width + 1)))
         return deps[:n]
     raise ValueError(shape)
 

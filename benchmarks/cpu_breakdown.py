@@ -139,7 +139,8 @@ def measure(jobs: int, shape: str, repeat: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2000)
-    parser.add_argument("--shape", default="independent", choices=["independent", "chain50"])
+    parser.add_argument("--shape", default="independent",
+                        choices=["independent", "chain50", "fanout"])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)

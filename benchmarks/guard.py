@@ -69,6 +69,8 @@ BOUNDS: tuple[Bound, ...] = (
           "floor's (`true` spawned from 2 processes)"),
     Bound("obdask/floor marginal cmd-true chain50", "<=", 2.0, 60.0,
           "marginal cost per @cmd:true job in chains of 50 vs the spawn floor's"),
+    Bound("obdask/floor marginal cmd-true fanout", "<=", 2.0, 60.0,
+          "marginal cost per @cmd:true job in fan-outs 1 -> 200 -> 1 vs the spawn floor's"),
     Bound("obdask/floor cmd-true independent", "<=", 2.0, 40.0,
           "wall per @cmd:true job, fixed costs of a run included, vs the spawn floor"),
     Bound("obdask/floor cmd-true chain50", "<=", 2.0, 60.0,

@@ -1,8 +1,8 @@
 """Where a run's serial time goes in the client: each phase, per plan size.
 
 ``python benchmarks/run_phases.py --jobs 200,2000 --repeat 5`` runs ``@cmd:true`` plans
-of each size (independent jobs, or ``--shape chain50``) on one LocalCluster of 2 worker
-processes x 1 thread with the suite's ``per-job`` settings (sandbox off, fusion and
+of each size (independent jobs, or ``--shape chain50`` or ``fanout``) on one LocalCluster
+of 2 worker processes x 1 thread with the suite's ``per-job`` settings (sandbox off, fusion and
 batching on), after a warm-up run, and prints the median milliseconds of each phase:
 ``parse`` (:meth:`obdask.Plan.from_file`, timed here), the phases a run records in its
 summary (``client_s``: ``prepare``, ``place``, ``optimize``, ``submit``, ``wait``,
@@ -94,7 +94,8 @@ def measure(sizes: list[int], shape: str, repeat: int, toggle: str | None = None
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", default="200,2000", help="plan sizes, comma-separated")
-    parser.add_argument("--shape", default="independent", choices=["independent", "chain50"])
+    parser.add_argument("--shape", default="independent",
+                        choices=["independent", "chain50", "fanout"])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--toggle", help="a boolean config key to measure off and on")
     parser.add_argument("--json", help="write the figures here")

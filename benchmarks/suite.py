@@ -77,7 +77,7 @@ def run_ok(client: Any, plan: Any) -> Any:
 def per_job(client: Any, quick: bool, repeat: int) -> dict[str, Any]:
     """obdask (optimisations on, off) vs raw Dask vs the spawn floor, per shape."""
     n_cmd, n_noop = (200, 500) if quick else (2000, 2000)
-    shapes = ("independent", "chain50") if quick else ("independent", "chain50", "fanout")
+    shapes = ("independent", "chain50", "fanout")
     cases = [("noop", "@doc:noop", noop, "independent", n_noop)]
     cases += [("cmd-true", "@cmd:true", sh_true, shape, n_cmd) for shape in shapes]
     rows, ratios = [], {}

@@ -155,7 +155,9 @@ def submit_units(client: Client, units: list[Unit], ctx: RunContext, priority: i
     from obdask.execute import run_job, run_unit
     from obdask.keys import dask_key_of
 
-    runnable = {j.key for u in units for j in u.jobs}
+    # a job's dependency runs in the task of its unit: the job itself, a chain's last
+    # link (its key) or a batch (its first job's key, one reference for all of them)
+    task_of = {j.key: u.anchor.key for u in units for j in u.jobs}
     futures: dict[str, Future] = {}
     routes = routes or {}
 
@@ -164,16 +166,18 @@ def submit_units(client: Client, units: list[Unit], ctx: RunContext, priority: i
 
     def task(unit: Unit) -> Task:
         head = unit.head
-        deps = [TaskRef(dask_key_of(d)) for d in head.spec.deps if d in runnable]
+        deps = [TaskRef(dask_key_of(d)) for d in dict.fromkeys(
+            task_of[d] for d in head.spec.deps if d in task_of)]
         deps += [Task(f"obdask-input-{head.key}-{i}", input_record, str(f.key), f)
                  for i, f in enumerate((inputs or {}).get(head.spec.step_id, ()))]
         key = unit.anchor.spec.dask_key
         if unit.kind == "job":
             return Task(key, run_job, head.spec, ctx, *deps)
+        gates = {"gates": True} if unit.gates else {}
         return Task(key, run_unit, unit.kind, tuple(j.spec for j in unit.jobs),
-                    tuple(j.retries for j in unit.jobs), ctx, *deps)
+                    tuple(j.retries for j in unit.jobs), ctx, *deps, **gates)
 
-    if not runnable:
+    if not task_of:
         return futures, None
     # No await in here: the span annotation (global dask config) covers exactly these graphs.
     with span("obdask", ctx.plan_id) as span_id:

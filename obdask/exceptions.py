@@ -89,6 +89,11 @@ class ChainFailed(JobFailed):
         return (type(self), (str(self), self.record, self.done))
 
 
+class BatchFailed(ChainFailed):
+    """A job of a batch with dependents failed: ``.record`` is its record, ``.done``
+    the records of all the batch's jobs, which all ran (see :mod:`obdask.optimize`)."""
+
+
 class InvalidTransition(ObdaskError, ValueError):
     """A session move breaks the navigation rules of the 5x3 state machine.
 

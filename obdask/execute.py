@@ -21,7 +21,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-from obdask.exceptions import ChainFailed, JobFailed, ObdaskError
+from obdask.exceptions import BatchFailed, ChainFailed, JobFailed, ObdaskError
 from obdask.payloads import execute
 from obdask.records import JobRecord, UnitLedger
 from obdask.redact import redact, redact_obj
@@ -59,6 +59,7 @@ def run_job(spec: JobSpec, ctx: RunContext, *deps: dict[str, Any],
     """
     worker = _worker()
     where = worker.address if worker is not None else socket.gethostname()
+    deps = _own_records(spec, deps)
     if ledger is not None:
         previous = ledger.get(spec.step_id)
     else:
@@ -111,6 +112,16 @@ def run_job(spec: JobSpec, ctx: RunContext, *deps: dict[str, Any],
         ctx.artifacts.put_result(spec.dedupe, record)
     _publish(worker, spec, record)
     return JobRecord(record)
+
+
+def _own_records(spec: JobSpec, deps: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], ...]:
+    """The records of ``spec``'s own dependencies among ``deps``, the results of the
+    tasks it waited for: a batch's result holds its other jobs' records in ``members``."""
+    if not any(getattr(dep, "members", None) for dep in deps):
+        return deps
+    wanted = set(spec.deps)
+    return tuple(record for dep in deps for record in (dep, *getattr(dep, "members", ()))
+                 if record.get("key") in wanted)
 
 
 def _track(worker, spec: JobSpec, started: float) -> dict | None:  # noqa: ANN001
@@ -189,21 +200,30 @@ class UnitRecord(JobRecord):
 
 
 def run_unit(kind: str, specs: tuple[JobSpec, ...], retries: tuple[int, ...],
-             ctx: RunContext, *deps: dict[str, Any]) -> UnitRecord:
+             ctx: RunContext, *deps: dict[str, Any], gates: bool = False) -> UnitRecord:
     """Run a fused chain or a batch of jobs on one worker (see :mod:`obdask.optimize`).
 
     Each job goes through :func:`run_job` (ledger, timeout, record), retried in
     place up to its own ``retries``.  In a ``chain`` each link gets the record of
     the link before it; a failing link raises
     :class:`~obdask.exceptions.ChainFailed`, so Dask skips the chain's dependents.
-    In a ``batch`` a failing job's record is kept and its batch-mates run on.
+    In a ``batch`` each job gets ``deps``; a failing job's record is kept and its
+    batch-mates run on; with ``gates`` (the batch has dependents) the task then
+    raises :class:`~obdask.exceptions.BatchFailed`, so Dask skips them.
     """
     ledger = ctx.records.unit_ledger(specs[0].step_id)
     try:
-        return _run_jobs(kind, specs, retries, ctx, deps, ledger)
+        unit = _run_jobs(kind, specs, retries, ctx, deps, ledger)
     finally:
         if ledger is not None:
             ledger.close()
+    if gates:
+        records = [dict(unit), *unit.members]
+        failed = next((r for r in records if r.get("status") == "failed"), None)
+        if failed is not None:
+            raise BatchFailed(failed.get("error") or f"job {failed.get('key')} failed",
+                              failed, records)
+    return unit
 
 
 def _run_jobs(kind: str, specs: tuple[JobSpec, ...], retries: tuple[int, ...],
@@ -225,7 +245,8 @@ def _run_jobs(kind: str, specs: tuple[JobSpec, ...], retries: tuple[int, ...],
                       "fingerprint": spec.fingerprint,
                       "error": f"job {spec.key}: {type(exc).__name__}: {exc}"}
         records.append(record)
-        previous = (record,)
+        if kind == "chain":
+            previous = (record,)
     anchor = len(records) - 1 if kind == "chain" else 0
     members = [r for i, r in enumerate(records) if i != anchor]
     return UnitRecord(records[anchor], members)

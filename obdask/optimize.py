@@ -12,12 +12,16 @@ the runnable jobs of a compiled plan into **units**, each one Dask task:
   chain's last job's key, so dependents outside the chain refer to it unchanged.
   A failing link stops the chain: later links are skipped as dependents of a
   failed job are (``dependency X failed``), and so are the chain's dependents.
-* ``batch``: independent jobs (no runnable dependency and no runnable dependent,
-  so a batch never delays anyone: no false dependency) with identical annotations,
-  at most ``obdask.optimize.batch-size`` per batch and, where earlier jobs of the
-  plan give an expected duration, at most ``obdask.optimize.batch-duration`` of it.
-  Batches are also kept small enough that every worker thread gets about two.
-  A failing job does not fail its batch-mates.
+* ``batch``: jobs with the same runnable dependencies and the same runnable
+  dependents (independent jobs, or the middle of a fan-out ``a -> b1..bn -> c``)
+  and identical annotations: the batch waits for what each of them waited for,
+  and whatever waits for one of them waits for all, so a batch delays nobody (no
+  false dependency).  At most ``obdask.optimize.batch-size`` per batch and, where
+  earlier jobs of the plan give an expected duration, at most
+  ``obdask.optimize.batch-duration`` of it; batches are also kept small enough
+  that every worker thread gets about two.  A failing job does not fail its
+  batch-mates; when the batch has dependents, its task fails once all its jobs
+  have run, so they are skipped (``dependency X failed``) as before.
 
 Every job keeps its own record, ledger entry, timeout and retries: the unit's
 task function (:func:`obdask.execute.run_unit`) retries a failing job in place
@@ -53,6 +57,8 @@ class Unit:
 
     kind: str
     jobs: list[Job]
+    #: a batch with dependents: its task fails after its jobs ran if one of them failed
+    gates: bool = False
 
     @property
     def anchor(self) -> Job:
@@ -163,13 +169,21 @@ def optimize(compiled: CompiledPlan, annotate: Annotate, options: Options | None
 def _batched(units: list[Unit], deps: dict[str, list[str]], dependents: dict[str, list[str]],
              sig: dict[str, str], local: Callable[[Job], bool], options: Options,
              threads: int | None, estimate: Estimate | None) -> list[Unit]:
-    """Group independent single jobs of one signature into batches (module docstring)."""
-    groups: dict[str, list[Job]] = {}
+    """Group single jobs of one signature, with the same dependencies and the same
+    dependents, into batches (module docstring)."""
+    groups: dict[tuple[str, frozenset[str], frozenset[str]], list[Job]] = {}
     for unit in units:
         job = unit.head
-        if unit.kind == "job" and local(job) and not deps[job.key] and not dependents[job.key]:
-            groups.setdefault(sig[job.key], []).append(job)
+        if unit.kind == "job" and local(job):
+            shared = (sig[job.key], frozenset(deps[job.key]), frozenset(dependents[job.key]))
+            groups.setdefault(shared, []).append(job)
     anchors: dict[str, Unit] = {}
+
+    def batch_of(jobs: list[Job]) -> Unit:
+        if len(jobs) == 1:
+            return Unit("job", jobs)
+        return Unit("batch", jobs, gates=bool(dependents[jobs[0].key]))
+
     for members in groups.values():
         size = options.batch_size
         if threads:  # every thread gets work: at least two batches each
@@ -179,12 +193,12 @@ def _batched(units: list[Unit], deps: dict[str, list[str]], dependents: dict[str
         for job in members:
             cost = (estimate(job) if estimate else None) or 0.0
             if current and (len(current) >= size or spent + cost > options.batch_duration):
-                anchors[current[0].key] = Unit("batch" if len(current) > 1 else "job", current)
+                anchors[current[0].key] = batch_of(current)
                 current, spent = [], 0.0
             current.append(job)
             spent += cost
         if current:
-            anchors[current[0].key] = Unit("batch" if len(current) > 1 else "job", current)
+            anchors[current[0].key] = batch_of(current)
     inside = {j.key for u in anchors.values() for j in u.jobs[1:]}
     return [anchors.get(u.key, u) for u in units if u.key not in inside]
 

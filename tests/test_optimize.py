@@ -57,9 +57,27 @@ def test_what_does_not_fuse_or_batch():
     assert ("chain", ["g", "h"]) in shape  # a metadata dependency is no link
     assert all(kind != "chain" or ids == ["g", "h"] for kind, ids in shape)
     assert all("m" not in ids for _, ids in shape)
-    # b, e, f have no dependents, but b has a dependency: nothing batches.
-    assert all(kind != "batch" for kind, _ in shape)
+    # e and f share their dependency (d) and have no dependents: one batch; b and c
+    # share theirs (a) but not their dependents (c has d): no batch.
+    assert [ids for kind, ids in shape if kind == "batch"] == [["e", "f"]]
     assert sum(len(ids) for _, ids in shape) == 8
+
+
+def test_jobs_with_the_same_dependencies_and_dependents_batch():
+    """A fan-out's middle batches: the batch waits for what each member waited for,
+    and whatever waits for one member waits for all of them, so nobody waits longer."""
+    middle = [f"m{i}" for i in range(6)]
+    plan = _plan(["- [ ] id=root lane=1 payload=@cmd:true",
+                  *[f"- [ ] id={m} lane=1 deps=root payload=@cmd:true" for m in middle],
+                  "- [ ] id=odd lane=1 deps=root payload=@cmd:true",  # its own dependent
+                  "- [ ] id=after lane=1 deps=odd payload=@cmd:true",
+                  f"- [ ] id=sink lane=1 deps={','.join(middle)},after payload=@cmd:true"])
+    assert _shape(_units(plan, Options(fuse=False))) == [
+        ("job", ["root"]), ("batch", middle), ("job", ["odd"]), ("job", ["after"]),
+        ("job", ["sink"])]
+    assert _shape(_units(plan, threads=1)) == [
+        ("job", ["root"]), ("batch", middle[:3]), ("batch", middle[3:]),
+        ("chain", ["odd", "after"]), ("job", ["sink"])]
 
 
 def test_durations_bound_batches():
@@ -154,6 +172,32 @@ def test_a_failing_job_does_not_fail_its_batch_mates(tmp_path, cluster_client):
     assert len(result.frame) == 8 and result.to_json()["jobs"][3]["status"] == "failed"
 
 
+def test_a_batch_between_two_jobs_passes_records_and_failures_on(tmp_path, cluster_client):
+    """A fan-out's batched middle: its dependent reads a member's output, and a failing
+    member skips the jobs that wait for it, as if nothing had been batched."""
+    middle = [f"m{i}" for i in range(8)]
+    lines = ["plan_id=fanbatch", "- [ ] id=root lane=1 payload=@cmd:echo root",
+             *[f"- [ ] id={m} lane=1 deps=root payload=@cmd:echo {m}" for m in middle],
+             f"- [ ] id=sink lane=1 deps={','.join(middle)} payload=@file:job:m5#test"]
+    with dask.config.set({"obdask.optimize.batch-size": 8}):
+        batched = explain(_plan(lines[1:], "fanbatch"), cluster_client)["optimize"]["batched"]
+        result = _run(tmp_path, lines, cluster_client)
+    assert sum(map(len, batched)) == 8 and all(len(b) > 1 for b in batched)
+    assert result.ok, result.frame[["status", "error"]]
+    rec = {r["id"]: r for r in result.records}
+    assert rec["sink"]["input_bytes"] == len("m5\n")
+    assert result.output("m7") == "m7\n"
+    lines[4] = "- [ ] id=m2 lane=1 deps=root payload=@cmd:false"
+    with dask.config.set({"obdask.optimize.batch-size": 8}):
+        result = _run(tmp_path, lines, cluster_client)
+    rec = {r["id"]: r for r in result.records}
+    assert rec["m2"]["status"] == "failed" and rec["m2"]["exit_code"] == 1
+    assert all(rec[m]["status"] == "done" for m in middle if m != "m2")
+    assert rec["sink"]["status"] == "skipped"
+    assert rec["sink"]["error"] == "dependency fanbatch::m2 failed"
+    assert result.summary["counts"] == {"done": 8, "failed": 1, "skipped": 1}
+
+
 def test_a_fused_job_is_retried_in_place_with_its_own_retries(tmp_path, cluster_client):
     marker = tmp_path / "tried"
     flaky = f"@cmd:test -f {marker} && exit 0; touch {marker}; exit 1"  # fails once
@@ -217,6 +261,12 @@ def test_fused_and_batched_tasks_rerun_after_worker_loss_apply_each_job_once(tmp
         ids.append(sid)
         lines.append(f"- [ ] id={sid} lane=1 payload=@cmd:sleep 0.05 && echo {sid} >> "
                      f"{lines_file}")
+    fan = [f"f{i:02d}" for i in range(60)]  # a fan-out: its middle batches, gated
+    for sid, dep in (("froot", ""), *((f, "deps=froot ") for f in fan),
+                     ("fsink", f"deps={','.join(fan)} ")):
+        ids.append(sid)
+        lines.append(f"- [ ] id={sid} lane=1 {dep}payload=@cmd:sleep 0.05 && "
+                     f"echo {sid} >> {lines_file}")
     plan = write_plan(tmp_path / "plan", "fusedloss", lines)
     assert explain(plan)["optimize"]["tasks"] < 60
     with ProcessCluster(tmp_path / "cluster") as cluster:
@@ -226,7 +276,7 @@ def test_fused_and_batched_tasks_rerun_after_worker_loss_apply_each_job_once(tmp
         result, killed = run_killing_a_worker(cluster, plan, lines_file, after=60)
     frame = result.frame
     assert result.ok and (frame.status == "done").all(), frame[frame.status != "done"]
-    assert len(frame) == 300
+    assert len(frame) == 362
     written = lines_file.read_text().split()
     assert sorted(written) == sorted(ids), sorted(w for w in set(written)
                                                   if written.count(w) > 1)
