@@ -75,6 +75,8 @@ BOUNDS: tuple[Bound, ...] = (
           "wall per @cmd:true job, fixed costs of a run included, vs the spawn floor"),
     Bound("obdask/floor cmd-true chain50", "<=", 2.0, 60.0,
           "wall per @cmd:true job in chains of 50, fixed costs included, vs the spawn floor"),
+    Bound("obdask/floor cmd-true fanout", "<=", 2.0, 60.0,
+          "wall per @cmd:true job in fan-outs, fixed costs included, vs the spawn floor"),
     Bound("compile us/step largest/smallest", "<=", 1.5, 4.0,
           "compile time per step, largest plan vs smallest (linear)"),
     Bound("compile bytes/step largest/smallest", "<=", 1.5, 4.0,
