@@ -120,8 +120,14 @@ def _own_records(spec: JobSpec, deps: tuple[dict[str, Any], ...]) -> tuple[dict[
     if not any(getattr(dep, "members", None) for dep in deps):
         return deps
     wanted = set(spec.deps)
-    return tuple(record for dep in deps for record in (dep, *getattr(dep, "members", ()))
-                 if record.get("key") in wanted)
+    own: list[dict[str, Any]] = []
+    for dep in deps:
+        members = getattr(dep, "members", None)
+        if members:  # a chain's result is its last link's record, a batch's its first's
+            own.extend(r for r in (dep, *members) if r.get("key") in wanted)
+        else:  # a single job's record, or a user's future (dispatch.input_record)
+            own.append(dep)
+    return tuple(own)
 
 
 def _track(worker, spec: JobSpec, started: float) -> dict | None:  # noqa: ANN001

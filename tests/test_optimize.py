@@ -285,3 +285,23 @@ def test_fused_and_batched_tasks_rerun_after_worker_loss_apply_each_job_once(tmp
     on_dead = frame[frame.worker == killed["address"]]
     assert len(on_dead) >= 1
     assert on_dead.replayed.fillna(False).astype(bool).all(), on_dead
+
+
+def test_a_job_gets_its_own_dependencies_records_out_of_its_tasks_results():
+    """A batch's result holds its other jobs' records; a chain's is its last link's;
+    a user's future (an input record) passes as it is."""
+    from obdask.execute import UnitRecord, _own_records
+
+    plan = _plan(["- [ ] id=a lane=1 payload=@cmd:true",
+                  "- [ ] id=b lane=1 payload=@cmd:true",
+                  "- [ ] id=c lane=1 deps=a payload=@cmd:true",
+                  "- [ ] id=d lane=1 deps=c payload=@cmd:true",
+                  "- [ ] id=s lane=1 deps=b,d payload=@cmd:true"])
+    spec = {j.spec.step_id: j.spec for j in compile_plan(plan).jobs}["s"]
+    batch = UnitRecord({"key": "opt::a", "step": "a"}, [{"key": "opt::b", "step": "b"}])
+    chain = UnitRecord({"key": "opt::d", "step": "d"}, [{"key": "opt::c", "step": "c"}])
+    user = {"step": "input:x-1", "key": "x-1", "input": 42}
+    own = _own_records(spec, (batch, chain, user))
+    assert [r["step"] for r in own] == ["b", "d", "input:x-1"]
+    plain = ({"key": "opt::b", "step": "b"}, user)
+    assert _own_records(spec, plain) is plain
