@@ -174,8 +174,14 @@ def submit_units(client: Client, units: list[Unit], ctx: RunContext, priority: i
         if unit.kind == "job":
             return Task(key, run_job, head.spec, ctx, *deps)
         gates = {"gates": True} if unit.gates else {}
+        # Dask sends a task to a worker holding its dependencies' results when it can;
+        # a unit's are a few small job records, so the units after a fan-out's first
+        # job would all queue on its worker. As a data producer (what Dask calls a root
+        # task) a unit goes to whichever worker has a free thread; a route or resource
+        # restriction (warm clone, GPU) still decides where it may run.
         return Task(key, run_unit, unit.kind, tuple(j.spec for j in unit.jobs),
-                    tuple(j.retries for j in unit.jobs), ctx, *deps, **gates)
+                    tuple(j.retries for j in unit.jobs), ctx, *deps,
+                    _data_producer=bool(deps), **gates)
 
     if not task_of:
         return futures, None

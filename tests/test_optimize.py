@@ -198,6 +198,18 @@ def test_a_batch_between_two_jobs_passes_records_and_failures_on(tmp_path, clust
     assert result.summary["counts"] == {"done": 8, "failed": 1, "skipped": 1}
 
 
+def test_the_units_after_a_fan_outs_first_job_spread_over_the_workers(tmp_path, cluster_client):
+    """Dask would queue every unit depending on the root's small record on the root's
+    worker; each goes to a worker with a free thread instead."""
+    lines = ["plan_id=fanspread", "- [ ] id=root lane=1 payload=@cmd:true",
+             *[f"- [ ] id=m{i} lane=1 deps=root payload=@cmd:sleep 0.01" for i in range(16)]]
+    for _ in range(3):
+        result = _run(tmp_path, lines, cluster_client)
+        assert result.ok, result.frame[["status", "error"]]
+        workers = {r["worker"] for r in result.records if r["id"].startswith("m")}
+        assert len(workers) == 2, result.frame[["worker"]]
+
+
 def test_a_fused_job_is_retried_in_place_with_its_own_retries(tmp_path, cluster_client):
     marker = tmp_path / "tried"
     flaky = f"@cmd:test -f {marker} && exit 0; touch {marker}; exit 1"  # fails once
