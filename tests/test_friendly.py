@@ -57,7 +57,10 @@ def test_ctrl_c_during_run_is_one_line_and_exit_130(tmp_path, when):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 130, err
+    # 130 from sys.exit, or the SIGINT itself when it lands while the interpreter is
+    # already finishing (seen once in CI's floor run, after the message): a shell
+    # reports both as 130 (128 + SIGINT), which is the contract
+    assert proc.returncode in (130, -signal.SIGINT), err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines[-1].startswith("interrupted") and len(lines) <= 2, err
